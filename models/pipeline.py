@@ -1,0 +1,136 @@
+"""The renderer: a diffusers Stable Diffusion pipeline fed with composed conditioning.
+
+Conditioning is a list of text *segments* (content prompt, keyword prompt ...),
+each encoded separately by the text encoder and scaled by its weight, then
+concatenated along the token axis, followed by the user's soft tokens. Cross
+attention accepts any sequence length, so this is how PMG balances the target
+against the user without retraining the UNet. The negative (unconditional)
+side is the encoding of "" for each segment and zeros for the soft tokens.
+
+One call renders one request; per-image generators (seed + i) keep every image
+reproducible whether it is rendered alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pigment.models.loader import load_component, preset_defaults, preset_version
+
+
+@dataclass
+class RenderInputs:
+    segments: Sequence[str]
+    segment_weights: Sequence[float] | None = None
+    soft_tokens: np.ndarray | None = None  # [M, text_dim]
+    soft_weight: float = 1.0
+    num_images: int = 1
+    seed: int = 0
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+    height: int = 32
+    width: int = 32
+
+
+@dataclass
+class RenderOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+    model_version: str
+    conditioning_tokens: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class Renderer:
+    """Holds the diffusion components of one preset; ``render`` is one generation."""
+
+    def __init__(self, preset_dir: str | Path, backend: str = "torch", device: str = "cpu", cache_dir: Path | None = None):
+        from diffusers import StableDiffusionPipeline
+
+        self.preset_dir = Path(preset_dir)
+        self.device = device
+        self.model_version = preset_version(preset_dir)
+        self.defaults = preset_defaults(preset_dir)
+        self.tokenizer = load_component(preset_dir, "tokenizer")
+        self.text_encoder = load_component(preset_dir, "text_encoder").to(device)
+        unet = load_component(preset_dir, "unet").to(device)
+        self.backend = backend
+        if backend != "torch":
+            from pigment.models.backends import load_unet_backend
+
+            unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device)
+        self.pipe = StableDiffusionPipeline(
+            vae=load_component(preset_dir, "vae").to(device),
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=load_component(preset_dir, "scheduler"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.text_dim = self.text_encoder.config.hidden_size
+        self.vae_scale = self.pipe.vae_scale_factor
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0][0]
+
+    def conditioning(self, inputs: RenderInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) embeddings [T, D] for one request."""
+        weights = inputs.segment_weights or [1.0] * len(inputs.segments)
+        empty = self.encode_text("")
+        pos = [self.encode_text(seg) * w for seg, w in zip(inputs.segments, weights)]
+        neg = [empty for _ in inputs.segments]
+        if inputs.soft_tokens is not None and len(inputs.soft_tokens):
+            soft = torch.as_tensor(np.asarray(inputs.soft_tokens, dtype=np.float32), device=self.device)
+            if soft.ndim != 2 or soft.shape[1] != self.text_dim:
+                raise ValueError(f"soft tokens must be [M, {self.text_dim}], got {tuple(soft.shape)}")
+            pos.append(soft * inputs.soft_weight)
+            neg.append(torch.zeros_like(soft))
+        return torch.cat(pos), torch.cat(neg)
+
+    def check_inputs(self, inputs: RenderInputs) -> None:
+        for name in ("height", "width"):
+            value = getattr(inputs, name)
+            if value % (self.vae_scale * 4) != 0:
+                raise ValueError(f"{name}={value} must be a multiple of {self.vae_scale * 4} for this model")
+        if not inputs.segments:
+            raise ValueError("at least one text segment is needed (use '' for unconditional)")
+
+    @torch.no_grad()
+    def render(self, inputs: RenderInputs, on_step: Callable[[int, int], None] | None = None) -> RenderOutput:
+        self.check_inputs(inputs)
+        pos, neg = self.conditioning(inputs)
+        n = inputs.num_images
+        seeds = [inputs.seed + i for i in range(n)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+        def callback(pipe, step, timestep, kwargs):
+            if on_step is not None:
+                on_step(step + 1, inputs.num_inference_steps)
+            return {}
+
+        result = self.pipe(
+            prompt_embeds=pos.unsqueeze(0).expand(n, -1, -1),
+            negative_prompt_embeds=neg.unsqueeze(0).expand(n, -1, -1),
+            num_inference_steps=inputs.num_inference_steps,
+            guidance_scale=inputs.guidance_scale,
+            height=inputs.height,
+            width=inputs.width,
+            generator=generators,
+            callback_on_step_end=callback,
+            output_type="pil",
+        )
+        return RenderOutput(images=result.images, seeds=seeds, model_version=self.model_version,
+                            conditioning_tokens=int(pos.shape[0]))

@@ -1,0 +1,1 @@
+"""pigment: personalized image generation as a service."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for pigment.v1 (run `make protos`)."""

@@ -1,0 +1,130 @@
+"""`pigment` console script: serve, demo, db, models (and later eval, train)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pigment.services.common.errors import PigmentError
+from pigment.services.common.settings import Settings
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    from pigment.services.stack import Stack, Worker
+    from pigment.services.store.migrate import upgrade
+
+    stack = Stack(settings)
+    upgrade(settings.database_url)
+    worker = Worker(settings).start() if not args.no_worker else None
+    server, port = stack.server(port=args.port)
+    server.start()
+    print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {settings.database_url}, "
+          f"broker {settings.broker_url}); Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("draining in-flight requests ...", flush=True)
+    server.stop(grace=10).wait()
+    if worker:
+        worker.stop()
+    return 0
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from pigment.services.demo import run_demo
+
+    run_demo(settings, Path(args.out), num_images=args.num_images)
+    return 0
+
+
+def cmd_db(args, settings: Settings) -> int:
+    from pigment.services.store import migrate
+
+    if args.action == "upgrade":
+        migrate.upgrade(settings.database_url, args.revision or "head")
+    else:
+        migrate.downgrade(settings.database_url, args.revision or "base")
+    print(f"database {settings.database_url}: {args.action} to {args.revision or ('head' if args.action == 'upgrade' else 'base')}")
+    return 0
+
+
+def cmd_models(args, settings: Settings) -> int:
+    from pigment.models import loader
+
+    if args.action == "build-tiny":
+        from pigment.models.tiny import build_tiny
+
+        print(f"tiny preset written to {build_tiny(args.dir or settings.data_dir / 'presets' / 'tiny')}")
+    elif args.action == "manifest":
+        components = {name: {"path": name, "kind": kind} for name, kind in
+                      (c.split("=", 1) if "=" in c else (c, c) for c in args.components)}
+        loader.write_manifest(args.dir, components, preset=Path(args.dir).name, version=args.version or Path(args.dir).name)
+        print(f"wrote {Path(args.dir) / loader.MANIFEST}")
+    elif args.action == "verify":
+        preset = args.dir or settings.preset_dir
+        for name in loader.read_manifest(preset)["components"]:
+            loader.load_component(preset, name)
+            print(f"ok  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pigment", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the embedded stack (gRPC + render worker) until interrupted")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default from settings: 50051)")
+    p.add_argument("--no-worker", action="store_true", help="do not start a render worker (one runs elsewhere)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="seed demo users, generate for each over gRPC, write demo-output/")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--num-images", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("db", help="database migrations")
+    p.add_argument("action", choices=["upgrade", "downgrade"])
+    p.add_argument("revision", nargs="?")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("models", help="build, record and verify model presets")
+    p.add_argument("action", choices=["build-tiny", "manifest", "verify"])
+    p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--version", default=None)
+    p.add_argument("components", nargs="*", help="for manifest: name[=kind] per sub-directory, e.g. unet vae llm")
+    p.set_defaults(func=cmd_models)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands contributed by other modules (eval, train ...), if present."""
+    import importlib
+
+    for module in ("pigment.training.cli",):
+        try:
+            yield importlib.import_module(module).register
+        except ModuleNotFoundError:
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args, Settings())
+    except PigmentError as exc:
+        print(f"pigment {args.command}: {exc.status}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Domain errors, each knowing its gRPC status code by name.
+
+Cores raise these and never import grpc; one interceptor maps them
+(``services/common/server.py``). Anything else becomes INTERNAL with a log line.
+"""
+
+from __future__ import annotations
+
+
+class PigmentError(Exception):
+    status = "INTERNAL"
+
+
+class InvalidInput(PigmentError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(PigmentError):
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(PigmentError):
+    status = "ALREADY_EXISTS"
+
+
+class PermissionDenied(PigmentError):
+    status = "PERMISSION_DENIED"
+
+
+class Overloaded(PigmentError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PigmentError):
+    status = "UNAVAILABLE"
+
+
+class ModelNotReady(Unavailable):
+    """A model or backend asked for could not be loaded; the message says why."""
+
+
+class DeadlineExceeded(PigmentError):
+    status = "DEADLINE_EXCEEDED"
+
+
+class FailedPrecondition(PigmentError):
+    status = "FAILED_PRECONDITION"
+
+
+def check_range(field: str, value: float, low: float, high: float) -> None:
+    """Raise InvalidInput naming the field and its allowed range."""
+    if not (low <= value <= high):
+        raise InvalidInput(f"{field}={value} is out of range: allowed {low}..{high}")

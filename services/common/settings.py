@@ -1,0 +1,87 @@
+"""One typed settings object per process, read once at start-up.
+
+Sources, highest first: constructor arguments, ``PIGMENT_*`` environment
+variables, the YAML file named by ``PIGMENT_CONFIG``, then these defaults,
+which are the embedded mode (SQLite, a filesystem Celery broker, local image
+storage and a local FAISS index under ``data_dir``). Production changes only
+configuration, e.g. ``PIGMENT_DATABASE_URL=postgresql+psycopg://...`` and
+``PIGMENT_BROKER_URL=redis://localhost:6379/0``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+REPO_PRESETS = Path(__file__).resolve().parents[2] / "models" / "presets"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIGMENT_", extra="forbid")
+
+    data_dir: Path = Field(Path("pigment-data"), description="Root for embedded-mode state.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite under data_dir.")
+    broker_url: str = Field("", description="Celery broker; default a filesystem broker under data_dir.")
+    storage_dir: Path | None = Field(None, description="Where PNGs are written; default data_dir/images.")
+    index_dir: Path | None = Field(None, description="FAISS index directory; default data_dir/index.")
+
+    preset: str = Field("toy", description="Model preset name (models/presets/NAME) or a directory.")
+    render_backend: str = Field("torch", description="UNet backend: torch | onnxruntime | tensorrt.")
+    render_device: str = Field("cpu", description="cpu | cuda")
+    default_method: str = Field("pmg", description="Method when the request leaves it unspecified.")
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_concurrent_rpcs: int = Field(64, description="Beyond this, RPCs fail fast with RESOURCE_EXHAUSTED.")
+    max_queue_depth: int = Field(256, description="Queued render requests before RESOURCE_EXHAUSTED.")
+    render_timeout_s: float = Field(300.0, description="How long the gateway waits for a render.")
+    history_limit: int = Field(20, ge=1, description="Most recent interactions fed to the preference model.")
+    max_images: int = 8
+    max_steps: int = 150
+    min_size: int = 16
+    max_size: int = 1024
+    render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
+    worker_max_tasks_per_child: int = 200
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "Settings":
+        self.data_dir = Path(self.data_dir).absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'pigment.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
+        self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("filesystem")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def preset_dir(self) -> Path:
+        """A directory name wins; else the repo's shipped preset; `tiny` is built on first use."""
+        candidate = Path(self.preset)
+        if candidate.is_dir():
+            return candidate.absolute()
+        shipped = REPO_PRESETS / self.preset
+        if (shipped / "manifest.json").is_file():
+            return shipped
+        return self.data_dir / "presets" / self.preset
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("PIGMENT_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)

@@ -1,0 +1,292 @@
+"""Gateway core: one GeneratePersonalized request, end to end. No grpc, no torch at import.
+
+history -> preference (keywords + soft tokens) -> a RenderRequest row -> the
+render queue -> wait for the worker's Generation rows. The RenderRequest row is
+written before the task is queued and the task carries only its id, so a
+redelivered task, a retried call or a lost broker never loses or duplicates a
+generation: replaying a ``request_id`` returns the same generations.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pigment.services.common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    PigmentError,
+    Unavailable,
+    check_range,
+)
+from pigment.services.store.db import transaction
+from pigment.services.store.tables import Generation, RenderRequest
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
+NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
+REPLAYED = "REPLAYED"
+MAX_PROMPT_CHARS = 500
+
+
+@dataclass
+class GenerateParams:
+    request_id: str
+    user_id: str
+    prompt: str = ""
+    num_images: int = 0
+    seed: int = 0
+    num_inference_steps: int = 0
+    guidance_scale: float = 0.0
+    height: int = 0
+    width: int = 0
+    method: str = ""
+
+
+@dataclass
+class ImageResult:
+    generation_id: str
+    seed: int
+    storage_uri: str
+    png: bytes
+
+
+@dataclass
+class GenerateResult:
+    request_id: str
+    images: list[ImageResult]
+    keywords: list[str]
+    model_version: str
+    method: str
+    flags: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ProgressEvent:
+    step: int
+    total_steps: int
+    status: str
+
+
+def derive_seed(request_id: str) -> int:
+    return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) % (2**31)
+
+
+class GatewayCore:
+    def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
+                 storage, defaults: dict, model_version: Callable[[], str]):
+        self.settings = settings
+        self.sessions = sessions
+        self.history = history
+        self.preference = preference
+        self.dispatch = dispatch
+        self.storage = storage
+        self.defaults = defaults
+        self.model_version = model_version
+
+    # -- validation -----------------------------------------------------------
+    def resolve(self, p: GenerateParams) -> GenerateParams:
+        """Fill defaults and check every field, naming it and its allowed range."""
+        s, d = self.settings, self.defaults
+        if not REQUEST_ID_RE.match(p.request_id or ""):
+            raise InvalidInput(f"request_id={p.request_id!r} is malformed: allowed 1-64 characters of [A-Za-z0-9_-]")
+        if not p.user_id or len(p.user_id) > 128:
+            raise InvalidInput("user_id must be 1..128 characters")
+        if len(p.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInput(f"prompt is {len(p.prompt)} characters: allowed at most {MAX_PROMPT_CHARS}")
+        method = p.method or s.default_method
+        if method not in METHODS:
+            raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
+        r = GenerateParams(
+            request_id=p.request_id, user_id=p.user_id, prompt=p.prompt.strip(), method=method,
+            num_images=p.num_images or int(d.get("num_images", 1)),
+            seed=p.seed or derive_seed(p.request_id),
+            num_inference_steps=p.num_inference_steps or int(d.get("num_inference_steps", 20)),
+            guidance_scale=p.guidance_scale or float(d.get("guidance_scale", 3.0)),
+            height=p.height or int(d.get("height", 32)), width=p.width or int(d.get("width", 32)),
+        )
+        check_range("num_images", r.num_images, 1, s.max_images)
+        check_range("num_inference_steps", r.num_inference_steps, 1, s.max_steps)
+        check_range("guidance_scale", r.guidance_scale, 1.0, 30.0)
+        check_range("seed", r.seed, 0, 2**63 - 1)
+        for name in ("height", "width"):
+            value = getattr(r, name)
+            check_range(name, value, s.min_size, s.max_size)
+            if value % 8:
+                raise InvalidInput(f"{name}={value} must be a multiple of 8 (allowed {s.min_size}..{s.max_size})")
+        return r
+
+    # -- the request ------------------------------------------------------------
+    def generate(self, params: GenerateParams, deadline: float | None = None,
+                 on_progress: Callable[[ProgressEvent], None] | None = None) -> GenerateResult:
+        started = time.perf_counter()
+        p = self.resolve(params)
+        phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
+        existing = self._existing(p.request_id, phash)
+        timings: dict[str, float] = {}
+        if existing is None:
+            row, timings = self._prepare(p, phash)
+            existing = self._insert(row)
+            flags = [] if existing is None else [REPLAYED]
+            if existing is None:
+                self._send(p.request_id)
+        else:
+            flags = [REPLAYED]
+            if existing.status == "failed" and existing.error and existing.error.startswith("UNAVAILABLE"):
+                self._requeue(p.request_id)
+        t0 = time.perf_counter()
+        row = self._wait(p.request_id, deadline, on_progress)
+        timings["render_ms"] = (time.perf_counter() - t0) * 1000
+        result = self._result(row, flags)
+        timings["total_ms"] = (time.perf_counter() - started) * 1000
+        result.timings_ms = {**row.conditioning.get("timings_ms", {}), **timings}
+        return result
+
+    def _existing(self, request_id: str, phash: str) -> RenderRequest | None:
+        with transaction(self.sessions) as s:
+            row = s.get(RenderRequest, request_id)
+        if row is not None and row.params_hash != phash:
+            raise AlreadyExists(f"request_id {request_id!r} was already used with different parameters")
+        return row
+
+    def _prepare(self, p: GenerateParams, phash: str) -> tuple[RenderRequest, dict]:
+        t0 = time.perf_counter()
+        history = self.history.get_history(p.user_id, self.settings.history_limit)  # NotFound for unknown users
+        t1 = time.perf_counter()
+        flags: list[str] = []
+        keywords: list[str] = []
+        soft = None
+        if p.method != "non_personalized":
+            pref = self.preference.encode([h.item.caption for h in history], target=p.prompt, method=p.method)
+            flags += pref.flags
+            keywords, soft = pref.keywords, pref.soft_tokens
+            if not history or "EMPTY_HISTORY" in pref.flags:
+                flags.append(NON_PERSONALIZED_EMPTY_HISTORY)
+        t2 = time.perf_counter()
+        cfg_w = self.defaults.get("keyword_weight", 1.0)
+        segments, weights = [p.prompt], [1.0]
+        if keywords:
+            segments.append(", ".join(keywords))
+            weights.append(float(cfg_w))
+        conditioning = {
+            "segments": segments, "segment_weights": weights, "keywords": keywords, "flags": flags,
+            "soft_tokens": None if soft is None else {
+                "shape": list(soft.shape), "float16_b64": base64.b64encode(soft.astype("float16").tobytes()).decode()},
+            "soft_weight": float(self.defaults.get("soft_weight", 1.0)),
+            "history_item_ids": [h.item.item_id for h in history],
+            "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000},
+        }
+        row = RenderRequest(
+            request_id=p.request_id, user_id=p.user_id, params_hash=phash, params=asdict(p),
+            conditioning=conditioning, model_version=self.model_version(), status="queued",
+            total_steps=p.num_inference_steps,
+        )
+        return row, conditioning["timings_ms"]
+
+    def _insert(self, row: RenderRequest) -> RenderRequest | None:
+        """Insert the request; if a concurrent call with the same id won, return its row."""
+        try:
+            with transaction(self.sessions) as s:
+                depth = s.scalar(select(func.count()).select_from(RenderRequest)
+                                 .where(RenderRequest.status.in_(("queued", "running"))))
+                if depth >= self.settings.max_queue_depth:
+                    raise Overloaded(f"render queue is full ({depth} requests waiting, limit "
+                                     f"{self.settings.max_queue_depth}): retry later")
+                s.add(row)
+            return None
+        except IntegrityError:
+            return self._existing(row.request_id, row.params_hash)
+
+    def _send(self, request_id: str) -> None:
+        try:
+            self.dispatch(request_id)
+        except PigmentError as exc:
+            self._mark_failed(request_id, f"{exc.status}: {exc}")
+            raise
+        except Exception as exc:  # broker errors from kombu/redis/amqp
+            msg = f"render queue unavailable ({type(exc).__name__}: {str(exc)[:200]}); retry with the same request_id"
+            self._mark_failed(request_id, f"UNAVAILABLE: {msg}")
+            raise Unavailable(msg) from exc
+
+    def _requeue(self, request_id: str) -> None:
+        with transaction(self.sessions) as s:
+            row = s.get(RenderRequest, request_id)
+            row.status, row.error, row.step = "queued", None, 0
+        self._send(request_id)
+
+    def _mark_failed(self, request_id: str, error: str) -> None:
+        with transaction(self.sessions) as s:
+            row = s.get(RenderRequest, request_id)
+            if row is not None:
+                row.status, row.error = "failed", error
+
+    def _wait(self, request_id: str, deadline: float | None,
+              on_progress: Callable[[ProgressEvent], None] | None) -> RenderRequest:
+        limit = time.monotonic() + self.settings.render_timeout_s
+        if deadline is not None:
+            limit = min(limit, deadline)
+        last = None
+        while True:
+            with transaction(self.sessions) as s:
+                row = s.get(RenderRequest, request_id)
+            event = (row.step, row.total_steps, row.status)
+            if on_progress is not None and event != last:
+                on_progress(ProgressEvent(*event))
+                last = event
+            if row.status == "done":
+                return row
+            if row.status == "failed":
+                status, _, msg = (row.error or "INTERNAL: render failed").partition(": ")
+                error = next((c for c in PigmentError.__subclasses__() if c.status == status), PigmentError)
+                raise error(f"render of {request_id!r} failed: {msg}")
+            if time.monotonic() > limit:
+                raise DeadlineExceeded(f"render of {request_id!r} not finished in time (status {row.status}, "
+                                       f"step {row.step}/{row.total_steps}); it continues: replay the same request_id")
+            time.sleep(0.05)
+
+    def _result(self, row: RenderRequest, flags: list[str]) -> GenerateResult:
+        with transaction(self.sessions) as s:
+            gens = list(s.scalars(select(Generation).where(Generation.request_id == row.request_id)
+                                  .order_by(Generation.image_index)))
+        images = [ImageResult(g.generation_id, g.seed, g.storage_uri or "", self.storage.get(g.storage_uri)) for g in gens]
+        return GenerateResult(
+            request_id=row.request_id, images=images, keywords=row.conditioning.get("keywords", []),
+            model_version=row.model_version, method=row.params["method"],
+            flags=row.conditioning.get("flags", []) + flags,
+        )
+
+    def progress_stream(self, params: GenerateParams, deadline: float | None = None) -> Iterator[ProgressEvent | GenerateResult]:
+        """Runs ``generate`` in a thread and yields progress events, then the result."""
+        import queue
+        import threading
+
+        events: queue.Queue = queue.Queue()
+
+        def run():
+            try:
+                events.put(self.generate(params, deadline, on_progress=events.put))
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                events.put(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        while True:
+            item = events.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if isinstance(item, GenerateResult):
+                return
+

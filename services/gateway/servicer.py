@@ -1,0 +1,64 @@
+"""GenerationService: GeneratePersonalized (unary + progress stream) and LogFeedback."""
+
+from __future__ import annotations
+
+import time
+
+from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
+from pigment.v1 import generation_pb2 as pb
+from pigment.v1 import generation_pb2_grpc
+
+METHOD_NAMES = {
+    pb.METHOD_UNSPECIFIED: "", pb.METHOD_PMG: "pmg", pb.METHOD_PMG_KEYWORDS: "pmg_keywords",
+    pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized",
+}
+FEEDBACK_KINDS = {
+    pb.FEEDBACK_KIND_LIKE: "like", pb.FEEDBACK_KIND_DISLIKE: "dislike", pb.FEEDBACK_KIND_RATING: "rating",
+    pb.FEEDBACK_KIND_PICK: "pick", pb.FEEDBACK_KIND_CLICK: "click",
+}
+
+
+def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
+    return GenerateParams(
+        request_id=r.request_id, user_id=r.user_id, prompt=r.prompt, num_images=r.num_images, seed=r.seed,
+        num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, height=r.height,
+        width=r.width, method=METHOD_NAMES.get(r.method, "?"),
+    )
+
+
+def result_to_pb(res: GenerateResult) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=res.request_id, keywords=res.keywords, model_version=res.model_version, flags=res.flags,
+        timings_ms=res.timings_ms, method=res.method,
+        images=[pb.GeneratedImage(png=i.png, generation_id=i.generation_id, seed=i.seed, storage_uri=i.storage_uri)
+                for i in res.images],
+    )
+
+
+def deadline_of(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, core: GatewayCore, feedback=None):
+        self.core = core
+        self.feedback = feedback
+
+    def GeneratePersonalized(self, request, context):
+        return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context)))
+
+    def GeneratePersonalizedStream(self, request, context):
+        for event in self.core.progress_stream(params_from_pb(request), deadline_of(context)):
+            if isinstance(event, ProgressEvent):
+                yield pb.GenerateEvent(progress=pb.Progress(step=event.step, total_steps=event.total_steps,
+                                                            status=event.status))
+            else:
+                yield pb.GenerateEvent(result=result_to_pb(event))
+
+    def LogFeedback(self, request, context):
+        duplicate = self.feedback.log(
+            feedback_id=request.feedback_id, user_id=request.user_id, generation_id=request.generation_id,
+            kind=FEEDBACK_KINDS.get(request.kind, ""), value=request.value,
+            other_generation_ids=list(request.other_generation_ids))
+        return pb.LogFeedbackResponse(duplicate=duplicate)

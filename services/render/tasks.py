@@ -1,0 +1,32 @@
+"""Celery tasks: small, take ids, delegate to the render core (loaded lazily per process)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import shared_task
+
+from pigment.services.render.celery_app import RENDER_TASK
+
+
+@lru_cache(maxsize=1)
+def render_core():
+    from pigment.services.common.settings import Settings
+    from pigment.services.common.storage import ImageStorage
+    from pigment.services.render.core import RenderCore
+    from pigment.services.store.db import make_sessionmaker
+
+    settings = Settings()
+
+    def renderer():
+        from pigment.models.pipeline import Renderer
+
+        return Renderer(settings.preset_dir, backend=settings.render_backend, device=settings.render_device,
+                        cache_dir=settings.data_dir / "engines")
+
+    return RenderCore(make_sessionmaker(settings.database_url), ImageStorage(settings.storage_dir), renderer)
+
+
+@shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def render(self, request_id: str) -> str:
+    return render_core().run(request_id)

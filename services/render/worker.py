@@ -1,0 +1,11 @@
+"""Worker entry point: ``celery -A pigment.services.render.worker worker -Q render.cpu``.
+
+The one module that builds its app at import: Celery's ``-A`` needs it, and this
+module is only ever imported by the worker process itself.
+"""
+
+from pigment.services.common.settings import Settings
+from pigment.services.render import tasks  # noqa: F401 - registers the tasks
+from pigment.services.render.celery_app import make_celery
+
+app = make_celery(Settings())

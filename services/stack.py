@@ -1,0 +1,178 @@
+"""Wires the cores, servicers and the render worker together from one Settings object.
+
+In the embedded default every gRPC service shares one process and one port and
+a real Celery worker runs as a child process on the filesystem broker; in
+production the same ``Stack`` runs against PostgreSQL and Redis/RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from functools import cached_property
+from pathlib import Path
+
+from pigment.services.common.errors import FailedPrecondition
+from pigment.services.common.settings import Settings
+from pigment.services.common.storage import ImageStorage
+from pigment.services.store.db import make_sessionmaker
+
+log = logging.getLogger("pigment")
+
+
+def ensure_preset(settings: Settings) -> Path:
+    """The preset directory, building ``tiny`` from configs on first use (nothing is downloaded)."""
+    preset_dir = settings.preset_dir
+    if (preset_dir / "manifest.json").is_file():
+        return preset_dir
+    if settings.preset == "tiny":
+        from pigment.models.tiny import build_tiny
+
+        return build_tiny(preset_dir)
+    raise FailedPrecondition(f"preset {settings.preset!r} not found at {preset_dir}: point PIGMENT_PRESET at a "
+                             "directory with a manifest.json (`pigment models manifest DIR` writes one)")
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.preset_dir = ensure_preset(settings)
+        self.sessions = make_sessionmaker(settings.database_url)
+        self.storage = ImageStorage(settings.storage_dir)
+
+    @cached_property
+    def history(self):
+        from pigment.services.history.core import HistoryCore
+
+        return HistoryCore(self.sessions, self.storage, self._embedder, self._index)
+
+    def _embedder(self):
+        from pigment.models.clip_embedder import ClipEmbedder
+        from pigment.models.loader import has_component
+
+        return ClipEmbedder(self.preset_dir) if has_component(self.preset_dir, "clip") else None
+
+    def _index(self, embedder):
+        if embedder is None:
+            return None
+        from pigment.services.history.index import ItemIndex
+
+        return ItemIndex.open(self.settings.index_dir, self.sessions, embedding_model=embedder.model_id, dim=embedder.dim)
+
+    @cached_property
+    def preference(self):
+        from pigment.services.preference.core import PreferenceCore
+
+        def encoder():
+            from pigment.models.preference import PreferenceEncoder
+
+            return PreferenceEncoder(self.preset_dir, device=self.settings.render_device)
+
+        return PreferenceCore(encoder)
+
+    @cached_property
+    def celery(self):
+        from pigment.services.render.celery_app import make_celery
+
+        return make_celery(self.settings)
+
+    @cached_property
+    def gateway(self):
+        from pigment.models.loader import preset_defaults, preset_file, preset_version
+        from pigment.services.gateway.core import GatewayCore
+        from pigment.services.render.celery_app import dispatcher
+
+        defaults = preset_defaults(self.preset_dir)
+        pref_cfg = preset_file(self.preset_dir, "preference.json")
+        if pref_cfg:
+            import json
+
+            cfg = json.loads(pref_cfg.read_text())
+            defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight") if k in cfg})
+        return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatcher(self.celery),
+                           self.storage, defaults, lambda: preset_version(self.preset_dir))
+
+    @cached_property
+    def feedback(self):
+        from pigment.services.gateway.feedback import FeedbackCore
+
+        return FeedbackCore(self.sessions)
+
+    def server(self, port: int | None = None):
+        """A gRPC server with all three services; returns (server, bound port)."""
+        from pigment.services.common.server import create_server
+        from pigment.services.gateway.servicer import GenerationServicer
+        from pigment.services.history.servicer import HistoryServicer
+        from pigment.services.preference.servicer import PreferenceServicer
+        from pigment.v1 import generation_pb2_grpc, history_pb2_grpc, preference_pb2_grpc
+
+        registrations = [
+            (history_pb2_grpc.add_HistoryServiceServicer_to_server, HistoryServicer(self.history),
+             "pigment.v1.HistoryService"),
+            (preference_pb2_grpc.add_PreferenceServiceServicer_to_server,
+             PreferenceServicer(self.preference, self.history), "pigment.v1.PreferenceService"),
+            (generation_pb2_grpc.add_GenerationServiceServicer_to_server,
+             GenerationServicer(self.gateway, self.feedback), "pigment.v1.GenerationService"),
+        ]
+        port = self.settings.port if port is None else port
+        server, bound, _ = create_server(registrations, f"{self.settings.host}:{port}",
+                                         max_concurrent_rpcs=self.settings.max_concurrent_rpcs)
+        return server, bound
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that reproduces ``settings`` in a child process (the worker)."""
+    env = dict(os.environ)
+    for name in ("data_dir", "database_url", "broker_url", "storage_dir", "index_dir", "preset", "render_backend",
+                 "render_device", "render_queue", "render_timeout_s", "worker_max_tasks_per_child"):
+        env[f"PIGMENT_{name.upper()}"] = str(getattr(settings, name))
+    env["PIGMENT_PRESET"] = str(settings.preset_dir)
+    return env
+
+
+class Worker:
+    """A real Celery worker process consuming the render queue."""
+
+    def __init__(self, settings: Settings, log_path: Path | None = None, concurrency: int = 1):
+        self.settings = settings
+        self.log_path = log_path or settings.data_dir / "worker.log"
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready_s: float = 120.0) -> "Worker":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "celery", "-A", "pigment.services.render.worker", "worker",
+               "-Q", self.settings.render_queue, "--pool", "solo" if self.concurrency == 1 else "prefork",
+               "--concurrency", str(self.concurrency), "--loglevel", "INFO",
+               "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{os.getpid()}@%h"]
+        self.proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait_ready_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"render worker exited with {self.proc.returncode}; see {self.log_path}")
+            if "ready." in self.log_path.read_text():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"render worker not ready after {wait_ready_s}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def kill(self) -> None:
+        """Simulate a worker loss (tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,56 @@
+"""Engine and session factory; SQLite runs in WAL mode with a busy timeout."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, InterfaceError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pigment.services.common.errors import Unavailable
+from pigment.services.store.tables import Counter
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, connect_args={"connect_timeout": 5})
+
+
+def make_sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits on success, rolls back on error, and maps a lost database to UNAVAILABLE."""
+    try:
+        with factory() as session, session.begin():
+            yield session
+    except (OperationalError, InterfaceError) as exc:
+        raise Unavailable(f"database unavailable: {str(exc.orig or exc).splitlines()[0]}") from exc
+
+
+def next_counter(session: Session, name: str, by: int = 1) -> int:
+    """Reserve ``by`` values of counter ``name`` under a row lock; returns the last one."""
+    row = session.execute(select(Counter).where(Counter.name == name).with_for_update()).scalar_one_or_none()
+    if row is None:
+        row = Counter(name=name, value=0)
+        session.add(row)
+        session.flush()
+    row.value += by
+    session.flush()
+    return row.value

@@ -1,0 +1,121 @@
+"""SQL tables: the source of truth. (Named ``tables`` so "models" always means ML models.)
+
+Everything derived (the FAISS index, caches, images on disk) can be rebuilt
+from these rows. ``items.change_seq`` is a monotonically increasing change
+counter: the item index remembers the highest value it has applied (its
+high-water mark) and catches up from there after a restart.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Counter(Base):
+    """Named counters, incremented under a row lock (``items`` change sequence)."""
+
+    __tablename__ = "counters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(String(128), unique=True)
+    # None = public catalog item; otherwise visible only to users of that tenant.
+    tenant: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    caption: Mapped[str] = mapped_column(Text, default="")
+    image_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32, L2-normalised
+    embedding_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    change_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Interaction(Base):
+    __tablename__ = "interactions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id", ondelete="CASCADE"))
+    item_pk: Mapped[int] = mapped_column(ForeignKey("items.pk", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32), default="view")
+    value: Mapped[float] = mapped_column(Float, default=1.0)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (Index("ix_interactions_user_ts", "user_id", "ts"),)
+
+
+class RenderRequest(Base):
+    """One GeneratePersonalized call: what was asked, how it was conditioned, where it is."""
+
+    __tablename__ = "render_requests"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id", ondelete="CASCADE"), index=True)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict] = mapped_column(JSON)
+    conditioning: Mapped[dict] = mapped_column(JSON)  # prompt, keywords, soft tokens (b64), flags
+    model_version: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    generation_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("render_requests.request_id", ondelete="CASCADE"))
+    image_index: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    storage_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    retrieved_item_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    method: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("request_id", "image_index", name="uq_generation_request_index"),)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    feedback_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.generation_id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # like | dislike | rating | pick | click
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+    other_generation_ids: Mapped[list] = mapped_column(JSON, default=list)  # for picks: the ones not chosen
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
