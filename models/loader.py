@@ -167,3 +167,14 @@ def preset_file(preset_dir: str | Path, name: str) -> Path | None:
     """An optional config file shipped with the preset (e.g. ``preference.json``)."""
     path = Path(preset_dir) / name
     return path if path.is_file() else None
+
+
+def refresh_component(preset_dir: str | Path, name: str, **extra: Any) -> dict:
+    """Re-hash one component after it was replaced (e.g. a newly trained head); other entries stay."""
+    manifest = read_manifest(preset_dir)
+    entry = {k: v for k, v in _entry(manifest, name, preset_dir).items() if k != "files"}
+    components = {n: {k: v for k, v in e.items() if k != "files"} for n, e in manifest["components"].items()}
+    components[name] = {**entry, **extra}
+    meta = {k: v for k, v in manifest.items() if k != "components"}
+    _verified.cache_clear()
+    return write_manifest(preset_dir, components, **meta)

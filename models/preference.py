@@ -166,13 +166,19 @@ class PreferenceEncoder:
                           rejected_keywords=rejected, history_used=used)
 
     def generate_keywords(self, prompt: str) -> list[str]:
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)
+        return self.generate_keywords_batch([prompt])[0]
+
+    @torch.no_grad()
+    def generate_keywords_batch(self, prompts: Sequence[str]) -> list[list[str]]:
+        """Greedy decoding of many prompts at once (left-padded), parsed into raw keywords."""
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         out = self.llm.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=False,
+            **batch, max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
-        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return parse_keywords(text)
+        texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        return [parse_keywords(t) for t in texts]
 
     def soft_tokens(self, prompt: str) -> np.ndarray:
         ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)

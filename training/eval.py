@@ -1,0 +1,275 @@
+"""`pigment eval`: score methods on a toy-world split, with baselines in the same run.
+
+The task is PMG's: the request names the content (the held-out target's shape,
+"a star") and leaves colour, background and size to the user's taste. Ground
+truth comes from the world (the user's latent favourites, used only here) and
+the attribute probe reads what was rendered:
+
+- content_fidelity: the probe reads the requested shape;
+- preference_accuracy: per open attribute, the probe reads the user's favourite
+  value (at the target's time, for drifting users); ``joint`` = all of them;
+- target_agreement: fraction of the four attributes matching the held-out target;
+- ssim_target / lpips_target (and *_history): image similarity to the target and
+  averaged over the history; cpis: CLIP image cosine to the history images;
+  cps: CLIP image-text cosine to the target caption (the toy CLIP).
+
+LPIPS needs a pretrained backbone; without ``--lpips-backbone`` it uses the
+toy CLIP's vision tower with uniform layer weights, and says so in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pigment.models.loader import has_component, load_component, preset_defaults
+from pigment.training import toy_world as tw
+
+OPEN_ATTRIBUTES = ("colour", "background", "size")
+CONTENT_ATTRIBUTE = "shape"
+BASELINES = ("non_personalized", "history_caption", "nearest_item", "oracle")
+PMG_METHODS = ("pmg", "pmg_keywords", "pmg_soft")
+
+
+@dataclass
+class Case:
+    """One evaluation sample: a user's five history items, the held-out target, the truth."""
+
+    user_id: str
+    history: list[tw.Item]
+    target: tw.Item
+    favourites: dict[str, str]  # latent taste at the target's time (scoring only)
+
+    @property
+    def content(self) -> str:
+        return tw.caption(self.target.attributes, keep={CONTENT_ATTRIBUTE})
+
+
+def build_cases(world: tw.ToyWorld, split: str, limit: int | None, seed: int = 0) -> list[Case]:
+    users = {u.user_id: u for u in world.users}
+    samples = world.samples(split)
+    if limit and len(samples) > limit:
+        pick = np.random.default_rng(seed).choice(len(samples), limit, replace=False)
+        samples = [samples[i] for i in sorted(pick)]
+    cases = []
+    for s in samples:
+        user = users[s.user_id]
+        taste = user.taste_at(s.start + tw.WINDOW - 1)
+        cases.append(Case(s.user_id, [world.item_by_id[i] for i in s.history], world.item_by_id[s.target],
+                          {a: fav for a, (fav, _) in taste.items()}))
+    return cases
+
+
+# ----------------------------------------------------------------------------- methods
+# Each method maps a case to the conditioning it renders with: (segments, soft tokens)
+# or, for retrieval, directly to an image.
+
+def _segments(content: str, keywords: list[str]) -> list[str]:
+    return [content, ", ".join(keywords)] if keywords else [content]
+
+
+class Methods:
+    def __init__(self, world: tw.ToyWorld, encoder=None, clip=None):
+        self.world, self.encoder, self.clip = world, encoder, clip
+
+    def non_personalized(self, case: Case):
+        return _segments(case.content, []), None
+
+    def history_caption(self, case: Case):
+        most_common = Counter(it.caption for it in case.history).most_common(1)[0][0]
+        return [case.content, most_common], None
+
+    def oracle(self, case: Case):
+        return _segments(case.content, [tw.keyword(a, case.favourites[a]) for a in OPEN_ATTRIBUTES]), None
+
+    def pmg_like(self, method: str) -> Callable:
+        def run(case: Case):
+            pref = self.encoder.encode([it.caption for it in case.history], target=case.content, method=method)
+            return _segments(case.content, pref.keywords), pref.soft_tokens
+
+        return run
+
+    def nearest_item(self, case: Case) -> np.ndarray:
+        """The catalog item with the requested content nearest (CLIP) to the history's mean embedding."""
+        shape = case.target.attributes[CONTENT_ATTRIBUTE]
+        pool = [it for it in self.world.items if it.attributes[CONTENT_ATTRIBUTE] == shape]
+        hist = self.clip.embed_images([it.image for it in case.history]).mean(0)
+        emb = self._item_embeddings(shape, pool)
+        return pool[int(np.argmax(emb @ hist))].image
+
+    def _item_embeddings(self, shape: str, pool: list[tw.Item]) -> np.ndarray:
+        cache = self.__dict__.setdefault("_emb_cache", {})
+        if shape not in cache:
+            cache[shape] = self.clip.embed_images([it.image for it in pool])
+        return cache[shape]
+
+
+# ----------------------------------------------------------------------------- metrics
+class Scorer:
+    def __init__(self, preset_dir: Path, clip, lpips_backbone: str | None = None):
+        self.probe = load_component(preset_dir, "probe")
+        self.clip = clip
+        if lpips_backbone:  # any local vision transformer directory (CLIP, ViT, DINO ...)
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(lpips_backbone, local_files_only=True).eval()
+            self._lpips_model = getattr(model, "vision_model", model)
+            self.lpips_note = f"backbone {lpips_backbone}, uniform layer weights"
+        else:
+            self._lpips_model = clip.model.vision_model
+            self.lpips_note = "toy CLIP vision tower, uniform layer weights (uncalibrated LPIPS)"
+
+    def lpips(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """LPIPS form: unit-normalised per-layer features, squared difference, spatial mean, layer mean."""
+        with torch.no_grad():
+            fa = self._lpips_model(pixel_values=self.clip._pixels(list(a)), output_hidden_states=True).hidden_states
+            fb = self._lpips_model(pixel_values=self.clip._pixels(list(b)), output_hidden_states=True).hidden_states
+        dists = []
+        for x, y in zip(fa[1:], fb[1:]):
+            x = torch.nn.functional.normalize(x, dim=-1)
+            y = torch.nn.functional.normalize(y, dim=-1)
+            dists.append(((x - y) ** 2).sum(-1).mean(-1))
+        return torch.stack(dists).mean(0).numpy()
+
+    def score(self, cases: list[Case], images: np.ndarray) -> dict:
+        from skimage.metrics import structural_similarity
+
+        read = self.probe.predict_values(images)
+        content = np.mean([r[CONTENT_ATTRIBUTE] == c.target.attributes[CONTENT_ATTRIBUTE] for r, c in zip(read, cases)])
+        pref = {a: float(np.mean([r[a] == c.favourites[a] for r, c in zip(read, cases)])) for a in OPEN_ATTRIBUTES}
+        pref["joint"] = float(np.mean([all(r[a] == c.favourites[a] for a in OPEN_ATTRIBUTES) for r, c in zip(read, cases)]))
+        agree = np.mean([np.mean([r[a] == c.target.attributes[a] for a in tw.ATTRIBUTES]) for r, c in zip(read, cases)])
+        targets = np.stack([c.target.image for c in cases])
+        ssim_t = [structural_similarity(g, t, channel_axis=2, data_range=255) for g, t in zip(images, targets)]
+        ssim_h = [np.mean([structural_similarity(g, h.image, channel_axis=2, data_range=255) for h in c.history])
+                  for g, c in zip(images, cases)]
+        lp_t = self.lpips(images, targets)
+        lp_h = np.mean([self.lpips(images, np.stack([c.history[j].image for c in cases])) for j in range(5)], axis=0)
+        gen_emb = self.clip.embed_images(list(images))
+        hist_emb = np.stack([self.clip.embed_images([h.image for h in c.history]) for c in cases])
+        cap_emb = self.clip.embed_texts([c.target.caption for c in cases])
+        return {
+            "content_fidelity": float(content), "preference_accuracy": pref, "target_agreement": float(agree),
+            "ssim_target": float(np.mean(ssim_t)), "ssim_history": float(np.mean(ssim_h)),
+            "lpips_target": float(np.mean(lp_t)), "lpips_history": float(np.mean(lp_h)),
+            "cpis": float(np.mean(np.einsum("nd,nkd->nk", gen_emb, hist_emb))),
+            "cps": float(np.mean(np.sum(gen_emb * cap_emb, axis=1))),
+        }
+
+
+# ----------------------------------------------------------------------------- driver
+def render_cases(renderer, conditionings, seed: int, steps: int, guidance: float, size: int,
+                 progress: tqdm | None = None) -> np.ndarray:
+    """One image per case, seed + case index, so every method sees the same noise."""
+    from pigment.models.pipeline import RenderInputs
+
+    out = []
+    for n, (segments, soft) in enumerate(conditionings):
+        inputs = RenderInputs(segments=segments, soft_tokens=soft, num_images=1, seed=seed + n,
+                              num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
+        out.append(np.asarray(renderer.render(inputs).images[0].convert("RGB")))
+        if progress is not None:
+            progress.update(1)
+    return np.stack(out)
+
+
+def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | None = None, n_samples: int | None = None,
+             seed: int = 0, world_seed: int = 0, steps: int | None = None, guidance: float | None = None,
+             lpips_backbone: str | None = None) -> dict:
+    from pigment.models.clip_embedder import ClipEmbedder
+    from pigment.models.pipeline import Renderer
+    from pigment.models.preference import PreferenceEncoder
+
+    if not has_component(preset_dir, "probe"):
+        raise SystemExit(f"preset {preset_dir} has no attribute probe: evaluate with the toy preset")
+    available = list(BASELINES) + list(PMG_METHODS)
+    methods = available if not methods or methods == ["all"] else methods
+    unknown = sorted(set(methods) - set(available))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; allowed: {available} or 'all'")
+    defaults = preset_defaults(preset_dir)
+    steps = steps or int(defaults.get("num_inference_steps", 20))
+    guidance = guidance or float(defaults.get("guidance_scale", 3.0))
+    size = int(defaults.get("height", 32))
+
+    world = tw.ToyWorld(seed=world_seed)
+    cases = build_cases(world, split, n_samples, seed)
+    clip = ClipEmbedder(preset_dir)
+    renderer = Renderer(preset_dir)
+    encoder = PreferenceEncoder(preset_dir) if set(methods) & set(PMG_METHODS) else None
+    impl = Methods(world, encoder, clip)
+    scorer = Scorer(preset_dir, clip, lpips_backbone)
+    results, timings = {}, {}
+    total = sum(len(cases) for m in methods if m != "nearest_item")
+    with tqdm(total=total, desc="eval renders", unit="img") as bar:
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == "nearest_item":
+                images = np.stack([impl.nearest_item(c) for c in cases])
+            else:
+                fn = impl.pmg_like(method) if method in PMG_METHODS else getattr(impl, method)
+                images = render_cases(renderer, [fn(c) for c in cases], seed, steps, guidance, size, bar)
+            results[method] = scorer.score(cases, images)
+            timings[method] = round(time.perf_counter() - t0, 2)
+            bar.set_postfix(method=method, joint=round(results[method]["preference_accuracy"]["joint"], 3))
+    return {
+        "split": split, "n_samples": len(cases), "preset": str(preset_dir), "model_version": renderer.model_version,
+        "sampler": {"num_inference_steps": steps, "guidance_scale": guidance, "size": size, "seed": seed},
+        "world": {"seed": world_seed, "n_items": world.n_items, "n_users": world.n_users},
+        "open_attributes": list(OPEN_ATTRIBUTES), "lpips": scorer.lpips_note, "clip": clip.model_id,
+        "methods": results, "seconds": timings,
+    }
+
+
+def markdown_table(report: dict) -> str:
+    cols = ["content_fidelity", *(f"pref_{a}" for a in OPEN_ATTRIBUTES), "joint", "target_agreement",
+            "ssim_target", "lpips_target", "cpis", "cps"]
+    lines = [f"split `{report['split']}`, {report['n_samples']} samples, model `{report['model_version']}`", "",
+             "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in report["methods"].items():
+        vals = [m["content_fidelity"], *(m["preference_accuracy"][a] for a in OPEN_ATTRIBUTES),
+                m["preference_accuracy"]["joint"], m["target_agreement"], m["ssim_target"], m["lpips_target"],
+                m["cpis"], m["cps"]]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    from pigment.services.common.settings import Settings
+
+    preset = Path(args.preset) if args.preset else Settings().preset_dir
+    n = 48 if args.quick and not args.n_samples else args.n_samples
+    report = evaluate(preset, args.split, args.methods.split(","), n, args.seed, args.world_seed, args.steps,
+                      args.guidance, args.lpips_backbone)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = markdown_table(report)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="score methods on a toy-world split (JSON + markdown table)")
+    p.add_argument("--split", default="test-users", choices=tw.SPLITS)
+    p.add_argument("--methods", default="all", help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS))
+    p.add_argument("--out", default="eval-output/eval.json")
+    p.add_argument("--quick", action="store_true", help="48 samples (a few minutes on CPU)")
+    p.add_argument("--n-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--preset", default=None, help="preset directory (default: settings)")
+    p.add_argument("--lpips-backbone", default=None)
+    p.set_defaults(func=lambda args, settings: run(args))
