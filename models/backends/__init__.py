@@ -21,8 +21,15 @@ from typing import Any
 
 from .base import PRECISIONS, BackendUnavailable, ShapeProfile, UNetRunner
 
-__all__ = ["BACKENDS", "PRECISIONS", "TOLERANCE", "BackendUnavailable", "ShapeProfile",
-           "UNetRunner", "load_unet_backend"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "TOLERANCE",
+    "BackendUnavailable",
+    "ShapeProfile",
+    "UNetRunner",
+    "load_unet_backend",
+]
 
 # name -> module (relative to this package) with ``load(unet, **kw) -> UNetRunner``
 BACKENDS: dict[str, str] = {
@@ -59,5 +66,12 @@ def load_unet_backend(
         raise ValueError(f"precision={precision!r} is not allowed: one of {PRECISIONS}")
     module = importlib.import_module(BACKENDS[name], __name__)
     profile = profile or ShapeProfile.for_unet(unet.config)
-    return module.load(unet, cache_dir=Path(cache_dir), device=device, precision=precision,
-                       profile=profile, adapter_hash=adapter_hash, **options)
+    return module.load(
+        unet,
+        cache_dir=Path(cache_dir),
+        device=device,
+        precision=precision,
+        profile=profile,
+        adapter_hash=adapter_hash,
+        **options,
+    )

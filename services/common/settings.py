@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     render_backend: str = Field("torch", description="UNet backend: torch | onnxruntime | tensorrt.")
     render_device: str = Field("cpu", description="cpu | cuda")
     default_method: str = Field("pmg", description="Method when the request leaves it unspecified.")
+    retrieval_mode: str = Field("generate_only", description="auto | generate_only | retrieve_only | both, "
+                                "when the request leaves it unspecified.")
 
     host: str = "127.0.0.1"
     port: int = 50051

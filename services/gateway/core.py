@@ -36,6 +36,7 @@ from pigment.services.store.tables import Generation, RenderRequest
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
+RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
 REPLAYED = "REPLAYED"
 MAX_PROMPT_CHARS = 500
@@ -53,6 +54,10 @@ class GenerateParams:
     height: int = 0
     width: int = 0
     method: str = ""
+    keyword_weight: float = 0.0
+    soft_weight: float = 0.0
+    retrieval: str = ""
+    include_seen: bool = False
 
 
 @dataclass
@@ -61,6 +66,31 @@ class ImageResult:
     seed: int
     storage_uri: str
     png: bytes
+    source: str = "generated"  # generated | retrieved
+    item_id: str = ""
+    score: float = 0.0
+
+
+@dataclass
+class RetrievedItem:
+    item_id: str
+    score: float
+    image_uri: str
+
+
+@dataclass
+class Decision:
+    """GILL-style outcome: which results to return and why."""
+
+    policy: str
+    retrieve: bool
+    generate: bool
+    score: float = 0.0
+    reason: str = ""
+    items: list[RetrievedItem] = field(default_factory=list)
+
+
+NO_RETRIEVAL = Decision(policy="none", retrieve=False, generate=True, reason="retrieval not configured")
 
 
 @dataclass
@@ -72,6 +102,8 @@ class GenerateResult:
     method: str
     flags: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    decision: dict = field(default_factory=dict)
+    conditioning: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -81,13 +113,22 @@ class ProgressEvent:
     status: str
 
 
+RETRIEVED_INDEX_BASE = 1000  # Generation.image_index of retrieved results: 1000, 1001, ...
+
+
+def retrieved_generation_id(request_id: str, index: int) -> str:
+    from pigment.services.render.core import generation_id
+
+    return generation_id(request_id, RETRIEVED_INDEX_BASE + index)
+
+
 def derive_seed(request_id: str) -> int:
     return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) % (2**31)
 
 
 class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
-                 storage, defaults: dict, model_version: Callable[[], str]):
+                 storage, defaults: dict, model_version: Callable[[], str], decider=None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -96,6 +137,7 @@ class GatewayCore:
         self.storage = storage
         self.defaults = defaults
         self.model_version = model_version
+        self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
 
     # -- validation -----------------------------------------------------------
     def resolve(self, p: GenerateParams) -> GenerateParams:
@@ -110,6 +152,9 @@ class GatewayCore:
         method = p.method or s.default_method
         if method not in METHODS:
             raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
+        retrieval = p.retrieval or s.retrieval_mode
+        if retrieval not in RETRIEVAL_MODES:
+            raise InvalidInput(f"retrieval={retrieval!r} is unknown: allowed {', '.join(RETRIEVAL_MODES)}")
         r = GenerateParams(
             request_id=p.request_id, user_id=p.user_id, prompt=p.prompt.strip(), method=method,
             num_images=p.num_images or int(d.get("num_images", 1)),
@@ -117,7 +162,12 @@ class GatewayCore:
             num_inference_steps=p.num_inference_steps or int(d.get("num_inference_steps", 20)),
             guidance_scale=p.guidance_scale or float(d.get("guidance_scale", 3.0)),
             height=p.height or int(d.get("height", 32)), width=p.width or int(d.get("width", 32)),
+            keyword_weight=p.keyword_weight or float(d.get("keyword_weight", 1.0)),
+            soft_weight=p.soft_weight or float(d.get("soft_weight", 1.0)),
+            retrieval=retrieval, include_seen=p.include_seen,
         )
+        check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
+        check_range("soft_weight", r.soft_weight, 0.0, 5.0)
         check_range("num_images", r.num_images, 1, s.max_images)
         check_range("num_inference_steps", r.num_inference_steps, 1, s.max_steps)
         check_range("guidance_scale", r.guidance_scale, 1.0, 30.0)
@@ -141,7 +191,7 @@ class GatewayCore:
             row, timings = self._prepare(p, phash)
             existing = self._insert(row)
             flags = [] if existing is None else [REPLAYED]
-            if existing is None:
+            if existing is None and row.status == "queued":
                 self._send(p.request_id)
         else:
             flags = [REPLAYED]
@@ -168,7 +218,7 @@ class GatewayCore:
         t1 = time.perf_counter()
         flags: list[str] = []
         keywords: list[str] = []
-        soft = None
+        soft = pref = None
         if p.method != "non_personalized":
             pref = self.preference.encode([h.item.caption for h in history], target=p.prompt, method=p.method)
             flags += pref.flags
@@ -176,25 +226,37 @@ class GatewayCore:
             if not history or "EMPTY_HISTORY" in pref.flags:
                 flags.append(NON_PERSONALIZED_EMPTY_HISTORY)
         t2 = time.perf_counter()
-        cfg_w = self.defaults.get("keyword_weight", 1.0)
+        decision = self._decide(p, history, pref)
+        t3 = time.perf_counter()
         segments, weights = [p.prompt], [1.0]
         if keywords:
             segments.append(", ".join(keywords))
-            weights.append(float(cfg_w))
+            weights.append(p.keyword_weight)
         conditioning = {
             "segments": segments, "segment_weights": weights, "keywords": keywords, "flags": flags,
             "soft_tokens": None if soft is None else {
                 "shape": list(soft.shape), "float16_b64": base64.b64encode(soft.astype("float16").tobytes()).decode()},
-            "soft_weight": float(self.defaults.get("soft_weight", 1.0)),
+            "soft_weight": p.soft_weight,
             "history_item_ids": [h.item.item_id for h in history],
-            "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000},
+            "decision": asdict(decision),
+            "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000,
+                           "decision_ms": (t3 - t2) * 1000},
         }
         row = RenderRequest(
             request_id=p.request_id, user_id=p.user_id, params_hash=phash, params=asdict(p),
-            conditioning=conditioning, model_version=self.model_version(), status="queued",
-            total_steps=p.num_inference_steps,
+            conditioning=conditioning, model_version=self.model_version(),
+            status="queued" if decision.generate else "done", total_steps=p.num_inference_steps,
         )
         return row, conditioning["timings_ms"]
+
+    def _decide(self, p: GenerateParams, history, preference) -> Decision:
+        if p.retrieval == "generate_only":
+            return Decision(policy="forced", retrieve=False, generate=True, reason="request asked to generate only")
+        if self.decider is None:
+            if p.retrieval == "auto":
+                return NO_RETRIEVAL
+            raise InvalidInput(f"retrieval={p.retrieval!r} needs an item index, which this deployment lacks")
+        return self.decider.decide(p.user_id, p, history, preference)
 
     def _insert(self, row: RenderRequest) -> RenderRequest | None:
         """Insert the request; if a concurrent call with the same id won, return its row."""
@@ -206,6 +268,12 @@ class GatewayCore:
                     raise Overloaded(f"render queue is full ({depth} requests waiting, limit "
                                      f"{self.settings.max_queue_depth}): retry later")
                 s.add(row)
+                s.flush()
+                for i, item in enumerate(row.conditioning["decision"]["items"]):
+                    s.add(Generation(generation_id=retrieved_generation_id(row.request_id, i), request_id=row.request_id,
+                                     image_index=RETRIEVED_INDEX_BASE + i, user_id=row.user_id, seed=0,
+                                     storage_uri=item["image_uri"], retrieved_item_id=item["item_id"],
+                                     model_version=row.model_version, method="retrieved"))
             return None
         except IntegrityError:
             return self._existing(row.request_id, row.params_hash)
@@ -261,11 +329,20 @@ class GatewayCore:
         with transaction(self.sessions) as s:
             gens = list(s.scalars(select(Generation).where(Generation.request_id == row.request_id)
                                   .order_by(Generation.image_index)))
-        images = [ImageResult(g.generation_id, g.seed, g.storage_uri or "", self.storage.get(g.storage_uri)) for g in gens]
+        scores = {i["item_id"]: i["score"] for i in row.conditioning.get("decision", {}).get("items", [])}
+        images = [ImageResult(g.generation_id, g.seed, g.storage_uri or "", self.storage.get(g.storage_uri),
+                              "retrieved" if g.retrieved_item_id else "generated", g.retrieved_item_id or "",
+                              scores.get(g.retrieved_item_id, 0.0)) for g in gens]
+        images.sort(key=lambda i: i.source != "retrieved")  # retrieved first: instant and free
+        cond = row.conditioning
+        report = {"segments": cond.get("segments", []), "segment_weights": cond.get("segment_weights", []),
+                  "soft_tokens": (cond.get("soft_tokens") or {}).get("shape", [0])[0],
+                  "soft_weight": cond.get("soft_weight", 0.0)}
+        decision = {k: v for k, v in cond.get("decision", asdict(NO_RETRIEVAL)).items() if k != "items"}
         return GenerateResult(
-            request_id=row.request_id, images=images, keywords=row.conditioning.get("keywords", []),
+            request_id=row.request_id, images=images, keywords=cond.get("keywords", []),
             model_version=row.model_version, method=row.params["method"],
-            flags=row.conditioning.get("flags", []) + flags,
+            flags=cond.get("flags", []) + flags, decision=decision, conditioning=report,
         )
 
     def progress_stream(self, params: GenerateParams, deadline: float | None = None) -> Iterator[ProgressEvent | GenerateResult]:

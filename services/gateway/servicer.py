@@ -12,6 +12,11 @@ METHOD_NAMES = {
     pb.METHOD_UNSPECIFIED: "", pb.METHOD_PMG: "pmg", pb.METHOD_PMG_KEYWORDS: "pmg_keywords",
     pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized",
 }
+RETRIEVAL_NAMES = {
+    pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_AUTO: "auto", pb.RETRIEVAL_MODE_GENERATE_ONLY: "generate_only",
+    pb.RETRIEVAL_MODE_RETRIEVE_ONLY: "retrieve_only", pb.RETRIEVAL_MODE_BOTH: "both",
+}
+SOURCES = {"generated": pb.RESULT_SOURCE_GENERATED, "retrieved": pb.RESULT_SOURCE_RETRIEVED}
 FEEDBACK_KINDS = {
     pb.FEEDBACK_KIND_LIKE: "like", pb.FEEDBACK_KIND_DISLIKE: "dislike", pb.FEEDBACK_KIND_RATING: "rating",
     pb.FEEDBACK_KIND_PICK: "pick", pb.FEEDBACK_KIND_CLICK: "click",
@@ -22,7 +27,8 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
     return GenerateParams(
         request_id=r.request_id, user_id=r.user_id, prompt=r.prompt, num_images=r.num_images, seed=r.seed,
         num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, height=r.height,
-        width=r.width, method=METHOD_NAMES.get(r.method, "?"),
+        width=r.width, method=METHOD_NAMES.get(r.method, "?"), keyword_weight=r.keyword_weight,
+        soft_weight=r.soft_weight, retrieval=RETRIEVAL_NAMES.get(r.retrieval, "?"), include_seen=r.include_seen,
     )
 
 
@@ -30,8 +36,11 @@ def result_to_pb(res: GenerateResult) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=res.request_id, keywords=res.keywords, model_version=res.model_version, flags=res.flags,
         timings_ms=res.timings_ms, method=res.method,
-        images=[pb.GeneratedImage(png=i.png, generation_id=i.generation_id, seed=i.seed, storage_uri=i.storage_uri)
-                for i in res.images],
+        images=[pb.GeneratedImage(png=i.png, generation_id=i.generation_id, seed=i.seed, storage_uri=i.storage_uri,
+                                  source=SOURCES[i.source], item_id=i.item_id, score=i.score) for i in res.images],
+        decision=pb.Decision(policy=res.decision.get("policy", ""), retrieved=res.decision.get("retrieve", False),
+                             score=res.decision.get("score", 0.0), reason=res.decision.get("reason", "")),
+        conditioning=pb.ConditioningReport(**res.conditioning) if res.conditioning else None,
     )
 
 

@@ -30,6 +30,7 @@ def make_celery(settings: Settings) -> Celery:
         folder = str(settings.broker_dir)
         settings.broker_dir.mkdir(parents=True, exist_ok=True)
         conf.update(broker_transport_options={"data_folder_in": folder, "data_folder_out": folder,
+                                              "control_folder": str(settings.broker_dir / "control"),
                                               "store_processed": False},
                     worker_enable_remote_control=False)
     else:

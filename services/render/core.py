@@ -24,6 +24,10 @@ log = logging.getLogger("pigment.render")
 GENERATION_NS = uuid.UUID("6f1c1c52-3d4e-4a7f-9a59-0d6c9f6b2a10")
 
 
+class BackendNotReady(RuntimeError):
+    pass
+
+
 def generation_id(request_id: str, index: int) -> str:
     return str(uuid.uuid5(GENERATION_NS, f"{request_id}/{index}"))
 
@@ -42,10 +46,21 @@ class RenderCore:
         self._renderer_factory = renderer_factory
         self._renderer = None
 
+        self.not_ready: str | None = None  # why this worker cannot render (a GPU backend that did not load)
+
     @property
     def renderer(self):
+        if self.not_ready:
+            raise BackendNotReady(self.not_ready)
         if self._renderer is None:  # loaded lazily, once per worker process
-            self._renderer = self._renderer_factory()
+            try:
+                self._renderer = self._renderer_factory()
+            except Exception as exc:
+                if type(exc).__name__ != "BackendUnavailable":
+                    raise
+                self.not_ready = f"render backend not ready on this worker: {exc}"
+                log.error(self.not_ready)
+                raise BackendNotReady(self.not_ready) from exc
         return self._renderer
 
     def run(self, request_id: str) -> str:
@@ -60,6 +75,9 @@ class RenderCore:
             params, cond = dict(row.params), dict(row.conditioning)
         try:
             return self._render(request_id, params, cond)
+        except BackendNotReady as exc:  # never a quiet CPU fallback: the caller sees why
+            self._fail(request_id, f"UNAVAILABLE: {exc}")
+            return "failed"
         except ValueError as exc:  # bad shapes or conditioning: the caller's fault, never retried
             self._fail(request_id, f"INVALID_ARGUMENT: {exc}")
             return "failed"

@@ -50,6 +50,21 @@ class GenerationServiceStub:
                 request_serializer=pigment_dot_v1_dot_generation__pb2.LogFeedbackRequest.SerializeToString,
                 response_deserializer=pigment_dot_v1_dot_generation__pb2.LogFeedbackResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/pigment.v1.GenerationService/SubmitBatch',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/pigment.v1.GenerationService/GetJob',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/pigment.v1.GenerationService/CancelJob',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -75,6 +90,25 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """Batch poster jobs: many users, one target, split into chunks on the worker pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +126,21 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.LogFeedback,
                     request_deserializer=pigment_dot_v1_dot_generation__pb2.LogFeedbackRequest.FromString,
                     response_serializer=pigment_dot_v1_dot_generation__pb2.LogFeedbackResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.GetJobRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +225,87 @@ class GenerationService:
             '/pigment.v1.GenerationService/LogFeedback',
             pigment_dot_v1_dot_generation__pb2.LogFeedbackRequest.SerializeToString,
             pigment_dot_v1_dot_generation__pb2.LogFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/SubmitBatch',
+            pigment_dot_v1_dot_generation__pb2.SubmitBatchRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/GetJob',
+            pigment_dot_v1_dot_generation__pb2.GetJobRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/CancelJob',
+            pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
