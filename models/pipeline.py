@@ -108,29 +108,54 @@ class Renderer:
         if not inputs.segments:
             raise ValueError("at least one text segment is needed (use '' for unconditional)")
 
+    def batch_key(self, inputs: RenderInputs) -> tuple:
+        """Requests with equal keys can share one pipeline call (same shapes, schedule and token count)."""
+        soft = 0 if inputs.soft_tokens is None else len(inputs.soft_tokens)
+        tokens = len(inputs.segments) * self.tokenizer.model_max_length + soft
+        return (inputs.height, inputs.width, inputs.num_inference_steps, inputs.guidance_scale, tokens)
+
     @torch.no_grad()
     def render(self, inputs: RenderInputs, on_step: Callable[[int, int], None] | None = None) -> RenderOutput:
-        self.check_inputs(inputs)
-        pos, neg = self.conditioning(inputs)
-        n = inputs.num_images
-        seeds = [inputs.seed + i for i in range(n)]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return self.render_batch([inputs], on_step)[0]
+
+    @torch.no_grad()
+    def render_batch(self, batch: Sequence[RenderInputs],
+                     on_step: Callable[[int, int], None] | None = None) -> list[RenderOutput]:
+        """Render several requests in one denoising loop (guidance doubles the batch inside the pipeline).
+
+        All requests must share a ``batch_key``. Each image has its own generator
+        (request seed + i), so results equal rendering each request alone.
+        """
+        for inputs in batch:
+            self.check_inputs(inputs)
+        keys = {self.batch_key(inputs) for inputs in batch}
+        if len(keys) != 1:
+            raise ValueError(f"requests in one batch must share size, steps, guidance and token count: {keys}")
+        conds = [self.conditioning(inputs) for inputs in batch]
+        first = batch[0]
+        seeds = [[inputs.seed + i for i in range(inputs.num_images)] for inputs in batch]
+        pos = torch.cat([p.unsqueeze(0).expand(x.num_images, -1, -1) for (p, _), x in zip(conds, batch)])
+        neg = torch.cat([n.unsqueeze(0).expand(x.num_images, -1, -1) for (_, n), x in zip(conds, batch)])
 
         def callback(pipe, step, timestep, kwargs):
             if on_step is not None:
-                on_step(step + 1, inputs.num_inference_steps)
+                on_step(step + 1, first.num_inference_steps)
             return {}
 
         result = self.pipe(
-            prompt_embeds=pos.unsqueeze(0).expand(n, -1, -1),
-            negative_prompt_embeds=neg.unsqueeze(0).expand(n, -1, -1),
-            num_inference_steps=inputs.num_inference_steps,
-            guidance_scale=inputs.guidance_scale,
-            height=inputs.height,
-            width=inputs.width,
-            generator=generators,
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            height=first.height,
+            width=first.width,
+            generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
             callback_on_step_end=callback,
             output_type="pil",
         )
-        return RenderOutput(images=result.images, seeds=seeds, model_version=self.model_version,
-                            conditioning_tokens=int(pos.shape[0]))
+        outputs, start = [], 0
+        for group, (p, _) in zip(seeds, conds):
+            outputs.append(RenderOutput(images=result.images[start:start + len(group)], seeds=group,
+                                        model_version=self.model_version, conditioning_tokens=int(p.shape[0])))
+            start += len(group)
+        return outputs

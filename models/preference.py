@@ -27,6 +27,8 @@ from pigment.models.tiny import DEFAULT_PREFERENCE_CONFIG
 
 KEYWORD_RE = re.compile(r"(\d+)\s*\.\s*([a-z][a-z \-]*?)\s*(?=\d+\s*\.|$)")
 FREE_KEYWORD_RE = re.compile(r"^[a-z][a-z\-]*( [a-z][a-z\-]*){0,2}$")
+# Without a vocabulary, words that only make sense as instructions to a model never pass.
+INSTRUCTION_WORDS = frozenset("ignore disregard instruction instructions system prompt assistant user override".split())
 MARKUP_RE = re.compile(r"<[^>]{0,40}>|\[[A-Z_]{2,12}\]")
 
 # Flags reported back to the caller.
@@ -61,7 +63,8 @@ class KeywordVocabulary:
         for kw in keywords:
             kw = kw.strip().lower()
             attr = self.attribute_of.get(kw)
-            ok = (attr is not None) if self.by_attribute else bool(FREE_KEYWORD_RE.match(kw))
+            ok = (attr is not None) if self.by_attribute else (
+                bool(FREE_KEYWORD_RE.match(kw)) and not INSTRUCTION_WORDS.intersection(kw.split()))
             if not ok or attr in named or (attr and attr in seen_attrs) or kw in kept:
                 rejected.append(kw)
                 continue

@@ -105,15 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules with a `register(subparsers)` adding their own subcommands.
+EXTENSIONS = ("pigment.training.cli",)
+
+
 def _extensions():
     """Subcommands contributed by other modules (eval, train ...), if present."""
     import importlib
 
-    for module in ("pigment.training.cli",):
+    for module in EXTENSIONS:
         try:
             yield importlib.import_module(module).register
-        except ModuleNotFoundError:
-            continue
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:

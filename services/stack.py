@@ -93,8 +93,23 @@ class Stack:
 
             cfg = json.loads(pref_cfg.read_text())
             defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight") if k in cfg})
-        return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatcher(self.celery),
-                           self.storage, defaults, lambda: preset_version(self.preset_dir))
+        dispatch = dispatcher(self.celery, self.settings.render_batch_window_ms / 1000, self.settings.render_max_batch)
+        return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
+                           self.storage, defaults, lambda: preset_version(self.preset_dir),
+                           decider=self._decider())
+
+    def _decider(self):
+        """GILL-style retrieve-or-generate, when the preset has a CLIP to embed the catalog with.
+
+        Cheap to build: the CLIP and the index load on the first decision (HistoryCore is lazy).
+        """
+        from pigment.models.loader import has_component
+
+        if not has_component(self.preset_dir, "clip"):
+            return None
+        from pigment.services.gateway.decision import Decider
+
+        return Decider.from_settings(self.history, self.settings)
 
     @cached_property
     def feedback(self):

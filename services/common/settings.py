@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     default_method: str = Field("pmg", description="Method when the request leaves it unspecified.")
     retrieval_mode: str = Field("generate_only", description="auto | generate_only | retrieve_only | both, "
                                 "when the request leaves it unspecified.")
+    retrieval_policy: str = Field("threshold", description="How retrieval=auto decides (GILL): threshold | "
+                                  "learned (a head from `pigment train decision`, see decision_head).")
+    retrieval_threshold: float = Field(0.6, ge=-1.0, le=1.0, description="threshold policy: retrieve when the "
+                                       "best catalog cosine (CLIP) is at least this.")
+    retrieval_history_weight: float = Field(0.3, ge=0.0, le=1.0, description="Weight of the user's mean history "
+                                            "image embedding in the retrieval query; the rest is the CLIP text "
+                                            "embedding of prompt + keywords.")
+    decision_head: Path | None = Field(None, description="learned policy: directory written by "
+                                       "`pigment train decision --out DIR` (manifest-checked).")
 
     host: str = "127.0.0.1"
     port: int = 50051
@@ -45,6 +54,9 @@ class Settings(BaseSettings):
     max_steps: int = 150
     min_size: int = 16
     max_size: int = 1024
+    render_batch_window_ms: float = Field(0.0, ge=0, description="Gateway micro-batching window: requests "
+                                          "arriving within it are sent to the worker as one batch (0 = off).")
+    render_max_batch: int = Field(8, ge=1, description="Most requests in one render batch.")
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
 

@@ -12,7 +12,7 @@ from celery import Celery
 
 from pigment.services.common.settings import Settings
 
-RENDER_TASK = "pigment.render"
+RENDER_TASK = "pigment.render"  # args: [request_ids] rendered together where compatible
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -39,11 +39,64 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def dispatcher(app: Celery):
-    """A function that queues one render by request id, failing fast if the broker is down."""
+def dispatcher(app: Celery, window_s: float = 0.0, max_batch: int = 8):
+    """A function that queues one render by request id, failing fast if the broker is down.
 
-    def send(request_id: str) -> None:
-        app.send_task(RENDER_TASK, args=[request_id], task_id=f"render-{request_id}", retry=False)
+    With ``window_s > 0`` requests arriving within the window go out as one task
+    (at most ``max_batch`` ids), so the worker can render them as one batch; each
+    caller still gets its own broker error, if any.
+    """
 
-    return send
+    def send(request_ids: list[str]) -> None:
+        app.send_task(RENDER_TASK, args=[request_ids], task_id=f"render-{request_ids[0]}", retry=False)
 
+    if window_s <= 0:
+        return lambda request_id: send([request_id])
+    return MicroBatcher(send, window_s, max_batch)
+
+
+class MicroBatcher:
+    """Collects ids for ``window_s`` (or until ``max_batch``), then sends them in one call."""
+
+    def __init__(self, send, window_s: float, max_batch: int):
+        import threading
+
+        self.send, self.window_s, self.max_batch = send, window_s, max_batch
+        self.lock = threading.Lock()
+        self.pending: list[tuple[str, "threading.Event", list]] = []
+        self.flusher: "threading.Timer | None" = None
+
+    def __call__(self, request_id: str) -> None:
+        import threading
+
+        done, error = threading.Event(), []
+        with self.lock:
+            self.pending.append((request_id, done, error))
+            if len(self.pending) >= self.max_batch:
+                self._flush_locked()
+            elif self.flusher is None:
+                self.flusher = threading.Timer(self.window_s, self._flush)
+                self.flusher.daemon = True
+                self.flusher.start()
+        done.wait()
+        if error:
+            raise error[0]
+
+    def _flush(self) -> None:
+        with self.lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
+            self.flusher = None
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        try:
+            self.send([rid for rid, _, _ in batch])
+        except Exception as exc:  # every caller of this batch sees the broker error
+            for _, _, error in batch:
+                error.append(exc)
+        for _, done, _ in batch:
+            done.set()

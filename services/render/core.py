@@ -1,4 +1,7 @@
-"""Render core: turn one RenderRequest row into images and Generation rows.
+"""Render core: turn RenderRequest rows into images and Generation rows.
+
+Requests dispatched together (the gateway's micro-batching window) and sharing
+shapes, schedule and token count render in one pipeline call.
 
 Idempotent by ``request_id``: generation ids are derived from it (uuid5), image
 keys are deterministic, and rows are inserted only if absent, so a redelivered
@@ -12,9 +15,10 @@ import io
 import logging
 import time
 import uuid
+from collections import defaultdict
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.store.db import transaction
@@ -64,40 +68,71 @@ class RenderCore:
         return self._renderer
 
     def run(self, request_id: str) -> str:
-        with transaction(self.sessions) as s:
-            row = s.get(RenderRequest, request_id)
-            if row is None:
-                log.warning("render %s: no such request (deleted?); dropping task", request_id)
-                return "missing"
-            if row.status == "done":
-                return "done"
-            row.status, row.step = "running", 0
-            params, cond = dict(row.params), dict(row.conditioning)
-        try:
-            return self._render(request_id, params, cond)
-        except BackendNotReady as exc:  # never a quiet CPU fallback: the caller sees why
-            self._fail(request_id, f"UNAVAILABLE: {exc}")
-            return "failed"
-        except ValueError as exc:  # bad shapes or conditioning: the caller's fault, never retried
-            self._fail(request_id, f"INVALID_ARGUMENT: {exc}")
-            return "failed"
-        except Exception as exc:
-            self._fail(request_id, f"INTERNAL: {type(exc).__name__}: {exc}")
-            raise
+        return self.run_batch([request_id])[request_id]
 
-    def _render(self, request_id: str, params: dict, cond: dict) -> str:
+    def run_batch(self, request_ids: list[str]) -> dict[str, str]:
+        """Render every not-yet-done request; compatible ones share one pipeline call."""
+        status, claimed = self._claim(request_ids)
+        if not claimed:
+            return status
+        try:
+            renderer = self.renderer
+        except BackendNotReady as exc:  # never a quiet CPU fallback: the caller sees why
+            for rid in claimed:
+                status[rid] = self._fail(rid, f"UNAVAILABLE: {exc}")
+            return status
+        groups: dict[tuple, list[tuple[str, dict, object]]] = defaultdict(list)
+        for rid, (params, cond) in claimed.items():
+            inputs = self._inputs(params, cond)
+            try:
+                renderer.check_inputs(inputs)
+            except ValueError as exc:  # bad shapes or conditioning: the caller's fault, never retried
+                status[rid] = self._fail(rid, f"INVALID_ARGUMENT: {exc}")
+                continue
+            groups[renderer.batch_key(inputs)].append((rid, params, inputs))
+        for group in groups.values():
+            ids = [rid for rid, _, _ in group]
+            try:
+                t0 = time.perf_counter()
+                outs = renderer.render_batch([inputs for _, _, inputs in group],
+                                             on_step=lambda step, total: self._progress(ids, step))
+                render_ms = (time.perf_counter() - t0) * 1000
+            except Exception as exc:
+                for rid in ids:
+                    self._fail(rid, f"INTERNAL: {type(exc).__name__}: {exc}")
+                raise
+            for (rid, params, _), out in zip(group, outs):
+                status[rid] = self._store(rid, params, out, render_ms, batch_size=len(group))
+        return status
+
+    def _claim(self, request_ids: list[str]) -> tuple[dict[str, str], dict[str, tuple[dict, dict]]]:
+        status, claimed = {}, {}
+        with transaction(self.sessions) as s:
+            for rid in request_ids:
+                row = s.get(RenderRequest, rid)
+                if row is None:
+                    log.warning("render %s: no such request (deleted?); dropping it", rid)
+                    status[rid] = "missing"
+                elif row.status == "done":
+                    status[rid] = "done"
+                else:
+                    row.status, row.step = "running", 0
+                    claimed[rid] = (dict(row.params), dict(row.conditioning))
+        return status, claimed
+
+    @staticmethod
+    def _inputs(params: dict, cond: dict):
         from pigment.models.pipeline import RenderInputs
 
-        inputs = RenderInputs(
+        return RenderInputs(
             segments=cond["segments"], segment_weights=cond.get("segment_weights"),
             soft_tokens=decode_soft_tokens(cond), soft_weight=cond.get("soft_weight", 1.0),
             num_images=params["num_images"], seed=params["seed"],
             num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
             height=params["height"], width=params["width"],
         )
-        t0 = time.perf_counter()
-        out = self.renderer.render(inputs, on_step=lambda step, total: self._progress(request_id, step))
-        render_ms = (time.perf_counter() - t0) * 1000
+
+    def _store(self, request_id: str, params: dict, out, render_ms: float, batch_size: int) -> str:
         uris = []
         for i, img in enumerate(out.images):
             buf = io.BytesIO()
@@ -112,19 +147,18 @@ class RenderCore:
                                      user_id=row.user_id, seed=seed, storage_uri=uri, model_version=row.model_version,
                                      method=params["method"]))
             row.status, row.step = "done", params["num_inference_steps"]
-            row.conditioning = {**row.conditioning, "timings_ms": {**row.conditioning.get("timings_ms", {}),
-                                                                    "worker_render_ms": render_ms}}
+            timings = {**row.conditioning.get("timings_ms", {}), "worker_render_ms": render_ms}
+            row.conditioning = {**row.conditioning, "timings_ms": timings, "render_batch_size": batch_size}
         return "done"
 
-    def _progress(self, request_id: str, step: int) -> None:
+    def _progress(self, request_ids: list[str], step: int) -> None:
         with transaction(self.sessions) as s:
-            row = s.get(RenderRequest, request_id)
-            if row is not None:
-                row.step = step
+            s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids)).values(step=step))
 
-    def _fail(self, request_id: str, error: str) -> None:
+    def _fail(self, request_id: str, error: str) -> str:
         log.error("render %s failed: %s", request_id, error)
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
             if row is not None:
                 row.status, row.error = "failed", error[:2000]
+        return "failed"

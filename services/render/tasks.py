@@ -28,5 +28,6 @@ def render_core():
 
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-def render(self, request_id: str) -> str:
-    return render_core().run(request_id)
+def render(self, request_ids: list[str] | str) -> dict[str, str]:
+    ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+    return render_core().run_batch(ids)
