@@ -22,14 +22,19 @@ def cmd_serve(args, settings: Settings) -> int:
     worker = Worker(settings).start() if not args.no_worker else None
     server, port = stack.server(port=args.port)
     server.start()
+    http = stack.http_server(args.http_port).start() if args.http_port is not None else None
     print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {settings.database_url}, "
           f"broker {settings.broker_url}); Ctrl-C to stop", flush=True)
+    if http:
+        print(f"HTTP feedback on http://{settings.host}:{http.port}/v1/feedback", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("draining in-flight requests ...", flush=True)
     server.stop(grace=10).wait()
+    if http:
+        http.stop()
     if worker:
         worker.stop()
     return 0
@@ -54,6 +59,10 @@ def cmd_db(args, settings: Settings) -> int:
 
 
 def cmd_models(args, settings: Settings) -> int:
+    from pigment.services import registry
+
+    if args.action in registry.REGISTRY_ACTIONS:
+        return registry.cli_action(args, settings)
     from pigment.models import loader
 
     if args.action == "build-tiny":
@@ -81,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the embedded stack (gRPC + render worker) until interrupted")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default from settings: 50051)")
     p.add_argument("--no-worker", action="store_true", help="do not start a render worker (one runs elsewhere)")
+    p.add_argument("--http-port", type=int, default=None, help="also serve HTTP feedback (POST /v1/feedback) "
+                   "on this port (0 = a free one); off by default")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="seed demo users, generate for each over gRPC, write demo-output/")
@@ -94,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("models", help="build, record and verify model presets")
-    p.add_argument("action", choices=["build-tiny", "manifest", "verify"])
+    p.add_argument("action", choices=["build-tiny", "manifest", "verify", "list", "register", "promote", "rollback"])
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--version", default=None)
-    p.add_argument("components", nargs="*", help="for manifest: name[=kind] per sub-directory, e.g. unet vae llm")
+    p.add_argument("--parent", default=None, help="for register: the version this one was trained from")
+    p.add_argument("--notes", default="", help="for register/promote/rollback: why")
+    p.add_argument("components", nargs="*", help="for manifest: name[=kind] per sub-directory, e.g. unet vae llm; "
+                   "list [KIND] | register KIND PATH | promote VERSION | rollback KIND")
     p.set_defaults(func=cmd_models)
 
     for register in _extensions():
@@ -106,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules with a `register(subparsers)` adding their own subcommands.
-EXTENSIONS = ("pigment.training.cli",)
+EXTENSIONS = ("pigment.training.cli", "pigment.services.batch_cli", "pigment.services.history.ingest")
 
 
 def _extensions():

@@ -82,9 +82,16 @@ class Stack:
 
     @cached_property
     def gateway(self):
+        from pigment.services.render.celery_app import dispatcher
+
+        return self.make_gateway(dispatcher(self.celery, self.settings.render_batch_window_ms / 1000,
+                                            self.settings.render_max_batch))
+
+    def make_gateway(self, dispatch):
+        """A GatewayCore handing renders to ``dispatch(request_id)``: the queue, or a local render core (batch jobs)."""
         from pigment.models.loader import preset_defaults, preset_file, preset_version
         from pigment.services.gateway.core import GatewayCore
-        from pigment.services.render.celery_app import dispatcher
+        from pigment.services.registry import Registry
 
         defaults = preset_defaults(self.preset_dir)
         pref_cfg = preset_file(self.preset_dir, "preference.json")
@@ -93,10 +100,9 @@ class Stack:
 
             cfg = json.loads(pref_cfg.read_text())
             defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight") if k in cfg})
-        dispatch = dispatcher(self.celery, self.settings.render_batch_window_ms / 1000, self.settings.render_max_batch)
         return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
-                           decider=self._decider())
+                           decider=self._decider(), adapters=Registry(self.sessions).active_versions)
 
     def _decider(self):
         """GILL-style retrieve-or-generate, when the preset has a CLIP to embed the catalog with.
@@ -117,6 +123,19 @@ class Stack:
 
         return FeedbackCore(self.sessions)
 
+    @cached_property
+    def jobs(self):
+        from pigment.services.gateway.jobs import JobsCore
+        from pigment.services.render.batch_tasks import chunk_dispatcher
+
+        return JobsCore(self.settings, self.sessions, chunk_dispatcher(self.celery, self.settings))
+
+    def http_server(self, port: int = 0):
+        """The HTTP feedback endpoint (not started); port 0 binds a free one."""
+        from pigment.services.gateway.http import FeedbackHTTPServer
+
+        return FeedbackHTTPServer(self.feedback, self.settings.host, port)
+
     def server(self, port: int | None = None):
         """A gRPC server with all three services; returns (server, bound port)."""
         from pigment.services.common.server import create_server
@@ -131,7 +150,7 @@ class Stack:
             (preference_pb2_grpc.add_PreferenceServiceServicer_to_server,
              PreferenceServicer(self.preference, self.history), "pigment.v1.PreferenceService"),
             (generation_pb2_grpc.add_GenerationServiceServicer_to_server,
-             GenerationServicer(self.gateway, self.feedback), "pigment.v1.GenerationService"),
+             GenerationServicer(self.gateway, self.feedback, self.jobs), "pigment.v1.GenerationService"),
         ]
         port = self.settings.port if port is None else port
         server, bound, _ = create_server(registrations, f"{self.settings.host}:{port}",
@@ -150,7 +169,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class Worker:
-    """A real Celery worker process consuming the render queue."""
+    """A real Celery worker process consuming the render queue and the batch queue."""
 
     def __init__(self, settings: Settings, log_path: Path | None = None, concurrency: int = 1):
         self.settings = settings
@@ -161,8 +180,10 @@ class Worker:
     def start(self, wait_ready_s: float = 120.0) -> "Worker":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
+        from pigment.services.render.batch_tasks import batch_queue
+
         cmd = [sys.executable, "-m", "celery", "-A", "pigment.services.render.worker", "worker",
-               "-Q", self.settings.render_queue, "--pool", "solo" if self.concurrency == 1 else "prefork",
+               "-Q", f"{self.settings.render_queue},{batch_queue(self.settings)}", "--pool", "solo" if self.concurrency == 1 else "prefork",
                "--concurrency", str(self.concurrency), "--loglevel", "INFO",
                "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{os.getpid()}@%h"]
         self.proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT)

@@ -36,8 +36,9 @@ class Settings(BaseSettings):
                                 "when the request leaves it unspecified.")
     retrieval_policy: str = Field("threshold", description="How retrieval=auto decides (GILL): threshold | "
                                   "learned (a head from `pigment train decision`, see decision_head).")
-    retrieval_threshold: float = Field(0.6, ge=-1.0, le=1.0, description="threshold policy: retrieve when the "
-                                       "best catalog cosine (CLIP) is at least this.")
+    retrieval_threshold: float = Field(0.87, ge=-1.0, le=1.0, description="threshold policy: retrieve when the "
+                                       "best catalog cosine (CLIP) is at least this. 0.87: best fixed threshold for "
+                                       "the toy CLIP (`pigment train decision` reports it); re-tune for another.")
     retrieval_history_weight: float = Field(0.3, ge=0.0, le=1.0, description="Weight of the user's mean history "
                                             "image embedding in the retrieval query; the rest is the CLIP text "
                                             "embedding of prompt + keywords.")

@@ -31,6 +31,7 @@ from pigment.services.common.errors import (
     Unavailable,
     check_range,
 )
+from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Generation, RenderRequest
 
@@ -128,7 +129,8 @@ def derive_seed(request_id: str) -> int:
 
 class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
-                 storage, defaults: dict, model_version: Callable[[], str], decider=None):
+                 storage, defaults: dict, model_version: Callable[[], str], decider=None,
+                 adapters: Callable[[], dict] | None = None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -138,6 +140,7 @@ class GatewayCore:
         self.defaults = defaults
         self.model_version = model_version
         self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
+        self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
 
     # -- validation -----------------------------------------------------------
     def resolve(self, p: GenerateParams) -> GenerateParams:
@@ -245,6 +248,7 @@ class GatewayCore:
         row = RenderRequest(
             request_id=p.request_id, user_id=p.user_id, params_hash=phash, params=asdict(p),
             conditioning=conditioning, model_version=self.model_version(),
+            adapters=self.adapters() if self.adapters else None,
             status="queued" if decision.generate else "done", total_steps=p.num_inference_steps,
         )
         return row, conditioning["timings_ms"]
@@ -273,7 +277,8 @@ class GatewayCore:
                     s.add(Generation(generation_id=retrieved_generation_id(row.request_id, i), request_id=row.request_id,
                                      image_index=RETRIEVED_INDEX_BASE + i, user_id=row.user_id, seed=0,
                                      storage_uri=item["image_uri"], retrieved_item_id=item["item_id"],
-                                     model_version=row.model_version, method="retrieved"))
+                                     model_version=row.model_version, method="retrieved",
+                                     adapter_version=adapter_version_label(row.adapters)))
             return None
         except IntegrityError:
             return self._existing(row.request_id, row.params_hash)

@@ -1,10 +1,11 @@
-"""GenerationService: GeneratePersonalized (unary + progress stream) and LogFeedback."""
+"""GenerationService: GeneratePersonalized (unary + progress stream), LogFeedback, batch jobs."""
 
 from __future__ import annotations
 
 import time
 
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
+from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.v1 import generation_pb2 as pb
 from pigment.v1 import generation_pb2_grpc
 
@@ -50,9 +51,10 @@ def deadline_of(context) -> float | None:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, core: GatewayCore, feedback=None):
+    def __init__(self, core: GatewayCore, feedback=None, jobs=None):
         self.core = core
         self.feedback = feedback
+        self.jobs = jobs
 
     def GeneratePersonalized(self, request, context):
         return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context)))
@@ -71,3 +73,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             kind=FEEDBACK_KINDS.get(request.kind, ""), value=request.value,
             other_generation_ids=list(request.other_generation_ids))
         return pb.LogFeedbackResponse(duplicate=duplicate)
+
+    def SubmitBatch(self, request, context):
+        return pb.SubmitBatchResponse(job=job_to_pb(self.jobs.submit(BatchParams(
+            job_id=request.job_id, user_ids=list(request.user_ids), segment=request.segment, prompt=request.prompt,
+            images_per_user=request.images_per_user, num_inference_steps=request.num_inference_steps,
+            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size))))
+
+    def GetJob(self, request, context):
+        return job_to_pb(self.jobs.get(request.job_id))
+
+    def CancelJob(self, request, context):
+        return job_to_pb(self.jobs.cancel(request.job_id))
+
+
+def job_to_pb(job: JobView) -> pb.Job:
+    return pb.Job(job_id=job.job_id, status=job.status, total=job.total, done=job.done, failed=job.failed,
+                  results=[pb.JobUserResult(user_id=r.user_id, status=r.status, generation_ids=r.generation_ids,
+                                            error=r.error) for r in job.results])

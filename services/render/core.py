@@ -15,12 +15,14 @@ import io
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from pigment.services.common.errors import ModelNotReady, PigmentError
+from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Generation, RenderRequest
 
@@ -44,11 +46,15 @@ def decode_soft_tokens(cond: dict) -> np.ndarray | None:
 
 
 class RenderCore:
-    def __init__(self, sessions: sessionmaker[Session], storage, renderer_factory):
+    def __init__(self, sessions: sessionmaker[Session], storage, renderer_factory, registry=None,
+                 max_adapter_renderers: int = 2):
         self.sessions = sessions
+        self.registry = registry  # model registry: render-side adapters are loaded by version, sha256-checked
         self.storage = storage
         self._renderer_factory = renderer_factory
         self._renderer = None
+        self._by_version: OrderedDict[str, object] = OrderedDict()  # unet_lora version -> its renderer
+        self.max_adapter_renderers = max_adapter_renderers
 
         self.not_ready: str | None = None  # why this worker cannot render (a GPU backend that did not load)
 
@@ -82,15 +88,22 @@ class RenderCore:
                 status[rid] = self._fail(rid, f"UNAVAILABLE: {exc}")
             return status
         groups: dict[tuple, list[tuple[str, dict, object]]] = defaultdict(list)
-        for rid, (params, cond) in claimed.items():
+        renderers = {None: renderer}
+        for rid, (params, cond, adapters) in claimed.items():
             inputs = self._inputs(params, cond)
             try:
-                renderer.check_inputs(inputs)
+                version, adapted = self.renderer_for(adapters, renderer)
+                adapted.check_inputs(inputs)
             except ValueError as exc:  # bad shapes or conditioning: the caller's fault, never retried
                 status[rid] = self._fail(rid, f"INVALID_ARGUMENT: {exc}")
                 continue
-            groups[renderer.batch_key(inputs)].append((rid, params, inputs))
-        for group in groups.values():
+            except PigmentError as exc:  # an adapter that fails its sha256, or a kind this worker cannot apply
+                status[rid] = self._fail(rid, f"{exc.status}: {exc}")
+                continue
+            renderers[version] = adapted
+            groups[(version, adapted.batch_key(inputs))].append((rid, params, inputs))
+        for (version, _), group in groups.items():
+            renderer = renderers[version]
             ids = [rid for rid, _, _ in group]
             try:
                 t0 = time.perf_counter()
@@ -105,7 +118,36 @@ class RenderCore:
                 status[rid] = self._store(rid, params, out, render_ms, batch_size=len(group))
         return status
 
-    def _claim(self, request_ids: list[str]) -> tuple[dict[str, str], dict[str, tuple[dict, dict]]]:
+    def renderer_for(self, adapters: dict, base) -> tuple[str | None, object]:
+        """The renderer for the render-side adapter versions a request was stamped with: (version, renderer).
+
+        One renderer per unet_lora version (LoRA fused at load), built once per process after its sha256 is
+        checked against the registry; a request keeps the version active when it was made, so a promotion
+        never changes a request mid-flight and needs no worker restart."""
+        from pigment.services.registry import RENDER_KINDS
+
+        wanted = {k: v for k, v in (adapters or {}).items() if k in RENDER_KINDS}
+        unsupported = sorted(set(wanted) - {"unet_lora"})
+        if unsupported:
+            raise ModelNotReady(f"this worker cannot apply {unsupported} adapters ({[wanted[k] for k in unsupported]})")
+        version = wanted.get("unet_lora")
+        if version is None:
+            return None, base
+        if version not in self._by_version:
+            if self.registry is None:
+                raise ModelNotReady(f"this worker has no model registry to load adapter {version!r}")
+            path = self.registry.verify(version)  # AdapterMismatch (FAILED_PRECONDITION) when modified
+            try:
+                self._by_version[version] = self._renderer_factory(unet_adapter=path)
+            except Exception as exc:
+                raise ModelNotReady(f"could not load adapter {version!r} from {path}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+            while len(self._by_version) > self.max_adapter_renderers:
+                self._by_version.popitem(last=False)
+        self._by_version.move_to_end(version)
+        return version, self._by_version[version]
+
+    def _claim(self, request_ids: list[str]) -> tuple[dict[str, str], dict[str, tuple[dict, dict, dict]]]:
         status, claimed = {}, {}
         with transaction(self.sessions) as s:
             for rid in request_ids:
@@ -117,7 +159,7 @@ class RenderCore:
                     status[rid] = "done"
                 else:
                     row.status, row.step = "running", 0
-                    claimed[rid] = (dict(row.params), dict(row.conditioning))
+                    claimed[rid] = (dict(row.params), dict(row.conditioning), dict(row.adapters or {}))
         return status, claimed
 
     @staticmethod
@@ -145,7 +187,7 @@ class RenderCore:
                 if i not in have:
                     s.add(Generation(generation_id=generation_id(request_id, i), request_id=request_id, image_index=i,
                                      user_id=row.user_id, seed=seed, storage_uri=uri, model_version=row.model_version,
-                                     method=params["method"]))
+                                     method=params["method"], adapter_version=adapter_version_label(row.adapters)))
             row.status, row.step = "done", params["num_inference_steps"]
             timings = {**row.conditioning.get("timings_ms", {}), "worker_render_ms": render_ms}
             row.conditioning = {**row.conditioning, "timings_ms": timings, "render_batch_size": batch_size}

@@ -18,13 +18,16 @@ def render_core():
 
     settings = Settings()
 
-    def renderer():
+    def renderer(**adapter):  # unet_adapter=PATH for a registered UNet LoRA version
         from pigment.models.pipeline import Renderer
 
         return Renderer(settings.preset_dir, backend=settings.render_backend, device=settings.render_device,
-                        cache_dir=settings.data_dir / "engines")
+                        cache_dir=settings.data_dir / "engines", **adapter)
 
-    return RenderCore(make_sessionmaker(settings.database_url), ImageStorage(settings.storage_dir), renderer)
+    from pigment.services.registry import Registry
+
+    sessions = make_sessionmaker(settings.database_url)
+    return RenderCore(sessions, ImageStorage(settings.storage_dir), renderer, registry=Registry(sessions))
 
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)

@@ -87,6 +87,9 @@ class RenderRequest(Base):
     params: Mapped[dict] = mapped_column(JSON)
     conditioning: Mapped[dict] = mapped_column(JSON)  # prompt, keywords, soft tokens (b64), flags
     model_version: Mapped[str] = mapped_column(String(128))
+    # Active registry versions when the request was made ({kind: version}); the worker renders with these,
+    # so a promotion mid-flight never changes a request that already started.
+    adapters: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
@@ -105,6 +108,10 @@ class Generation(Base):
     storage_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     retrieved_item_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     model_version: Mapped[str] = mapped_column(String(128))
+    # Registry versions this image was made with, "kind=version,..." sorted; None = preset weights only.
+    # Prompt, conditioning and params are on the RenderRequest (join on request_id); the candidates shown
+    # with this image are the other generations of the same request.
+    adapter_version: Mapped[str | None] = mapped_column(String(256), nullable=True)
     method: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     __table_args__ = (UniqueConstraint("request_id", "image_index", name="uq_generation_request_index"),)
@@ -119,3 +126,57 @@ class Feedback(Base):
     value: Mapped[float] = mapped_column(Float, default=0.0)
     other_generation_ids: Mapped[list] = mapped_column(JSON, default=list)  # for picks: the ones not chosen
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """One batch poster job: many users, one target, split into chunks of users on the worker pool."""
+
+    __tablename__ = "jobs"
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|done|cancelled
+    params_hash: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict] = mapped_column(JSON)  # prompt, images_per_user, steps, method, segment, user_ids
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    chunk_size: Mapped[int] = mapped_column(Integer, default=1)
+    num_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class JobUser(Base):
+    """One user of a job: its chunk, its request id (idempotency key of the render), status and results.
+
+    A chunk task claims a user with a lease (``lease_owner``/``lease_until``) before rendering, so a
+    redelivered or re-sent chunk never renders the same user twice at once and never redoes a done one.
+    """
+
+    __tablename__ = "job_users"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id", ondelete="CASCADE"), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|failed|cancelled
+    generation_ids: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    __table_args__ = (Index("ix_job_users_job_chunk", "job_id", "chunk"),
+                      Index("ix_job_users_job_status", "job_id", "status"))
+
+
+class ModelVersion(Base):
+    """A registered adapter (or head) version: where it is, its sha256, lineage, status and metrics."""
+
+    __tablename__ = "model_versions"
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # pmg_head | pigeon_lora | unet_lora | ...
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    parent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="registered", index=True)  # registered|active|retired|rejected
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    notes: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
