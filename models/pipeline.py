@@ -50,7 +50,8 @@ class RenderOutput:
 class Renderer:
     """Holds the diffusion components of one preset; ``render`` is one generation."""
 
-    def __init__(self, preset_dir: str | Path, backend: str = "torch", device: str = "cpu", cache_dir: Path | None = None):
+    def __init__(self, preset_dir: str | Path, backend: str = "torch", device: str = "cpu", cache_dir: Path | None = None,
+                 unet_adapter: str | Path | None = None):
         from diffusers import StableDiffusionPipeline
 
         self.preset_dir = Path(preset_dir)
@@ -60,11 +61,16 @@ class Renderer:
         self.tokenizer = load_component(preset_dir, "tokenizer")
         self.text_encoder = load_component(preset_dir, "text_encoder").to(device)
         unet = load_component(preset_dir, "unet").to(device)
+        adapter_hash = None
+        if unet_adapter is not None:  # a UNet LoRA (e.g. `pigment train diffusion-dpo`), fused into the weights
+            adapter_hash = load_unet_lora(unet, unet_adapter)
+            self.model_version += f"+unet-{adapter_hash}"
         self.backend = backend
         if backend != "torch":
             from pigment.models.backends import load_unet_backend
 
-            unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device)
+            unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device,
+                                     adapter_hash=adapter_hash)
         self.pipe = StableDiffusionPipeline(
             vae=load_component(preset_dir, "vae").to(device),
             text_encoder=self.text_encoder,
@@ -159,3 +165,19 @@ class Renderer:
                                         model_version=self.model_version, conditioning_tokens=int(p.shape[0])))
             start += len(group)
         return outputs
+
+
+UNET_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def load_unet_lora(unet, adapter_dir: str | Path) -> str:
+    """Load a diffusers-format UNet LoRA from a local directory, fuse it; returns a short hash of the file."""
+    from pigment.models.loader import sha256_file
+
+    path = Path(adapter_dir) / UNET_LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {UNET_LORA_FILE} in {adapter_dir}")
+    unet.load_lora_adapter(str(adapter_dir), prefix=None, weight_name=UNET_LORA_FILE, use_safetensors=True,
+                           local_files_only=True)
+    unet.fuse_lora()
+    return sha256_file(path)[:10]

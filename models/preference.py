@@ -15,14 +15,16 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from pigment.models.loader import has_component, load_component, preset_file, preset_version
+from pigment.models.loader import has_component, load_component, preset_file, preset_version, sha256_file
 from pigment.models.tiny import DEFAULT_PREFERENCE_CONFIG
 
 KEYWORD_RE = re.compile(r"(\d+)\s*\.\s*([a-z][a-z \-]*?)\s*(?=\d+\s*\.|$)")
@@ -93,7 +95,8 @@ def parse_keywords(text: str) -> list[str]:
 class PreferenceEncoder:
     """Loads the LLM (+ optional preference head) of a preset; ``encode`` is pure given its inputs."""
 
-    def __init__(self, preset_dir: str | Path, device: str = "cpu", cache_size: int = 4096):
+    def __init__(self, preset_dir: str | Path, device: str = "cpu", cache_size: int = 4096,
+                 adapter_dir: str | Path | None = None):
         self.preset_dir = Path(preset_dir)
         self.device = device
         self.model_version = preset_version(preset_dir)
@@ -107,6 +110,11 @@ class PreferenceEncoder:
         self.context = int(getattr(self.llm.config, "max_position_embeddings", 2048))
         self._cache: OrderedDict[str, Preference] = OrderedDict()
         self._cache_size = cache_size
+        # Optional Pigeon adapter (LoRA + mask generator from `pigment train pigeon`): keywords only.
+        self.pigeon: PigeonAdapter | None = None
+        if adapter_dir is not None:
+            self.pigeon = PigeonAdapter.load(adapter_dir, self.llm, device)
+            self.model_version += f"+pigeon-{self.pigeon.version}"
 
     # -- prompt -------------------------------------------------------------
     def build_prompt(self, captions: Sequence[str]) -> tuple[str, int, bool]:
@@ -174,16 +182,194 @@ class PreferenceEncoder:
     @torch.no_grad()
     def generate_keywords_batch(self, prompts: Sequence[str]) -> list[list[str]]:
         """Greedy decoding of many prompts at once (left-padded), parsed into raw keywords."""
-        self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if self.pigeon is not None:
+            texts = self.pigeon.generate(self.tokenizer, prompts, self.cfg["keyword_template"],
+                                         int(self.cfg["max_new_tokens"]))
+            return [parse_keywords(t) for t in texts]
+        batch = self.prompt_batch(prompts)
         out = self.llm.generate(
             **batch, max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
-        texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [parse_keywords(t) for t in texts]
 
+    def prompt_batch(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """BOS + prompt, left-padded (generation continues right after each prompt), as the LLMs are trained."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        ids = [bos + self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return {
+            "input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device),
+            "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device),
+        }
+
+    def soft_tokens_batch(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, M, text_dim] soft tokens (differentiable through the head; used by `pigment train pmg`)."""
+        batch = self.prompt_batch(prompts)
+        embeds = self.llm.get_input_embeddings()(batch["input_ids"])
+        # The head was trained on the plain LLM: a Pigeon LoRA changes keywords, never soft tokens.
+        with self.pigeon.model.disable_adapter() if self.pigeon is not None else nullcontext():
+            return self.head(self.llm, embeds, batch["attention_mask"])
+
     def soft_tokens(self, prompt: str) -> np.ndarray:
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)
-        embeds = self.llm.get_input_embeddings()(ids)
-        return self.head(self.llm, embeds)[0].float().cpu().numpy()
+        with torch.no_grad():
+            return self.soft_tokens_batch([prompt])[0].float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- Pigeon
+# Pigeon (WWW 2025) on our stack: the history tokens of the keyword prompt pass a
+# learned mask (top ``keep_ratio`` kept, the rest zeroed) and a LoRA'd LLM writes
+# the keywords. Trained by `pigment train pigeon` (SFT, then DPO); files:
+# adapter_model.safetensors + adapter_config.json (peft), mask_generator.safetensors,
+# pigeon.json (mask config, keep ratio, provenance).
+PIGEON_META = "pigeon.json"
+MASK_WEIGHTS = "mask_generator.safetensors"
+HISTORY_TYPE = 1  # token type of history tokens; everything else (template, BOS, answer) is 0
+
+
+class MaskGenerator(nn.Module):
+    """Scores each prompt token: one transformer layer over token + position + type embeddings,
+    score = cosine(input, output). ``forward`` keeps the top ``keep_ratio`` of history tokens.
+
+    Upstream only uses the hard mask to pick indices, so no gradient reaches this module;
+    here the embeddings are multiplied by a straight-through mask (hard value forward,
+    ``sigmoid((score - threshold) / temperature)`` gradient), so it learns.
+    """
+
+    def __init__(self, hidden: int, max_positions: int = 2048, temperature: float = 0.05):
+        super().__init__()
+        self.config = {"hidden": hidden, "max_positions": max_positions, "temperature": temperature}
+        heads = next(h for h in (8, 4, 2, 1) if hidden % h == 0)
+        self.position = nn.Embedding(max_positions, hidden)
+        self.token_type = nn.Embedding(2, hidden)
+        nn.init.normal_(self.position.weight, std=0.02)
+        nn.init.normal_(self.token_type.weight, std=0.02)
+        self.layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True)
+
+    def scores(self, embeds: torch.Tensor, type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # positions count real tokens only, so left and right padding score alike
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(0, self.config["max_positions"] - 1)
+        x = embeds.float() + self.position(pos) + self.token_type(type_ids)
+        y = self.layer(x, src_key_padding_mask=attention_mask == 0)
+        return torch.nn.functional.cosine_similarity(x, y, dim=-1)
+
+    def forward(self, embeds: torch.Tensor, type_ids: torch.Tensor, attention_mask: torch.Tensor,
+                keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds with dropped history tokens zeroed, hard keep mask [B, T] over history tokens)."""
+        score = self.scores(embeds, type_ids, attention_mask)
+        hist = (type_ids == HISTORY_TYPE) & (attention_mask > 0)
+        n_hist = hist.sum(-1)
+        n_keep = torch.ceil(n_hist.float() * keep_ratio).long()
+        ranked = score.detach().masked_fill(~hist, float("-inf"))
+        order = ranked.argsort(-1, descending=True)
+        hard = hist & (order.argsort(-1) < n_keep[:, None])
+        top = ranked.gather(-1, order)
+        last_kept = top.gather(-1, (n_keep - 1).clamp(min=0)[:, None])
+        first_dropped = top.gather(-1, n_keep.clamp(max=top.shape[-1] - 1)[:, None])
+        lo = torch.where((n_keep < n_hist)[:, None], first_dropped, last_kept - 1)
+        hi = torch.where((n_keep > 0)[:, None], last_kept, lo + 1)
+        threshold = ((hi + lo) / 2).nan_to_num(0.0, posinf=2.0, neginf=-2.0)
+        soft = torch.sigmoid((score - threshold) / self.config["temperature"])
+        keep = hard.float() + soft - soft.detach()  # straight-through
+        factor = torch.where(hist, keep, torch.ones_like(keep))
+        return embeds * factor.unsqueeze(-1).to(embeds.dtype), hard
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(Path(path) / MASK_WEIGHTS))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: dict) -> MaskGenerator:
+        from safetensors.torch import load_file
+
+        mask = cls(**config)
+        mask.load_state_dict(load_file(str(Path(path) / MASK_WEIGHTS)))
+        return mask.eval()
+
+
+def pigeon_tokens(tokenizer, prompt: str, template: str, answer: str | None = None) -> tuple[list[int], ...]:
+    """(ids, type ids, labels) of BOS + prompt [+ answer + EOS]; history = the template's ``{history}`` span."""
+    head, _, tail = template.partition("{history}")
+    lo, hi = len(head), len(prompt) - len(tail)
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc.input_ids)
+    types = [HISTORY_TYPE if (s >= lo and e <= hi and e > s) else 0 for s, e in enc.offset_mapping]
+    if tokenizer.bos_token_id is not None:  # the keyword LLMs are trained on BOS + prompt
+        ids, types = [tokenizer.bos_token_id] + ids, [0] + types
+    labels = [-100] * len(ids)
+    if answer is not None:
+        ans = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids, types, labels = ids + ans, types + [0] * len(ans), labels + ans
+    return ids, types, labels
+
+
+def pad_batch(rows: Sequence[tuple[list[int], ...]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad (ids, types, labels) rows into input_ids, type_ids, labels, attention_mask tensors."""
+    n = max(len(r[0]) for r in rows)
+    out: dict[str, list] = {"input_ids": [], "type_ids": [], "labels": [], "attention_mask": []}
+    for ids, types, labels in rows:
+        k = n - len(ids)
+        for key, seq, fill in (("input_ids", ids, pad_id), ("type_ids", types, 0), ("labels", labels, -100),
+                               ("attention_mask", [1] * len(ids), 0)):
+            out[key].append([fill] * k + list(seq) if side == "left" else list(seq) + [fill] * k)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def masked_embeds(model, mask: MaskGenerator, batch: dict[str, torch.Tensor], keep_ratio: float) -> torch.Tensor:
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    return mask(embeds, batch["type_ids"], batch["attention_mask"], keep_ratio)[0]
+
+
+@dataclass
+class PigeonAdapter:
+    model: Any          # the peft model wrapping the LLM
+    mask: MaskGenerator
+    keep_ratio: float
+    version: str
+
+    @classmethod
+    def load(cls, adapter_dir: str | Path, llm, device: str = "cpu") -> PigeonAdapter:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        meta = json.loads((adapter_dir / PIGEON_META).read_text())
+        model = PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=False).eval()
+        mask = MaskGenerator.from_pretrained(adapter_dir, meta["mask"]).to(device)
+        digest = hashlib.sha256((sha256_file(adapter_dir / "adapter_model.safetensors")
+                                 + sha256_file(adapter_dir / MASK_WEIGHTS)).encode()).hexdigest()[:10]
+        return cls(model, mask, float(meta["keep_ratio"]), digest)
+
+    @torch.no_grad()
+    def generate(self, tokenizer, prompts: Sequence[str], template: str, max_new_tokens: int,
+                 keep_ratio: float | None = None, do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+        return pigeon_generate(self.model, self.mask, tokenizer, prompts, template, max_new_tokens,
+                               self.keep_ratio if keep_ratio is None else keep_ratio, do_sample, temperature)
+
+
+@torch.no_grad()
+def pigeon_generate(model, mask: MaskGenerator, tokenizer, prompts: Sequence[str], template: str,
+                    max_new_tokens: int, keep_ratio: float, do_sample: bool = False,
+                    temperature: float = 1.0) -> list[str]:
+    """Decode keyword text from masked history embeddings (left-padded batch)."""
+    device = model.get_input_embeddings().weight.device
+    batch = pad_batch([pigeon_tokens(tokenizer, p, template) for p in prompts], tokenizer.pad_token_id, "left")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    embeds = masked_embeds(model, mask, batch, keep_ratio)
+    extra = {"temperature": temperature, "top_k": 0} if do_sample else {}
+    out = model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+                         do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **extra)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)  # inputs_embeds: only new tokens come back
+
+
+def save_pigeon_adapter(out_dir: str | Path, model, mask: MaskGenerator, keep_ratio: float, **meta: Any) -> Path:
+    """Write the LoRA (peft ``save_pretrained``: adapter_model.safetensors), the mask generator and pigeon.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    mask.save_pretrained(out)
+    (out / PIGEON_META).write_text(json.dumps({"mask": mask.config, "keep_ratio": keep_ratio, **meta}, indent=2))
+    return out

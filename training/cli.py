@@ -6,7 +6,8 @@ import importlib
 
 # subcommand module -> its `register(subparsers)`; train commands register under `pigment train`.
 EVAL = "pigment.training.eval"
-TRAINERS = ("pigment.training.train_pmg",)
+TRAINERS = ("pigment.training.train_pmg", "pigment.training.train_decision",
+            "pigment.training.train_pigeon", "pigment.training.train_diffusion_dpo")
 
 
 def register(sub) -> None:

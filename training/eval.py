@@ -37,6 +37,9 @@ OPEN_ATTRIBUTES = ("colour", "background", "size")
 CONTENT_ATTRIBUTE = "shape"
 BASELINES = ("non_personalized", "history_caption", "nearest_item", "oracle")
 PMG_METHODS = ("pmg", "pmg_keywords", "pmg_soft")
+# Rows scored only when their trained adapter directory is given (`--pigeon-sft DIR` ...);
+# without it they are listed under "skipped", never replaced by another method.
+ADAPTER_METHODS = ("pigeon_sft", "pigeon_dpo", "diffusion_dpo")
 
 
 @dataclass
@@ -183,18 +186,25 @@ def render_cases(renderer, conditionings, seed: int, steps: int, guidance: float
 
 def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | None = None, n_samples: int | None = None,
              seed: int = 0, world_seed: int = 0, steps: int | None = None, guidance: float | None = None,
-             lpips_backbone: str | None = None) -> dict:
+             lpips_backbone: str | None = None, adapters: dict[str, str | None] | None = None) -> dict:
     from pigment.models.clip_embedder import ClipEmbedder
     from pigment.models.pipeline import Renderer
     from pigment.models.preference import PreferenceEncoder
 
     if not has_component(preset_dir, "probe"):
         raise SystemExit(f"preset {preset_dir} has no attribute probe: evaluate with the toy preset")
-    available = list(BASELINES) + list(PMG_METHODS)
-    methods = available if not methods or methods == ["all"] else methods
+    adapters = {m: d for m, d in (adapters or {}).items() if d}
+    available = list(BASELINES) + list(PMG_METHODS) + list(ADAPTER_METHODS)
+    everything = not methods or methods == ["all"]
+    methods = [m for m in available if m not in ADAPTER_METHODS or m in adapters] if everything else methods
     unknown = sorted(set(methods) - set(available))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; allowed: {available} or 'all'")
+    missing = [m for m in methods if m in ADAPTER_METHODS and m not in adapters]
+    if missing:
+        raise SystemExit(f"methods {missing} need their adapter directory (--{missing[0].replace('_', '-')} DIR)")
+    skipped = {m: "not in --methods" if m in adapters else f"no adapter directory given (--{m.replace('_', '-')} DIR)"
+               for m in ADAPTER_METHODS if m not in methods}
     defaults = preset_defaults(preset_dir)
     steps = steps or int(defaults.get("num_inference_steps", 20))
     guidance = guidance or float(defaults.get("guidance_scale", 3.0))
@@ -204,8 +214,9 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
     cases = build_cases(world, split, n_samples, seed)
     clip = ClipEmbedder(preset_dir)
     renderer = Renderer(preset_dir)
-    encoder = PreferenceEncoder(preset_dir) if set(methods) & set(PMG_METHODS) else None
+    encoder = PreferenceEncoder(preset_dir) if set(methods) & {*PMG_METHODS, "diffusion_dpo"} else None
     impl = Methods(world, encoder, clip)
+    adapter_impl = _adapter_methods(preset_dir, methods, adapters, world, clip, renderer, impl)
     scorer = Scorer(preset_dir, clip, lpips_backbone)
     results, timings = {}, {}
     total = sum(len(cases) for m in methods if m != "nearest_item")
@@ -214,6 +225,9 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
             t0 = time.perf_counter()
             if method == "nearest_item":
                 images = np.stack([impl.nearest_item(c) for c in cases])
+            elif method in adapter_impl:
+                fn, method_renderer = adapter_impl[method]
+                images = render_cases(method_renderer, [fn(c) for c in cases], seed, steps, guidance, size, bar)
             else:
                 fn = impl.pmg_like(method) if method in PMG_METHODS else getattr(impl, method)
                 images = render_cases(renderer, [fn(c) for c in cases], seed, steps, guidance, size, bar)
@@ -225,8 +239,28 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
         "sampler": {"num_inference_steps": steps, "guidance_scale": guidance, "size": size, "seed": seed},
         "world": {"seed": world_seed, "n_items": world.n_items, "n_users": world.n_users},
         "open_attributes": list(OPEN_ATTRIBUTES), "lpips": scorer.lpips_note, "clip": clip.model_id,
-        "methods": results, "seconds": timings,
+        "methods": results, "seconds": timings, "skipped": skipped,
+        "adapters": {m: str(d) for m, d in adapters.items() if m in methods},
     }
+
+
+def _adapter_methods(preset_dir: Path, methods: list[str], adapters: dict, world, clip, renderer, impl) -> dict:
+    """method -> (case -> conditioning, renderer) for the trained-adapter rows.
+
+    Pigeon adapters change the keywords (rendered like ``pmg_keywords``); the
+    Diffusion-DPO LoRA changes the UNet, conditioned like ``pmg_keywords`` (its pairs' layout).
+    """
+    from pigment.models.pipeline import Renderer
+    from pigment.models.preference import PreferenceEncoder
+
+    out = {}
+    for method in ("pigeon_sft", "pigeon_dpo"):
+        if method in methods:
+            encoder = PreferenceEncoder(preset_dir, adapter_dir=adapters[method])
+            out[method] = (Methods(world, encoder, clip).pmg_like("pmg_keywords"), renderer)
+    if "diffusion_dpo" in methods:
+        out["diffusion_dpo"] = (impl.pmg_like("pmg_keywords"), Renderer(preset_dir, unet_adapter=adapters["diffusion_dpo"]))
+    return out
 
 
 def markdown_table(report: dict) -> str:
@@ -239,6 +273,7 @@ def markdown_table(report: dict) -> str:
                 m["preference_accuracy"]["joint"], m["target_agreement"], m["ssim_target"], m["lpips_target"],
                 m["cpis"], m["cps"]]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    lines += [f"\n{name} skipped: {why}" for name, why in report.get("skipped", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -247,8 +282,9 @@ def run(args) -> int:
 
     preset = Path(args.preset) if args.preset else Settings().preset_dir
     n = 48 if args.quick and not args.n_samples else args.n_samples
+    adapters = {"pigeon_sft": args.pigeon_sft, "pigeon_dpo": args.pigeon_dpo, "diffusion_dpo": args.diffusion_dpo}
     report = evaluate(preset, args.split, args.methods.split(","), n, args.seed, args.world_seed, args.steps,
-                      args.guidance, args.lpips_backbone)
+                      args.guidance, args.lpips_backbone, adapters)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -262,7 +298,8 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("eval", help="score methods on a toy-world split (JSON + markdown table)")
     p.add_argument("--split", default="test-users", choices=tw.SPLITS)
-    p.add_argument("--methods", default="all", help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS))
+    p.add_argument("--methods", default="all",
+                   help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS + ADAPTER_METHODS))
     p.add_argument("--out", default="eval-output/eval.json")
     p.add_argument("--quick", action="store_true", help="48 samples (a few minutes on CPU)")
     p.add_argument("--n-samples", type=int, default=None)
@@ -272,4 +309,7 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--preset", default=None, help="preset directory (default: settings)")
     p.add_argument("--lpips-backbone", default=None)
+    p.add_argument("--pigeon-sft", default=None, metavar="DIR", help="`pigment train pigeon --stage sft` out/adapter")
+    p.add_argument("--pigeon-dpo", default=None, metavar="DIR", help="`pigment train pigeon --stage dpo` out/adapter")
+    p.add_argument("--diffusion-dpo", default=None, metavar="DIR", help="`pigment train diffusion-dpo` out/unet_lora")
     p.set_defaults(func=lambda args, settings: run(args))

@@ -167,11 +167,9 @@ class PMGTrainer:
         return self._text_cache[text]
 
     def soft_tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.encoder.tokenizer
-        tok.padding_side = "left"  # image tokens then sit right after each history, at the end
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        embeds = self.llm.get_input_embeddings()(batch.input_ids)
-        return self.head(self.llm, embeds, batch.attention_mask)
+        # The encoder's own prompt layout (BOS, left padding), so training matches serving exactly.
+        self.encoder.head = self.head
+        return self.encoder.soft_tokens_batch(prompts)
 
     # -- one step -----------------------------------------------------------------
     def loss(self, idx: np.ndarray, use_keywords: bool, rng: np.random.Generator) -> torch.Tensor:
