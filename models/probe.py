@@ -78,7 +78,7 @@ class AttributeProbe(nn.Module):
         save_file(state, str(path / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, local_files_only: bool = True, **_: Any) -> "AttributeProbe":
+    def from_pretrained(cls, path: str | Path, local_files_only: bool = True, **_: Any) -> AttributeProbe:
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {path} (local_files_only={local_files_only})")
