@@ -67,12 +67,15 @@ class Stack:
     def preference(self):
         from pigment.services.preference.core import PreferenceCore
 
-        def encoder():
+        from pigment.services.registry import Registry
+
+        def encoder(adapter_dir=None):
             from pigment.models.preference import PreferenceEncoder
 
-            return PreferenceEncoder(self.preset_dir, device=self.settings.render_device)
+            return PreferenceEncoder(self.preset_dir, device=self.settings.render_device, adapter_dir=adapter_dir)
 
-        return PreferenceCore(encoder)
+        return PreferenceCore(encoder, Registry(self.sessions), explore_rate=self.settings.preference_explore_rate,
+                              explore_seed=self.settings.preference_explore_seed)
 
     @cached_property
     def celery(self):
@@ -102,7 +105,20 @@ class Stack:
             defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight") if k in cfg})
         return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
-                           decider=self._decider(), adapters=Registry(self.sessions).active_versions)
+                           decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)))
+
+    def _stamped_adapters(self, registry):
+        """Active adapter versions to stamp on a request; the preference kinds are those that wrote its keywords."""
+        from pigment.services.preference.core import PIGEON_KIND
+
+        def adapters() -> dict:
+            active = registry.active_versions()
+            used = self.preference.used_versions()
+            if used is None:
+                return active
+            return {**{k: v for k, v in active.items() if k != PIGEON_KIND}, **used}
+
+        return adapters
 
     def _decider(self):
         """GILL-style retrieve-or-generate, when the preset has a CLIP to embed the catalog with.
@@ -162,9 +178,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that reproduces ``settings`` in a child process (the worker)."""
     env = dict(os.environ)
     for name in ("data_dir", "database_url", "broker_url", "storage_dir", "index_dir", "preset", "render_backend",
-                 "render_device", "render_queue", "render_timeout_s", "worker_max_tasks_per_child"):
+                 "render_device", "render_queue", "render_timeout_s", "worker_max_tasks_per_child",
+                 "retrain_every_s", "retrain_kind", "retrain_queue", "retrain_timeout_s", "retrain_max_pairs_per_user",
+                 "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop"):
         env[f"PIGMENT_{name.upper()}"] = str(getattr(settings, name))
     env["PIGMENT_PRESET"] = str(settings.preset_dir)
+    if settings.retrain_config:
+        env["PIGMENT_RETRAIN_CONFIG"] = str(settings.retrain_config)
     return env
 
 
@@ -182,10 +202,13 @@ class Worker:
         self._log = open(self.log_path, "w")
         from pigment.services.render.batch_tasks import batch_queue
 
+        queues = [self.settings.render_queue, batch_queue(self.settings), self.settings.retrain_queue]
         cmd = [sys.executable, "-m", "celery", "-A", "pigment.services.render.worker", "worker",
-               "-Q", f"{self.settings.render_queue},{batch_queue(self.settings)}", "--pool", "solo" if self.concurrency == 1 else "prefork",
+               "-Q", ",".join(queues), "--pool", "solo" if self.concurrency == 1 else "prefork",
                "--concurrency", str(self.concurrency), "--loglevel", "INFO",
                "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{os.getpid()}@%h"]
+        if self.settings.retrain_every_s > 0:  # embedded: this worker also runs beat (the retrain schedule)
+            cmd += ["-B", "--schedule", str(self.settings.data_dir / "celerybeat-schedule")]
         self.proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + wait_ready_s
         while time.monotonic() < deadline:

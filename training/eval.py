@@ -96,7 +96,10 @@ class Methods:
     def pmg_like(self, method: str) -> Callable:
         def run(case: Case):
             pref = self.encoder.encode([it.caption for it in case.history], target=case.content, method=method)
-            return _segments(case.content, pref.keywords), pref.soft_tokens
+            segments = _segments(case.content, pref.keywords)
+            # the weights serving uses (the preset's preference.json), so eval scores what users get
+            weights = [1.0, float(self.encoder.cfg["keyword_weight"])][:len(segments)]
+            return segments, pref.soft_tokens, weights, float(self.encoder.cfg["soft_weight"])
 
         return run
 
@@ -175,8 +178,10 @@ def render_cases(renderer, conditionings, seed: int, steps: int, guidance: float
     from pigment.models.pipeline import RenderInputs
 
     out = []
-    for n, (segments, soft) in enumerate(conditionings):
+    for n, (segments, soft, *weights) in enumerate(conditionings):
+        segment_weights, soft_weight = weights if weights else (None, 1.0)
         inputs = RenderInputs(segments=segments, soft_tokens=soft, num_images=1, seed=seed + n,
+                              segment_weights=segment_weights, soft_weight=soft_weight,
                               num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
         out.append(np.asarray(renderer.render(inputs).images[0].convert("RGB")))
         if progress is not None:

@@ -61,6 +61,28 @@ class Settings(BaseSettings):
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
 
+    # -- scheduled retraining (services/render/retrain.py) and exploration
+    retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
+                                   "(0 = off; `pigment` workers started by the stack then also run beat).")
+    retrain_kind: str = Field("pigeon_lora", description="Which adapter the retrain job trains: pigeon_lora "
+                              "(Pigeon DPO on the keyword LLM, from picks between keyword lists).")
+    retrain_queue: str = Field("retrain", description="Celery queue of the retrain task.")
+    retrain_timeout_s: float = Field(3600.0, gt=0, description="Soft time limit of one retrain run.")
+    retrain_max_pairs_per_user: int = Field(16, ge=1, description="Most preference pairs one user contributes "
+                                            "to a training round (a flooding user cannot outweigh the others).")
+    retrain_min_pairs: int = Field(8, ge=1, description="Fewer pairs than this: the run is skipped.")
+    retrain_eval_samples: int = Field(48, ge=1, description="Held-out-user windows scored before promotion.")
+    retrain_eval_seed: int = Field(1, description="Sample seed of the promotion gate's held-out windows (the "
+                                   "bench reports another seed, so selection never sees the reported sample).")
+    retrain_max_fidelity_drop: float = Field(0.05, ge=0, le=1, description="A candidate whose content "
+                                             "fidelity drops more than this below the serving one is rejected.")
+    retrain_config: Path | None = Field(None, description="YAML of trainer overrides (PigeonTrainConfig "
+                                        "fields: steps, lr, beta, ...).")
+    preference_explore_rate: float = Field(0.0, ge=0, le=1, description="Fraction of keyword requests served "
+                                           "with an explored keyword list (some attributes resampled from the "
+                                           "vocabulary) so that picks compare lists; flagged EXPLORED. 0 = off.")
+    preference_explore_seed: int = Field(0, description="Seed of the exploration draws (reproducible runs).")
+
     @model_validator(mode="after")
     def _derive_paths(self) -> "Settings":
         self.data_dir = Path(self.data_dir).absolute()

@@ -1,24 +1,108 @@
-"""Preference core: the LLM encoder, loaded lazily once per process."""
+"""Preference core: the LLM encoder (+ the active Pigeon adapter), loaded lazily once per process.
+
+With a registry, every ``encode`` uses the ``pigeon_lora`` version active at that
+moment: one encoder per version (LRU), its adapter checked against the
+registry's sha256 before it loads (a modified file is refused, never served), so a
+promotion reaches the gateway without a restart. The version used is remembered
+per thread (``used_versions``) so the gateway stamps on the request exactly the
+version that wrote its keywords, even if a promotion lands in between.
+
+Exploration (``explore_rate`` > 0): that fraction of keyword encodes is served
+with some attributes' keywords resampled from the preset's vocabulary and the
+flag ``EXPLORED``, so the images users pick between differ in their keywords
+(what Pigeon DPO learns from). Off by default.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from threading import Lock
+
+PIGEON_KIND = "pigeon_lora"
+EXPLORED = "EXPLORED"
 
 
 class PreferenceCore:
-    def __init__(self, encoder_factory):
-        self._factory = encoder_factory
-        self._encoder = None
+    def __init__(self, encoder_factory: Callable, registry=None, explore_rate: float = 0.0, explore_seed: int = 0,
+                 max_versions: int = 2):
+        self._factory = encoder_factory  # () -> encoder; (adapter_dir=PATH) -> encoder with that Pigeon adapter
+        self.registry = registry
+        self.explore_rate = explore_rate
+        self._rng = random.Random(explore_seed)
+        self._encoders: OrderedDict[str | None, object] = OrderedDict()
+        self._max_versions = max_versions
         self._lock = Lock()  # one generation at a time per encoder: no state crosses users
+        self._build_lock = Lock()
+        self._used = threading.local()
 
     @property
     def encoder(self):
-        with self._lock:
-            if self._encoder is None:
-                self._encoder = self._factory()
-        return self._encoder
+        """The preset's encoder (no adapter)."""
+        return self._encoder_for(None)
+
+    def active_version(self) -> str | None:
+        if self.registry is None:
+            return None
+        entry = self.registry.active(PIGEON_KIND)
+        return entry.version if entry is not None else None
+
+    def _encoder_for(self, version: str | None):
+        with self._build_lock:  # one load at a time (model loading is not thread-safe); others wait for it
+            with self._lock:
+                if version in self._encoders:
+                    self._encoders.move_to_end(version)
+                    return self._encoders[version]
+            if version is None:
+                encoder = self._factory()
+            else:
+                path = self.registry.verify(version)  # AdapterMismatch (FAILED_PRECONDITION) when modified
+                encoder = self._factory(adapter_dir=path)
+            with self._lock:
+                self._encoders[version] = encoder
+                while len(self._encoders) > self._max_versions + 1:  # + the preset's own encoder
+                    oldest = next(v for v in self._encoders if v is not None and v != version)
+                    self._encoders.pop(oldest)
+            return encoder
 
     def encode(self, captions, target: str = "", method: str = "pmg"):
-        encoder = self.encoder
+        version = self.active_version()
+        encoder = self._encoder_for(version)
+        self._used.versions = {PIGEON_KIND: version} if version else {}
         with self._lock:
-            return encoder.encode(list(captions), target=target, method=method)
+            pref = encoder.encode(list(captions), target=target, method=method)
+            if self.explore_rate > 0 and pref.keywords and self._rng.random() < self.explore_rate:
+                pref = explore(pref, encoder.vocab, target, self._rng, captions)
+        return pref
+
+    def used_versions(self) -> dict[str, str] | None:
+        """{kind: version} of the preference adapters the calling thread's last ``encode`` used, read once
+        (None when this thread has not encoded since the last read, e.g. a non-personalized request)."""
+        return self._used.__dict__.pop("versions", None)
+
+
+def explore(pref, vocab, target: str, rng: random.Random, captions=()):
+    """A copy of ``pref`` with each open attribute's keyword resampled with probability 1/2 (at least one changes).
+
+    Alternatives are the attribute's keywords the history mentions (plausible tastes, as sampling the LLM
+    would propose), else any of the vocabulary's."""
+    if not vocab.by_attribute:
+        return pref
+    named = vocab.attributes_named_in(target)
+    current = {vocab.attribute_of.get(k): k for k in pref.keywords}
+    attrs = [a for a in vocab.by_attribute if a not in named]
+    if not attrs:
+        return pref
+    seen = " " + " ".join(str(c).lower() for c in captions) + " "
+    forced = rng.choice(attrs)
+    chosen = dict(current)
+    for attr in attrs:
+        if attr == forced or rng.random() < 0.5:
+            others = [k for k in vocab.by_attribute[attr] if k != current.get(attr)]
+            mentioned = [k for k in others if f" {k} " in seen]
+            chosen[attr] = rng.choice(mentioned or others)
+    keywords = [chosen[a] for a in vocab.by_attribute if a in chosen and a is not None and a not in named]
+    return dataclasses.replace(pref, keywords=keywords, flags=[*pref.flags, EXPLORED])

@@ -13,6 +13,7 @@ from celery import Celery
 from pigment.services.common.settings import Settings
 
 RENDER_TASK = "pigment.render"  # args: [request_ids] rendered together where compatible
+RETRAIN_TASK = "pigment.retrain"  # args: [kind]; services/render/retrain.py
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -22,7 +23,11 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True, task_acks_late=True, task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1, task_soft_time_limit=settings.render_timeout_s,
         task_time_limit=settings.render_timeout_s + 30, worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
-        task_routes={RENDER_TASK: {"queue": settings.render_queue}}, task_default_queue=settings.render_queue,
+        task_routes={RENDER_TASK: {"queue": settings.render_queue}, RETRAIN_TASK: {"queue": settings.retrain_queue}},
+        task_default_queue=settings.render_queue,
+        task_annotations={RETRAIN_TASK: {"soft_time_limit": settings.retrain_timeout_s,
+                                         "time_limit": settings.retrain_timeout_s + 60}},
+        beat_schedule=retrain_schedule(settings),
         broker_connection_timeout=3, broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
@@ -37,6 +42,15 @@ def make_celery(settings: Settings) -> Celery:
         conf.update(broker_transport_options={"max_retries": 1, "socket_connect_timeout": 3, "socket_timeout": 5})
     app.conf.update(conf)
     return app
+
+
+def retrain_schedule(settings: Settings) -> dict:
+    """The beat entry of the retrain job, when ``retrain_every_s`` > 0 (else none)."""
+    if settings.retrain_every_s <= 0:
+        return {}
+    return {"pigment-retrain": {"task": RETRAIN_TASK, "schedule": settings.retrain_every_s,
+                                "args": [settings.retrain_kind],
+                                "options": {"queue": settings.retrain_queue, "expires": settings.retrain_every_s}}}
 
 
 def dispatcher(app: Celery, window_s: float = 0.0, max_batch: int = 8):
