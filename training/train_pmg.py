@@ -262,7 +262,7 @@ class PMGTrainer:
         return metrics
 
 
-def install(head_dir: Path, preset_dir: Path, command: str) -> None:
+def install(head_dir: Path, preset_dir: Path, command: str, data_seed: int = 0) -> None:
     """Make a trained head the preset's ``preference_head`` (manifest re-hashed)."""
     import shutil
 
@@ -273,13 +273,14 @@ def install(head_dir: Path, preset_dir: Path, command: str) -> None:
         shutil.rmtree(target)
     shutil.copytree(head_dir, target)
     if "preference_head" in read_manifest(preset_dir)["components"]:
-        refresh_component(preset_dir, "preference_head", training_command=command)
+        refresh_component(preset_dir, "preference_head", training_command=command, data_seed=data_seed)
     else:
         from pigment.models.loader import write_manifest
 
         manifest = read_manifest(preset_dir)
         comps = {n: {k: v for k, v in e.items() if k != "files"} for n, e in manifest["components"].items()}
-        comps["preference_head"] = {"path": "preference_head", "kind": "preference_head", "training_command": command}
+        comps["preference_head"] = {"path": "preference_head", "kind": "preference_head", "training_command": command,
+                                    "data_seed": data_seed}
         write_manifest(preset_dir, comps, **{k: v for k, v in manifest.items() if k != "components"})
 
 
@@ -292,7 +293,7 @@ def run(args) -> int:
           f"{metrics['loss_last']:.4f}; head in {Path(cfg.out) / 'preference_head'}")
     if args.install:
         install(Path(cfg.out) / "preference_head", Path(cfg.preset),
-                f"pigment train pmg --config {args.config or '-'} --steps {cfg.steps}")
+                f"pigment train pmg --config {args.config or '-'} --steps {cfg.steps}", cfg.world_seed)
         print(f"installed into {cfg.preset}")
     return 0
 
