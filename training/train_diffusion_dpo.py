@@ -48,7 +48,7 @@ import torch
 import yaml
 from pigment.models.loader import load_component, preset_version
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
 from tqdm import tqdm
 
 LORA_DIR = "unet_lora"
@@ -242,34 +242,20 @@ class DiffusionDPOTrainer:
     def checkpoint(self) -> None:
         from peft import get_peft_model_state_dict
 
-        ckpt = self.out / "checkpoint"
-        ckpt.mkdir(parents=True, exist_ok=True)
         lora = get_peft_model_state_dict(self.accel.unwrap_model(self.unet))
-        tensors = {f"lora.{k}": v.detach().contiguous() for k, v in lora.items()}
-        for n, p in enumerate(self.optimizer.param_groups[0]["params"]):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"opt.{n}.{key}"] = torch.as_tensor(value).detach().contiguous()
-        tmp = ckpt / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(ckpt / "state.safetensors")
-        (ckpt / "trainer.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+        save_checkpoint(self.out / "checkpoint", {f"lora.{k}": v for k, v in lora.items()}, self.optimizer,
+                        {"step": self.step, "history": self.history})
 
     def resume(self) -> None:
         from peft import set_peft_model_state_dict
 
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "trainer.json").is_file():
+        loaded = load_checkpoint(self.out / "checkpoint", self.optimizer)
+        if loaded is None:
             return
-        tensors = load_file(str(ckpt / "state.safetensors"))
-        set_peft_model_state_dict(self.accel.unwrap_model(self.unet),
-                                  {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-        for n, p in enumerate(self.optimizer.param_groups[0]["params"]):
-            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
-            if state:
-                self.optimizer.state[p] = state
-        meta = json.loads((ckpt / "trainer.json").read_text())
+        tensors, meta = loaded
+        set_peft_model_state_dict(self.accel.unwrap_model(self.unet), part(tensors, "lora."))
         self.step, self.history = meta["step"], meta["history"]
-        print(f"resumed from {ckpt} at step {self.step}")
+        print(f"resumed from {self.out / 'checkpoint'} at step {self.step}")
 
     def finish(self, seconds: float) -> dict:
         lora_dir = self.out / LORA_DIR

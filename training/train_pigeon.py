@@ -55,7 +55,7 @@ from pigment.models.preference import (
     pigeon_tokens,
     save_pigeon_adapter,
 )
-from safetensors.torch import load_file, save_file
+from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
 from tqdm import tqdm
 
 STAGES = ("sft", "dpo")
@@ -356,40 +356,28 @@ class PigeonTrainer:
     def checkpoint(self) -> None:
         from peft import get_peft_model_state_dict
 
-        ckpt = self.out / "checkpoint"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        model = self.accel.unwrap_model(self.model)
-        tensors = {f"lora.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        mask = self.accel.unwrap_model(self.mask)
-        tensors.update({f"mask.{k}": v.detach().contiguous() for k, v in mask.state_dict().items()})
-        tensors.update({f"ref.{k}": v.contiguous() for k, v in self.ref.items()})
-        for n, p in enumerate(self.optimizer.param_groups[0]["params"]):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"opt.{n}.{key}"] = torch.as_tensor(value).detach().contiguous()
-        tmp = ckpt / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(ckpt / "state.safetensors")
-        (ckpt / "trainer.json").write_text(json.dumps({"step": self.step, "stage": self.cfg.stage,
-                                                       "history": self.history}))
+        model, mask = self.accel.unwrap_model(self.model), self.accel.unwrap_model(self.mask)
+        tensors = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+        tensors.update({f"mask.{k}": v for k, v in mask.state_dict().items()})
+        tensors.update({f"ref.{k}": v for k, v in self.ref.items()})
+        save_checkpoint(self.out / "checkpoint", tensors, self.optimizer,
+                        {"step": self.step, "stage": self.cfg.stage, "history": self.history})
 
     def resume(self) -> None:
         from peft import set_peft_model_state_dict
 
         ckpt = self.out / "checkpoint"
-        if not (ckpt / "trainer.json").is_file():
+        if (ckpt / "trainer.json").is_file():
+            stage = json.loads((ckpt / "trainer.json").read_text()).get("stage")
+            if stage != self.cfg.stage:
+                raise SystemExit(f"{ckpt} holds a {stage} run; use another `out` for stage {self.cfg.stage}")
+        loaded = load_checkpoint(ckpt, self.optimizer)
+        if loaded is None:
             return
-        meta = json.loads((ckpt / "trainer.json").read_text())
-        if meta.get("stage") != self.cfg.stage:
-            raise SystemExit(f"{ckpt} holds a {meta.get('stage')} run; use another `out` for stage {self.cfg.stage}")
-        tensors = load_file(str(ckpt / "state.safetensors"))
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        set_peft_model_state_dict(self.accel.unwrap_model(self.model), part("lora."))
-        self.accel.unwrap_model(self.mask).load_state_dict(part("mask."))
-        self.ref = part("ref.")
-        for n, p in enumerate(self.optimizer.param_groups[0]["params"]):
-            state = part(f"opt.{n}.")
-            if state:
-                self.optimizer.state[p] = state
+        tensors, meta = loaded
+        set_peft_model_state_dict(self.accel.unwrap_model(self.model), part(tensors, "lora."))
+        self.accel.unwrap_model(self.mask).load_state_dict(part(tensors, "mask."))
+        self.ref = part(tensors, "ref.")
         self.step, self.history = meta["step"], meta["history"]
         print(f"resumed from {ckpt} at step {self.step}")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pigment.models.loader import load_component
+from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
 
 
 @dataclass
@@ -221,32 +221,18 @@ class PMGTrainer:
 
     # -- checkpoints (safetensors only) -----------------------------------------------
     def checkpoint(self) -> None:
-        ckpt = self.out / "checkpoint"
-        ckpt.mkdir(parents=True, exist_ok=True)
         head = self.accel.unwrap_model(self.head)
-        tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
-        for n, p in enumerate(self.optimizer.param_groups[0]["params"]):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"opt.{n}.{key}"] = torch.as_tensor(value).detach().contiguous()
-        tmp = ckpt / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(ckpt / "state.safetensors")
-        (ckpt / "trainer.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+        save_checkpoint(self.out / "checkpoint", {f"head.{k}": v for k, v in head.state_dict().items()},
+                        self.optimizer, {"step": self.step, "history": self.history})
 
     def resume(self) -> None:
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "trainer.json").is_file():
+        loaded = load_checkpoint(self.out / "checkpoint", self.optimizer)
+        if loaded is None:
             return
-        tensors = load_file(str(ckpt / "state.safetensors"))
-        head = self.accel.unwrap_model(self.head)
-        head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-        for n, p in enumerate(self.optimizer.param_groups[0]["params"]):
-            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
-            if state:
-                self.optimizer.state[p] = state
-        meta = json.loads((ckpt / "trainer.json").read_text())
+        tensors, meta = loaded
+        self.accel.unwrap_model(self.head).load_state_dict(part(tensors, "head."))
         self.step, self.history = meta["step"], meta["history"]
-        print(f"resumed from {ckpt} at step {self.step}")
+        print(f"resumed from {self.out / 'checkpoint'} at step {self.step}")
 
     def finish(self, seconds: float) -> dict:
         head_dir = self.out / "preference_head"
