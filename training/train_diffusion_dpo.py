@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from pigment.models.loader import load_component, preset_version
-from PIL import Image
 from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
+from pigment.training.config import load_config
+from PIL import Image
 from tqdm import tqdm
 
 LORA_DIR = "unet_lora"
@@ -76,12 +76,7 @@ class DiffusionDPOConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> DiffusionDPOConfig:
-        data = (yaml.safe_load(Path(path).read_text()) if path else {}) or {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SystemExit(f"unknown config keys: {sorted(unknown)}")
-        return cls(**data)
+        return load_config(cls, path, **overrides)
 
 
 @dataclass

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from pigment.models.preference import (
     PIGEON_META,
     MaskGenerator,
@@ -56,6 +55,7 @@ from pigment.models.preference import (
     save_pigeon_adapter,
 )
 from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
+from pigment.training.config import load_config
 from tqdm import tqdm
 
 STAGES = ("sft", "dpo")
@@ -99,13 +99,7 @@ class PigeonTrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> PigeonTrainConfig:
-        data = yaml.safe_load(Path(path).read_text()) if path else {}
-        data = data or {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SystemExit(f"unknown config keys: {sorted(unknown)}")
-        cfg = cls(**data)
+        cfg = load_config(cls, path, **overrides)
         if cfg.stage not in STAGES:
             raise SystemExit(f"stage must be one of {STAGES}, got {cfg.stage!r}")
         if cfg.reference not in ("sft", "base"):

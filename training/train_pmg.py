@@ -17,18 +17,16 @@ run resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from tqdm import tqdm
-
 from pigment.models.loader import load_component
 from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
+from pigment.training.config import load_config
+from tqdm import tqdm
 
 
 @dataclass
@@ -58,13 +56,8 @@ class PMGTrainConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path | None, **overrides) -> "PMGTrainConfig":
-        data = yaml.safe_load(Path(path).read_text()) if path else {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SystemExit(f"unknown config keys: {sorted(unknown)}")
-        return cls(**data)
+    def load(cls, path: str | Path | None, **overrides) -> PMGTrainConfig:
+        return load_config(cls, path, **overrides)
 
 
 @dataclass
@@ -108,7 +101,6 @@ class PMGTrainer:
     def __init__(self, cfg: PMGTrainConfig):
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
-
         from pigment.models.preference import PreferenceEncoder
         from pigment.models.preference_head import PreferenceHead
 
@@ -252,7 +244,7 @@ def install(head_dir: Path, preset_dir: Path, command: str, data_seed: int = 0) 
     """Make a trained head the preset's ``preference_head`` (manifest re-hashed)."""
     import shutil
 
-    from pigment.models.loader import refresh_component, read_manifest
+    from pigment.models.loader import read_manifest, refresh_component
 
     target = preset_dir / "preference_head"
     if target.exists():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pigment.models.loader import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ def device_name(device: str) -> str:
         return dev.type
     major, minor = torch.cuda.get_device_capability(dev)
     return f"{torch.cuda.get_device_name(dev)} sm_{major}{minor}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_key(fields: Mapping[str, Any]) -> str:
