@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +38,8 @@ EMPTY_HISTORY = "EMPTY_HISTORY"
 HISTORY_TRUNCATED = "HISTORY_TRUNCATED"
 KEYWORDS_REJECTED = "KEYWORDS_REJECTED"
 NO_KEYWORDS = "NO_KEYWORDS"
+
+PMG_LORA = "llm_lora"  # inside the preference head's dir: the optional LLM LoRA (peft files)
 
 
 @dataclass
@@ -107,6 +109,13 @@ class PreferenceEncoder:
         self.tokenizer = load_component(preset_dir, "llm_tokenizer")
         self.llm = load_component(preset_dir, "llm").to(device)
         self.head = load_component(preset_dir, "preference_head").to(device) if has_component(preset_dir, "preference_head") else None
+        # LLM LoRAs are named peft adapters on one wrapped LLM: "pmg" (trained with the head, soft
+        # tokens only) and "pigeon" (keywords only); keywords without Pigeon use the plain LLM.
+        if self.head is not None and (self.preset_dir / "preference_head" / PMG_LORA).is_dir():
+            from peft import PeftModel
+
+            self.llm = PeftModel.from_pretrained(self.llm, str(self.preset_dir / "preference_head" / PMG_LORA),
+                                                 adapter_name="pmg", is_trainable=False).eval()
         self.context = int(getattr(self.llm.config, "max_position_embeddings", 2048))
         self._cache: OrderedDict[str, Preference] = OrderedDict()
         self._cache_size = cache_size
@@ -114,6 +123,7 @@ class PreferenceEncoder:
         self.pigeon: PigeonAdapter | None = None
         if adapter_dir is not None:
             self.pigeon = PigeonAdapter.load(adapter_dir, self.llm, device)
+            self.llm = self.pigeon.model
             self.model_version += f"+pigeon-{self.pigeon.version}"
 
     # -- prompt -------------------------------------------------------------
@@ -183,14 +193,16 @@ class PreferenceEncoder:
     def generate_keywords_batch(self, prompts: Sequence[str]) -> list[list[str]]:
         """Greedy decoding of many prompts at once (left-padded), parsed into raw keywords."""
         if self.pigeon is not None:
-            texts = self.pigeon.generate(self.tokenizer, prompts, self.cfg["keyword_template"],
-                                         int(self.cfg["max_new_tokens"]))
+            with self.adapter("pigeon"):
+                texts = self.pigeon.generate(self.tokenizer, prompts, self.cfg["keyword_template"],
+                                             int(self.cfg["max_new_tokens"]))
             return [parse_keywords(t) for t in texts]
         batch = self.prompt_batch(prompts)
-        out = self.llm.generate(
-            **batch, max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )
+        with self.adapter(None):
+            out = self.llm.generate(
+                **batch, max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [parse_keywords(t) for t in texts]
 
@@ -209,9 +221,23 @@ class PreferenceEncoder:
         """[B, M, text_dim] soft tokens (differentiable through the head; used by `pigment train pmg`)."""
         batch = self.prompt_batch(prompts)
         embeds = self.llm.get_input_embeddings()(batch["input_ids"])
-        # The head was trained on the plain LLM: a Pigeon LoRA changes keywords, never soft tokens.
-        with self.pigeon.model.disable_adapter() if self.pigeon is not None else nullcontext():
+        # The head was trained with its own LoRA (if any) on the plain LLM: Pigeon's never applies here.
+        with self.adapter("pmg"):
             return self.head(self.llm, embeds, batch["attention_mask"])
+
+    @contextmanager
+    def adapter(self, name: str | None):
+        """Run the LLM with one named peft adapter active, or (None, or not loaded) with none."""
+        from peft import PeftModel
+
+        if not isinstance(self.llm, PeftModel):  # a plain LLM (or one a trainer wraps itself)
+            yield
+        elif name is None or name not in self.llm.peft_config:
+            with self.llm.disable_adapter():
+                yield
+        else:
+            self.llm.set_adapter(name)
+            yield
 
     def soft_tokens(self, prompt: str) -> np.ndarray:
         with torch.no_grad():
@@ -336,7 +362,11 @@ class PigeonAdapter:
 
         adapter_dir = Path(adapter_dir)
         meta = json.loads((adapter_dir / PIGEON_META).read_text())
-        model = PeftModel.from_pretrained(llm, str(adapter_dir), is_trainable=False).eval()
+        if isinstance(llm, PeftModel):  # already carries the PMG head's LoRA: add a second adapter
+            llm.load_adapter(str(adapter_dir), adapter_name="pigeon", is_trainable=False)
+            model = llm.eval()
+        else:
+            model = PeftModel.from_pretrained(llm, str(adapter_dir), adapter_name="pigeon", is_trainable=False).eval()
         mask = MaskGenerator.from_pretrained(adapter_dir, meta["mask"]).to(device)
         digest = hashlib.sha256((sha256_file(adapter_dir / "adapter_model.safetensors")
                                  + sha256_file(adapter_dir / MASK_WEIGHTS)).encode()).hexdigest()[:10]

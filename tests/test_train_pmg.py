@@ -6,7 +6,6 @@ import json
 import shutil
 
 import numpy as np
-
 from pigment.training.train_pmg import PMGTrainConfig, PMGTrainer, install, load_records
 
 
@@ -39,3 +38,35 @@ def test_pmg_trains_resumes_and_installs(tiny_preset, tmp_path):
     load_component(preset, "preference_head")  # the manifest was re-hashed
     after = PreferenceEncoder(preset).soft_tokens("history:\n1. a red star\nkeywords:\n")
     assert not np.allclose(before, after)
+
+
+def test_pmg_lora_is_saved_resumed_and_served_for_soft_tokens_only(tiny_preset, tmp_path):
+    from peft import get_peft_model_state_dict
+    from pigment.models.preference import PreferenceEncoder
+
+    preset = tmp_path / "tiny"
+    shutil.copytree(tiny_preset, preset)
+    cfg = PMGTrainConfig(preset=str(preset), out=str(tmp_path / "run"), steps=2, batch_size=4, max_samples=8,
+                         checkpoint_every=1, lora_r=2, lr=0.05)
+    records = load_records(cfg)
+    first = PMGTrainer(cfg)
+    first.prepare(records)
+    first.train()
+    trained = {k: v.clone() for k, v in get_peft_model_state_dict(first.llm).items()}
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # the LoRA moved
+
+    second = PMGTrainer(cfg)  # resuming restores the LoRA, not only the head
+    second.resume()
+    resumed = get_peft_model_state_dict(second.llm)
+    assert trained.keys() == resumed.keys() and all(np.allclose(trained[k], resumed[k]) for k in trained)
+
+    prompt = "history:\n1. a large red star on a dark background\nkeywords:\n"
+    plain = PreferenceEncoder(preset)
+    install(tmp_path / "run" / "preference_head", preset, "test")
+    served = PreferenceEncoder(preset)
+    assert "pmg" in served.llm.peft_config
+    with served.adapter(None):  # the same head without its LoRA gives other soft tokens
+        without = served.soft_tokens(prompt)
+    assert not np.allclose(served.soft_tokens(prompt), without, atol=1e-6)
+    # Keywords come from the plain LLM: the PMG LoRA never steers them.
+    assert served.generate_keywords_batch([prompt]) == plain.generate_keywords_batch([prompt])

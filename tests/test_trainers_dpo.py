@@ -212,3 +212,31 @@ def test_diffusion_dpo_lora_loads_into_renderer_and_changes_the_image(ddpo, tiny
     b = np.asarray(tuned.render(inputs).images[0], dtype=np.int16)
     assert np.abs(a - b).max() > 0
     assert tuned.model_version != plain.model_version
+
+
+def test_pmg_lora_and_pigeon_adapter_share_one_llm(pigeon_data, sft_run, tmp_path):
+    """Both LoRAs load as named adapters on one LLM; each applies only to its own output."""
+    import shutil
+
+    from pigment.models.preference import PreferenceEncoder
+    from pigment.training.train_pmg import PMGTrainConfig, PMGTrainer, install, load_records
+
+    preset = tmp_path / "tiny"
+    shutil.copytree(pigeon_data["preset"], preset)
+    cfg = PMGTrainConfig(preset=str(preset), out=str(tmp_path / "pmg"), steps=2, batch_size=4, max_samples=8,
+                         lora_r=2, lr=0.05)
+    trainer = PMGTrainer(cfg)
+    trainer.prepare(load_records(cfg))
+    trainer.train()
+    install(tmp_path / "pmg" / "preference_head", preset, "test")
+
+    adapter = sft_run[0] / "adapter"
+    both = PreferenceEncoder(preset, adapter_dir=adapter)
+    assert set(both.llm.peft_config) == {"pmg", "pigeon"}
+    prompts = [("history:\n1. a large red star on a dark background\n2. a small blue circle on a light background\n"
+                "keywords:\n")]
+    pigeon_only = PreferenceEncoder(pigeon_data["preset"], adapter_dir=adapter)  # no PMG LoRA in this preset
+    pmg_only = PreferenceEncoder(preset)
+    for _ in range(2):  # order must not matter: each call selects its own adapter
+        assert both.generate_keywords_batch(prompts) == pigeon_only.generate_keywords_batch(prompts)
+        np.testing.assert_allclose(both.soft_tokens(prompts[0]), pmg_only.soft_tokens(prompts[0]), atol=1e-5)

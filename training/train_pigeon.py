@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
+from pigment.models.loader import load_component
 from pigment.models.preference import (
     PIGEON_META,
     MaskGenerator,
@@ -189,7 +191,10 @@ class PigeonTrainer:
         self.tok = self.encoder.tokenizer
         self.template = self.encoder.cfg["keyword_template"]
         self.base_version = preset_version(cfg.preset)
-        self.model, self.mask = self._build(self.encoder.llm.requires_grad_(False))
+        llm = self.encoder.llm
+        if isinstance(llm, PeftModel):  # it carries the PMG head's LoRA, which Pigeon never sees
+            llm = load_component(cfg.preset, "llm")
+        self.model, self.mask = self._build(llm.requires_grad_(False))
         self.mask.requires_grad_(cfg.train_mask)
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for p in self.mask.parameters() if p.requires_grad]

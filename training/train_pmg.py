@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pigment.models.loader import load_component
+from pigment.models.preference import PMG_LORA
 from pigment.training.checkpoints import load_checkpoint, part, save_checkpoint
 from pigment.training.config import load_config
 from tqdm import tqdm
@@ -119,12 +120,13 @@ class PMGTrainer:
         self.head = PreferenceHead(self.llm.config.hidden_size, self.text_encoder.config.hidden_size,
                                    cfg.num_prefix, cfg.num_image_tokens)
         params = list(self.head.parameters())
-        if cfg.lora_r > 0:
+        if cfg.lora_r > 0:  # injected into the encoder's LLM in place, so soft_tokens_batch sees it
             from peft import LoraConfig, get_peft_model
 
             self.llm = get_peft_model(self.llm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                            target_modules=["q_proj", "v_proj"], lora_dropout=0.05))
             params += [p for p in self.llm.parameters() if p.requires_grad]
+        self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.head, self.optimizer = self.accel.prepare(self.head, self.optimizer)
         self.out = Path(cfg.out)
@@ -199,7 +201,7 @@ class PMGTrainer:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss diverged at step {self.step}: {loss.item()}")
                 self.accel.backward(loss)
-                self.accel.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
+                self.accel.clip_grad_norm_(self.params, cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             self.step += 1
@@ -214,8 +216,12 @@ class PMGTrainer:
     # -- checkpoints (safetensors only) -----------------------------------------------
     def checkpoint(self) -> None:
         head = self.accel.unwrap_model(self.head)
-        save_checkpoint(self.out / "checkpoint", {f"head.{k}": v for k, v in head.state_dict().items()},
-                        self.optimizer, {"step": self.step, "history": self.history})
+        tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+        if self.cfg.lora_r > 0:
+            from peft import get_peft_model_state_dict
+
+            tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.llm).items()})
+        save_checkpoint(self.out / "checkpoint", tensors, self.optimizer, {"step": self.step, "history": self.history})
 
     def resume(self) -> None:
         loaded = load_checkpoint(self.out / "checkpoint", self.optimizer)
@@ -223,12 +229,18 @@ class PMGTrainer:
             return
         tensors, meta = loaded
         self.accel.unwrap_model(self.head).load_state_dict(part(tensors, "head."))
+        if self.cfg.lora_r > 0:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.llm, part(tensors, "lora."))
         self.step, self.history = meta["step"], meta["history"]
         print(f"resumed from {self.out / 'checkpoint'} at step {self.step}")
 
     def finish(self, seconds: float) -> dict:
         head_dir = self.out / "preference_head"
         self.accel.unwrap_model(self.head).save_pretrained(head_dir)
+        if self.cfg.lora_r > 0:  # served with the head: PreferenceEncoder loads it as the "pmg" adapter
+            self.llm.save_pretrained(str(head_dir / PMG_LORA), safe_serialization=True)
         losses = [h["loss"] for h in self.history]
         window = max(1, len(losses) // 10)
         metrics = {
