@@ -126,7 +126,8 @@ def test_pigeon_dpo_starts_at_log2_and_rewards_rise(dpo_run):
     out, metrics = dpo_run
     hist = metrics["history"]
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert hist[0]["reward_accuracy"] == 0.0 and hist[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    # policy == reference: every margin is zero up to float rounding (so accuracy there is a coin toss)
+    assert hist[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert hist[-1]["reward_accuracy"] == 1.0 and hist[-1]["reward_margin"] > 0.05
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert metrics["pairs"] == 4 and metrics["pair_sources"] == {"logged": 4}
