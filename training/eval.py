@@ -173,19 +173,29 @@ class Scorer:
 
 # ----------------------------------------------------------------------------- driver
 def render_cases(renderer, conditionings, seed: int, steps: int, guidance: float, size: int,
-                 progress: tqdm | None = None) -> np.ndarray:
-    """One image per case, seed + case index, so every method sees the same noise."""
+                 progress: tqdm | None = None, batch_size: int = 32) -> np.ndarray:
+    """One image per case, seed + case index, so every method sees the same noise.
+
+    Cases with the same conditioning layout share a denoising loop (``render_batch``
+    keeps one generator per image, so a batch draws exactly what single renders would).
+    """
     from pigment.models.pipeline import RenderInputs
 
-    out = []
+    groups: dict[tuple, list[tuple[int, RenderInputs]]] = {}
     for n, (segments, soft, *weights) in enumerate(conditionings):
         segment_weights, soft_weight = weights if weights else (None, 1.0)
         inputs = RenderInputs(segments=segments, soft_tokens=soft, num_images=1, seed=seed + n,
                               segment_weights=segment_weights, soft_weight=soft_weight,
                               num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
-        out.append(np.asarray(renderer.render(inputs).images[0].convert("RGB")))
-        if progress is not None:
-            progress.update(1)
+        groups.setdefault(renderer.batch_key(inputs), []).append((n, inputs))
+    out: list[np.ndarray | None] = [None] * len(conditionings)
+    for group in groups.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            for (n, _), result in zip(chunk, renderer.render_batch([inputs for _, inputs in chunk])):
+                out[n] = np.asarray(result.images[0].convert("RGB"))
+            if progress is not None:
+                progress.update(len(chunk))
     return np.stack(out)
 
 
