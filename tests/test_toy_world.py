@@ -183,14 +183,29 @@ def test_trainers_run_tiny(tmp_path):
                             progress=False)
     vae, _ = train_renderer.train_vae(2, batch_size=4, n_images=16, progress=False)
     vae.save_pretrained(tmp_path / "vae")
-    pipe, m = train_renderer.train_unet(vae, 2, batch_size=4, n_images=16, progress=False)
+    first, _ = train_renderer.train_unet(vae, 2, batch_size=4, n_images=16, progress=False)
+    before = {k: v.clone() for k, v in first.unet.state_dict().items()}
+    pipe, m = train_renderer.train_unet(vae, 2, batch_size=4, n_images=16, progress=False, init=first)  # anneal
     save_renderer(pipe, tmp_path)
-    assert np.isfinite(m["final_loss"])
+    assert np.isfinite(m["final_loss"]) and pipe.tokenizer is first.tokenizer
+    assert all(torch.equal(before[k], v) for k, v in first.unet.state_dict().items())  # init is not trained in place
+    assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
     train_clip.train_clip(tmp_path, steps=2, batch_size=8, n_images=32, n_eval=8, progress=False)
     small = tw.ToyWorld(seed=1, n_items=216, n_users=12)
     train_keyword_llm.train_keyword_llm(tmp_path, steps=2, batch_size=4, world=small, n_eval=4,
                                         progress=False)
+    (tmp_path / "preference.json").write_text(json.dumps({"soft_weight": 0.5}))  # tuned after a PMG eval
     manifest = write_preset_manifest(tmp_path, seed=0)
     assert set(manifest["components"]) >= {"probe", "vae", "unet", "clip", "llm", "scheduler"}
     for name in ("probe", "unet", "clip_tokenizer", "llm", "scheduler"):
         assert load_component(tmp_path, name) is not None
+
+    # Rewriting the manifest after a stage keeps what other commands added: the PMG head and its weights.
+    from pigment.models.preference_head import PreferenceHead
+    from pigment.training.train_pmg import install
+    PreferenceHead(16, 16).save_pretrained(tmp_path / "head")
+    install(tmp_path / "head", tmp_path, "pigment train pmg --config x")
+    manifest = write_preset_manifest(tmp_path, seed=0)
+    assert manifest["components"]["preference_head"]["training_command"] == "pigment train pmg --config x"
+    pref = json.loads((tmp_path / "preference.json").read_text())
+    assert pref["soft_weight"] == 0.5 and "keyword_template" in pref

@@ -3,11 +3,13 @@
     python -m pigment.training.train_toy --out models/presets/toy
     python -m pigment.training.train_toy --out models/presets/toy --only llm --steps llm=800
 
-Stages (in order): probe, vae, unet (+ text_encoder, tokenizer, scheduler), clip, llm.
-Each writes its components as safetensors + config json and merges its numbers
-into ``training_metrics.json``; the manifest (sha256 of every file, training
-command, data seed, sampler defaults) is rewritten at the end from whatever
-components the directory holds.
+Stages (in order): probe, vae, vae_decoder (decoder-only fine-tune), unet (+ text_encoder,
+tokenizer, scheduler; constant learning rate), unet_anneal (continues them with the rate
+annealed: probe shape accuracy 0.56 -> 0.95), clip, llm. Each writes its components as
+safetensors + config json and merges its numbers into ``training_metrics.json``; the
+manifest (sha256 of every file, training command, data seed, sampler defaults) is
+rewritten at the end from whatever components the directory holds, keeping entries that
+other commands added (the PMG head).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import sys
 from pathlib import Path
 
 import torch
-from pigment.models.loader import write_manifest
+from pigment.models.loader import read_manifest, write_manifest
 from pigment.training.toy_world import keywords_table
 
-STAGES = ("probe", "vae", "vae_decoder", "unet", "clip", "llm")
-DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "clip": 600, "llm": 600}
+STAGES = ("probe", "vae", "vae_decoder", "unet", "unet_anneal", "clip", "llm")
+DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "unet_anneal": 3000, "clip": 600,
+                 "llm": 2000}
+# Stages that continue another stage's component (their commands follow its in the manifest).
+FOLLOW_UPS = {"vae": "vae_decoder", "unet": "unet_anneal"}
 # component -> (stage that trains it, kind)
 COMPONENTS = {
     "probe": ("probe", "probe"), "vae": ("vae", "vae"), "unet": ("unet", "unet"),
@@ -88,23 +93,32 @@ def _probe(out: Path):
     return AttributeProbe.from_pretrained(out / "probe")
 
 
-def run_unet(out: Path, steps: int, seed: int, progress: bool, eval_every: int = 300) -> dict:
+def run_unet(out: Path, steps: int, seed: int, progress: bool, eval_every: int = 300,
+             stage: str = "unet") -> dict:
+    """Train text encoder + UNet from scratch, or (``unet_anneal``) continue those in ``out``."""
     from diffusers import AutoencoderKL
-    from pigment.training.train_renderer import train_unet
+    from pigment.training.train_renderer import build_pipeline, evaluate_renderer, train_unet
     vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
     probe = _probe(out) if (out / "probe").is_dir() else None
     best = {"joint": -1.0, "step": 0}
+    init = None
+    if stage == "unet_anneal":
+        from pigment.models.loader import load_component
+        init = build_pipeline(vae, *(load_component(out, n) for n in ("text_encoder", "tokenizer", "unet", "scheduler")))
+        if probe is not None:  # kept only if it improves on what it continues
+            best["joint"] = evaluate_renderer(init, probe, n=64)["joint"]
 
     def checkpoint(pipe, step, acc):
         if acc["joint"] >= best["joint"]:
             best.update(joint=acc["joint"], step=step)
             save_renderer(pipe, out)
-        partial = json.loads((out / METRICS).read_text()).get("unet", {})
+        partial = json.loads((out / METRICS).read_text()).get(stage, {})
         history = partial.get("eval_history", []) + [{"step": step, **acc}]
-        merge_metrics(out, "unet", {**partial, "eval_history": history, "kept_step": best["step"]})
+        merge_metrics(out, stage, {**partial, "eval_history": history, "kept_step": best["step"]})
 
     pipe, metrics = train_unet(vae, steps, seed=seed, probe=probe, eval_every=eval_every if probe else 0,
-                               on_eval=checkpoint, progress=progress, log=lambda m: print(m, flush=True))
+                               on_eval=checkpoint, progress=progress, log=lambda m: print(m, flush=True),
+                               init=init)
     if probe is None:
         save_renderer(pipe, out)
     metrics["kept_step"] = best["step"] if probe is not None else steps
@@ -121,7 +135,9 @@ def run_llm(out: Path, steps: int, seed: int, progress: bool) -> dict:
     return train_keyword_llm(out, steps=steps, seed=seed, progress=progress)
 
 
-RUNNERS = {"probe": run_probe, "vae": run_vae, "vae_decoder": run_vae_decoder, "unet": run_unet, "clip": run_clip, "llm": run_llm}
+RUNNERS = {"probe": run_probe, "vae": run_vae, "vae_decoder": run_vae_decoder, "unet": run_unet,
+           "unet_anneal": lambda out, steps, seed, progress: run_unet(out, steps, seed, progress, stage="unet_anneal"),
+           "clip": run_clip, "llm": run_llm}
 
 
 def write_preset_manifest(out: Path, seed: int) -> dict:
@@ -129,15 +145,21 @@ def write_preset_manifest(out: Path, seed: int) -> dict:
     from pigment.training.train_keyword_llm import PREFERENCE
     from pigment.training.train_renderer import DEFAULTS
     (out / "keywords.json").write_text(json.dumps(keywords_table(), indent=2) + "\n")
-    (out / "preference.json").write_text(json.dumps(PREFERENCE, indent=2) + "\n")
+    # The LLM's prompt format is this trainer's; conditioning weights (set after PMG evals) are kept.
+    pref_path = out / "preference.json"
+    kept = json.loads(pref_path.read_text()) if pref_path.is_file() else {}
+    pref_path.write_text(json.dumps({**kept, **PREFERENCE}, indent=2) + "\n")
     metrics = json.loads((out / METRICS).read_text()) if (out / METRICS).is_file() else {}
-    comps = {}
+    # Components trained elsewhere (the PMG head: `pigment train pmg --install`) keep their entries.
+    previous = read_manifest(out)["components"] if (out / "manifest.json").is_file() else {}
+    comps = {name: {k: v for k, v in entry.items() if k != "files"} for name, entry in previous.items()
+             if name not in COMPONENTS and (out / entry["path"]).is_dir()}
     for name, (stage, kind) in COMPONENTS.items():
         if not (out / name).is_dir():
             continue
         commands = [metrics.get(stage, {}).get("command", "")]
-        if stage == "vae" and "vae_decoder" in metrics:  # the decoder fine-tune rewrites vae/
-            commands.append(metrics["vae_decoder"].get("command", ""))
+        if stage in FOLLOW_UPS and FOLLOW_UPS[stage] in metrics:  # e.g. the decoder fine-tune rewrites vae/
+            commands.append(metrics[FOLLOW_UPS[stage]].get("command", ""))
         comps[name] = {"path": name, "kind": kind, "data_seed": seed,
                        "training_command": " && ".join(c for c in commands if c)}
     return write_manifest(out, comps, preset="toy", version="toy-1", defaults=DEFAULTS,
