@@ -209,3 +209,10 @@ def test_trainers_run_tiny(tmp_path):
     assert manifest["components"]["preference_head"]["training_command"] == "pigment train pmg --config x"
     pref = json.loads((tmp_path / "preference.json").read_text())
     assert pref["soft_weight"] == 0.5 and "keyword_template" in pref
+
+    # The anneal's command follows the UNet's; retraining the UNet drops the stale anneal entry.
+    merge_metrics(tmp_path, "unet", {"command": "U"})
+    merge_metrics(tmp_path, "unet_anneal", {"command": "A"})
+    assert write_preset_manifest(tmp_path, seed=0)["components"]["unet"]["training_command"] == "U && A"
+    merge_metrics(tmp_path, "unet_anneal", None)
+    assert write_preset_manifest(tmp_path, seed=0)["components"]["unet"]["training_command"] == "U"

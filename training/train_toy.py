@@ -41,15 +41,18 @@ COMPONENTS = {
 METRICS = "training_metrics.json"
 
 
-def merge_metrics(out: Path, stage: str, metrics: dict) -> None:
-    """Replace one stage's entry; a lock file lets stages run as parallel processes."""
+def merge_metrics(out: Path, stage: str, metrics: dict | None) -> None:
+    """Replace (``None``: drop) one stage's entry; a lock file lets stages run as parallel processes."""
     path = out / METRICS
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
         text = fh.read()
         allm = json.loads(text) if text.strip() else {}
-        allm[stage] = metrics
+        if metrics is None:
+            allm.pop(stage, None)
+        else:
+            allm[stage] = metrics
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps(allm, indent=2, sort_keys=True) + "\n")
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         command = (f"python -m pigment.training.train_toy --out {shlex.quote(str(args.out))} "
                    f"--only {stage} --steps {stage}={steps[stage]} --seed {args.seed}")
         merge_metrics(out, stage, {"command": command, "status": "running"})
+        if stage in FOLLOW_UPS:  # a retrained component voids the follow-up that continued the old one
+            merge_metrics(out, FOLLOW_UPS[stage], None)
         metrics = RUNNERS[stage](out, steps[stage], args.seed, not args.no_progress)
         merge_metrics(out, stage, {**metrics, "command": command, "status": "done"})
         print(f"[{stage}] {json.dumps(metrics)[:600]}", flush=True)
