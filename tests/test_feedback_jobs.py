@@ -141,6 +141,20 @@ def test_batch_job_through_grpc_and_worker(loop):
         stub.GetJob(gpb.GetJobRequest(job_id="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
+    # Results come in pages (a 100k-user job would not fit one message); the counts always cover everyone.
+    first = stub.GetJob(gpb.GetJobRequest(job_id="job-basic", page_size=2), timeout=10)
+    second = stub.GetJob(gpb.GetJobRequest(job_id="job-basic", page_size=2, page_token=first.next_page_token),
+                         timeout=10)
+    assert len(first.results) == 2 and first.next_page_token and (first.total, first.done) == (3, 3)
+    assert len(second.results) == 1 and second.next_page_token == "" and second.done == 3
+    assert [r.user_id for r in [*first.results, *second.results]] == [r.user_id for r in job.results]
+    for bad in (gpb.GetJobRequest(job_id="job-basic", page_size=-1),
+                gpb.GetJobRequest(job_id="job-basic", page_size=10_001),
+                gpb.GetJobRequest(job_id="job-basic", page_token="not-a-token")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetJob(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_" in err.value.details()
+
 
 def test_job_resumes_after_worker_is_killed_without_redoing_users(loop):
     from pigment.services.stack import Worker
@@ -248,6 +262,9 @@ def check_job_core_leases(url: str) -> None:
     assert {r.user_id: r.status for r in jobs.get("core-1").results if r.status != "done"} == {
         "u4": "cancelled", "u5": "cancelled"}
     assert alive.run("core-1", 1)["claimed"] == 0
+    pages = [jobs.get("core-1", 0, 4), jobs.get("core-1", 4, 4)]  # pages in chunk, user order
+    assert [[r.user_id for r in p.results] for p in pages] == [USERS[:4], USERS[4:]]
+    assert [p.next_offset for p in pages] == [4, None] and all(p.done == 4 for p in pages)
 
 
 def test_job_core_leases_sqlite(tmp_path):

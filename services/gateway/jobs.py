@@ -80,6 +80,7 @@ class JobView:
     failed: int
     results: list[UserResult]
     params: dict = field(default_factory=dict)
+    next_offset: int | None = None  # where the next page of results starts; None after the last
 
 
 def utc(dt: datetime | None) -> datetime | None:
@@ -128,13 +129,14 @@ class JobsCore:
         self.dispatch_chunk = dispatch_chunk  # (job_id, chunk, chunk_size) -> queue one chunk task
 
     # -- SubmitBatch ----------------------------------------------------------
-    def submit(self, p: BatchParams) -> JobView:
+    def submit(self, p: BatchParams, limit: int | None = None) -> JobView:
+        """Create (or replay) the job; the view holds the first ``limit`` per-user results."""
         p = self.resolve(p)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
         with transaction(self.sessions) as s:
             job = s.get(Job, p.job_id)
         if job is not None:
-            return self._replay(job, phash)
+            return self._replay(job, phash, limit)
         users = self._users(p)
         try:
             with transaction(self.sessions) as s:
@@ -146,9 +148,9 @@ class JobsCore:
                           for i, u in enumerate(users))
         except IntegrityError:  # a concurrent submit of the same id won
             with transaction(self.sessions) as s:
-                return self._replay(s.get(Job, p.job_id), phash)
+                return self._replay(s.get(Job, p.job_id), phash, limit)
         self._send_chunks(p.job_id, range(-(-len(users) // p.chunk_size)), p.chunk_size)
-        return self.get(p.job_id)
+        return self.get(p.job_id, 0, limit)
 
     def resolve(self, p: BatchParams) -> BatchParams:
         """Fill defaults and check every field, naming it and the allowed values."""
@@ -190,7 +192,7 @@ class JobsCore:
             raise InvalidInput(f"segment {p.segment!r} has over {MAX_JOB_USERS} users: split the job")
         return users
 
-    def _replay(self, job: Job, phash: str) -> JobView:
+    def _replay(self, job: Job, phash: str, limit: int | None) -> JobView:
         if job.params_hash != phash:
             raise AlreadyExists(f"job_id {job.job_id!r} was already used with different parameters")
         if job.status in ACTIVE:  # replaying resumes: re-queue every chunk with unfinished users
@@ -198,7 +200,7 @@ class JobsCore:
                 chunks = sorted(set(s.scalars(select(JobUser.chunk).where(
                     JobUser.job_id == job.job_id, JobUser.status.in_(UNFINISHED)))))
             self._send_chunks(job.job_id, chunks, job.chunk_size)
-        return self.get(job.job_id)
+        return self.get(job.job_id, 0, limit)
 
     def _send_chunks(self, job_id: str, chunks, chunk_size: int) -> None:
         try:
@@ -211,18 +213,24 @@ class JobsCore:
                               f"replay SubmitBatch with job_id {job_id!r} to resume") from exc
 
     # -- GetJob / CancelJob -----------------------------------------------------
-    def get(self, job_id: str) -> JobView:
+    def get(self, job_id: str, offset: int = 0, limit: int | None = None) -> JobView:
+        """The job's counts over all users and its per-user results from ``offset`` (``limit`` of them)."""
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFound(f"job {job_id!r} not found")
-            rows = list(s.scalars(select(JobUser).where(JobUser.job_id == job_id).order_by(JobUser.chunk,
-                                                                                            JobUser.user_id)))
-        results = [UserResult(r.user_id, r.status, list(r.generation_ids or []), r.error or "") for r in rows]
-        return JobView(job.job_id, job.status, job.total, sum(r.status == "done" for r in rows),
-                       sum(r.status == "failed" for r in rows), results, dict(job.params))
+            counts = dict(s.execute(select(JobUser.status, func.count()).where(JobUser.job_id == job_id)
+                                    .group_by(JobUser.status)).all())
+            page = (select(JobUser).where(JobUser.job_id == job_id).order_by(JobUser.chunk, JobUser.user_id)
+                    .offset(offset).limit(None if limit is None else limit + 1))  # one more: is there a next page?
+            rows = list(s.scalars(page))
+        more = limit is not None and len(rows) > limit
+        results = [UserResult(r.user_id, r.status, list(r.generation_ids or []), r.error or "")
+                   for r in rows[:limit]]
+        return JobView(job.job_id, job.status, job.total, counts.get("done", 0), counts.get("failed", 0), results,
+                       dict(job.params), offset + len(results) if more else None)
 
-    def cancel(self, job_id: str) -> JobView:
+    def cancel(self, job_id: str, limit: int | None = None) -> JobView:
         """Pending users are cancelled; a user already rendering finishes. A finished job is left as it is."""
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
@@ -236,7 +244,7 @@ class JobsCore:
                 for r in s.scalars(select(JobUser).where(JobUser.job_id == job_id, JobUser.status == "running")):
                     if is_stale(r, now):  # its worker is gone: nothing will finish it
                         r.status, r.error = "cancelled", "job cancelled"
-        return self.get(job_id)
+        return self.get(job_id, 0, limit)
 
     # -- resume after a worker loss ----------------------------------------------
     def resend_stalled(self) -> list[tuple[str, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from pigment.services.common.errors import InvalidInput
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
 from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.v1 import generation_pb2 as pb
@@ -78,16 +79,32 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return pb.SubmitBatchResponse(job=job_to_pb(self.jobs.submit(BatchParams(
             job_id=request.job_id, user_ids=list(request.user_ids), segment=request.segment, prompt=request.prompt,
             images_per_user=request.images_per_user, num_inference_steps=request.num_inference_steps,
-            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size))))
+            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size), JOB_PAGE_SIZE)))
 
     def GetJob(self, request, context):
-        return job_to_pb(self.jobs.get(request.job_id))
+        offset, limit = job_page(request.page_size, request.page_token)
+        return job_to_pb(self.jobs.get(request.job_id, offset, limit))
 
     def CancelJob(self, request, context):
-        return job_to_pb(self.jobs.cancel(request.job_id))
+        return job_to_pb(self.jobs.cancel(request.job_id, JOB_PAGE_SIZE))
+
+
+JOB_PAGE_SIZE, JOB_MAX_PAGE_SIZE = 1000, 10000  # a page stays far below gRPC's 4 MB message limit
+
+
+def job_page(page_size: int, page_token: str) -> tuple[int, int]:
+    """(offset, limit) from GetJob's paging fields."""
+    if not 0 <= page_size <= JOB_MAX_PAGE_SIZE:
+        raise InvalidInput(f"page_size={page_size} is out of range: 0 (server default {JOB_PAGE_SIZE}) "
+                           f"to {JOB_MAX_PAGE_SIZE}")
+    if page_token and not page_token.isdigit():
+        raise InvalidInput(f"page_token={page_token!r} is not one this server issued: pass a previous "
+                           "GetJob's next_page_token, or \"\" for the first page")
+    return int(page_token or 0), page_size or JOB_PAGE_SIZE
 
 
 def job_to_pb(job: JobView) -> pb.Job:
     return pb.Job(job_id=job.job_id, status=job.status, total=job.total, done=job.done, failed=job.failed,
                   results=[pb.JobUserResult(user_id=r.user_id, status=r.status, generation_ids=r.generation_ids,
-                                            error=r.error) for r in job.results])
+                                            error=r.error) for r in job.results],
+                  next_page_token="" if job.next_offset is None else str(job.next_offset))
