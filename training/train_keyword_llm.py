@@ -54,9 +54,9 @@ def _examples(world: ToyWorld, split: str) -> list[tuple[str, str, dict[str, str
             for s in world.samples(split)]
 
 
-def make_llm(tokenizer: PreTrainedTokenizerFast, width: int = 64, layers: int = 2) -> LlamaForCausalLM:
+def make_llm(tokenizer: PreTrainedTokenizerFast, width: int = 64) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=3 * width,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                       max_position_embeddings=128, tie_word_embeddings=True,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
@@ -116,14 +116,14 @@ def history_mode_baseline(world: ToyWorld, split: str) -> dict[str, float]:
 
 def train_keyword_llm(out_dir: str | Path, steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
                       seed: int = 0, world: ToyWorld | None = None, n_eval: int = 400,
-                      progress: bool = True, width: int = 64, layers: int = 2) -> dict:
+                      progress: bool = True) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     world = world or ToyWorld(seed=seed)
     train, val = _examples(world, "train"), _examples(world, "val")
     corpus = [p + " " + a for p, a, _ in train] + [format_answer(v) for v in keywords_table().values()]
     tokenizer = build_llm_tokenizer(corpus + [f"{i}." for i in range(1, 21)])
-    model = make_llm(tokenizer, width, layers)
+    model = make_llm(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = np.random.default_rng(seed)
