@@ -14,13 +14,14 @@ TOY = REPO_PRESETS / "toy"
 def test_eval_writes_the_contract(tmp_path):
     out = tmp_path / "eval.json"
     cmd = [sys.executable, "-m", "pigment.services.cli", "eval", "--split", "test-users", "--preset", str(TOY),
-           "--methods", "non_personalized,history_caption,nearest_item,oracle,pmg,pmg_keywords,pmg_soft",
+           "--methods", "non_personalized,history_caption,history_mode,nearest_item,oracle,pmg,pmg_keywords,pmg_soft",
            "--n-samples", "3", "--steps", "2", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["split"] == "test-users" and report["n_samples"] == 3
-    for name in ("non_personalized", "history_caption", "nearest_item", "oracle", "pmg", "pmg_keywords", "pmg_soft"):
+    for name in ("non_personalized", "history_caption", "history_mode", "nearest_item", "oracle", "pmg", "pmg_keywords",
+                 "pmg_soft"):
         m = report["methods"][name]
         for key in ("content_fidelity", "target_agreement", "ssim_target", "lpips_target", "cpis", "cps"):
             assert isinstance(m[key], float), (name, key)

@@ -35,7 +35,7 @@ from pigment.training import toy_world as tw
 
 OPEN_ATTRIBUTES = ("colour", "background", "size")
 CONTENT_ATTRIBUTE = "shape"
-BASELINES = ("non_personalized", "history_caption", "nearest_item", "oracle")
+BASELINES = ("non_personalized", "history_caption", "history_mode", "nearest_item", "oracle")
 PMG_METHODS = ("pmg", "pmg_keywords", "pmg_soft")
 # Rows scored only when their trained adapter directory is given (`--pigeon-sft DIR` ...);
 # without it they are listed under "skipped", never replaced by another method.
@@ -89,6 +89,11 @@ class Methods:
     def history_caption(self, case: Case):
         most_common = Counter(it.caption for it in case.history).most_common(1)[0][0]
         return [case.content, most_common], None
+
+    def history_mode(self, case: Case):
+        """Each open attribute's most frequent value in the history: what five items say of a taste."""
+        modes = [Counter(it.attributes[a] for it in case.history).most_common(1)[0][0] for a in OPEN_ATTRIBUTES]
+        return _segments(case.content, [tw.keyword(a, v) for a, v in zip(OPEN_ATTRIBUTES, modes)]), None
 
     def oracle(self, case: Case):
         return _segments(case.content, [tw.keyword(a, case.favourites[a]) for a in OPEN_ATTRIBUTES]), None
