@@ -1,21 +1,29 @@
 """Scheduled retraining on the tiny preset: the promotion gate, failures that leave serving untouched,
-the per-user cap, live pickup by the gateway (and refusal of a modified adapter), and the beat entry."""
+the per-user cap, live pickup by the gateway (and refusal of a modified adapter), and the beat entry;
+unet_lora (Diffusion-DPO from stored images): image pairs, missing files, the toy preset's real trainer
+and gate, and live pickup by the render worker."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from conftest import make_settings, running_stack
+from pigment.services.common.settings import REPO_PRESETS
+from pigment.services.common.storage import ImageStorage
 from pigment.services.gateway.feedback import FeedbackCore
 from pigment.services.registry import Registry
 from pigment.services.render.retrain import RetrainCore
 from pigment.services.store.db import make_sessionmaker, transaction
 from pigment.services.store.migrate import upgrade
-from pigment.services.store.tables import Generation, Item, RenderRequest, User
+from pigment.services.store.tables import Generation, Item, ModelVersion, RenderRequest, User
+from pigment.training import toy_world as tw
+from PIL import Image
 from safetensors.torch import save_file
 
 KW_GOOD = ["red", "dark background", "large"]
@@ -37,11 +45,15 @@ def db(tmp_path, tiny_preset):
     return settings, sessions
 
 
+def _user(s, user: str) -> None:
+    if s.get(User, user) is None:
+        s.add(User(user_id=user))
+        s.flush()
+
+
 def add_request(sessions, rid: str, user: str, keywords: list[str], method: str = "pmg_keywords") -> str:
     with transaction(sessions) as s:
-        if s.get(User, user) is None:
-            s.add(User(user_id=user))
-            s.flush()
+        _user(s, user)
         s.add(RenderRequest(request_id=rid, user_id=user, params_hash="h", params={"prompt": "a star", "method": method},
                             conditioning={"keywords": keywords, "history_item_ids": [f"item-{n}" for n in range(5)]},
                             model_version="tiny", status="done", total_steps=1))
@@ -59,6 +71,47 @@ def picks(sessions, user: str, n: int, tag: str = "", same_keywords: bool = Fals
         bad = add_request(sessions, f"{user}-{tag}{k}-b", user, KW_GOOD if same_keywords else KW_BAD)
         fb.log(feedback_id=f"{user}-{tag}{k}-pick", user_id=user, generation_id=good, kind="pick",
                other_generation_ids=[bad])
+
+
+# unet_lora: requests rendered like the gateway conditions them and the render worker stores them
+GOOD = {"shape": "star", "colour": "red", "background": "dark", "size": "large"}
+BAD = {"shape": "star", "colour": "blue", "background": "light", "size": "small"}
+
+
+def add_rendered(settings, sessions, rid: str, user: str, images: list[dict], keywords=KW_GOOD,
+                 size: int = 32) -> list[str]:
+    """One pmg_keywords request whose images (toy-world drawings of ``images``) are stored as
+    ``RenderCore._store`` stores them; its generation ids."""
+    storage = ImageStorage(settings.storage_dir)
+    with transaction(sessions) as s:
+        _user(s, user)
+        s.add(RenderRequest(request_id=rid, user_id=user, params_hash="h", conditioning={
+            "segments": ["a star", ", ".join(keywords)], "segment_weights": [1.0, 1.0], "keywords": keywords,
+            "soft_tokens": None, "soft_weight": 0.5, "history_item_ids": [f"item-{n}" for n in range(5)]},
+            params={"prompt": "a star", "method": "pmg_keywords", "num_images": len(images), "height": size,
+                    "width": size}, model_version="tiny", status="done", total_steps=1))
+        s.flush()
+        for i, attrs in enumerate(images):
+            uri = storage.put(f"generations/{rid}/{i}.png", tw.png_bytes(tw.render_item(attrs, size=size)))
+            s.add(Generation(generation_id=f"g-{rid}-{i}", request_id=rid, image_index=i, user_id=user, seed=i,
+                             storage_uri=uri, model_version="tiny", method="pmg_keywords"))
+    return [f"g-{rid}-{i}" for i in range(len(images))]
+
+
+def image_picks(settings, sessions, user: str, n: int, tag: str = "") -> list[list[str]]:
+    """``user`` picks the GOOD image of a request over its BAD one, ``n`` times; the generation ids."""
+    fb, out = FeedbackCore(sessions), []
+    for k in range(n):
+        good, bad = add_rendered(settings, sessions, f"{user}-{tag}{k}", user, [GOOD, BAD])
+        fb.log(feedback_id=f"{user}-{tag}{k}-pick", user_id=user, generation_id=good, kind="pick",
+               other_generation_ids=[bad])
+        out.append([good, bad])
+    return out
+
+
+def stored_path(sessions, generation_id: str) -> Path:
+    with transaction(sessions) as s:
+        return Path(s.get(Generation, generation_id).storage_uri.removeprefix("file://"))
 
 
 def adapter_dir(path, value: float = 0.01):
@@ -201,13 +254,13 @@ def test_only_one_run_at_a_time(db):
 
 
 # -- serving picks the promoted version up live ------------------------------------------------------------------
-def _generate(channel, rid: str, user: str = "alice"):
+def _generate(channel, rid: str, user: str = "alice", n: int = 1, seed: int = 0):
     from pigment.v1 import generation_pb2 as pb
     from pigment.v1 import generation_pb2_grpc
 
     return generation_pb2_grpc.GenerationServiceStub(channel).GeneratePersonalized(pb.GenerateRequest(
-        request_id=rid, user_id=user, prompt="a star", num_images=1, num_inference_steps=2,
-        method=pb.METHOD_PMG_KEYWORDS), timeout=120)
+        request_id=rid, user_id=user, prompt="a star", num_images=n, num_inference_steps=2,
+        method=pb.METHOD_PMG_KEYWORDS, seed=seed), timeout=120)
 
 
 def _stamped(sessions, rid: str) -> tuple[dict, str | None]:
@@ -252,6 +305,127 @@ def test_promoted_pigeon_adapter_reaches_the_gateway_without_restart_and_a_modif
             _generate(channel, "tampered")
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "refusing to load a modified or corrupt adapter" in err.value.details()
+
+
+# -- unet_lora: Diffusion-DPO from the stored images -----------------------------------------------------------------
+def test_unet_lora_pairs_with_missing_images_are_skipped_and_counted(db, tmp_path):
+    from pigment.training.train_diffusion_dpo import read_image_pairs
+
+    settings, sessions = db
+    shown = image_picks(settings, sessions, "u1", 3)
+    stored_path(sessions, shown[1][1]).unlink()  # e.g. expired by a storage lifecycle rule
+    with transaction(sessions) as s:  # a retrieved catalog image picked over a rendered one
+        s.get(Generation, shown[2][1]).retrieved_item_id = "item-0"
+    seen = []
+    core = RetrainCore(settings, sessions, trainer=fake_trainer(seen=seen),
+                       evaluator=scores({"joint": 0.5, "content_fidelity": 0.9}, {"joint": 0.4, "content_fidelity": 0.9}))
+    result = core.run("unet_lora")
+    assert result.status == "skipped" and result.n_pairs == 1 and not seen
+    assert result.n_skipped == {"missing image": 1, "retrieved image": 1}
+    assert "(pairs left out: 1 missing image, 1 retrieved image)" in result.reason
+    report = json.loads((tmp_path / "data" / "retrain" / result.run_id / "report.json").read_text())
+    assert report["n_skipped"] == {"missing image": 1, "retrieved image": 1}
+
+    image_picks(settings, sessions, "u2", 2)
+    stored_path(sessions, "g-u2-0-0").unlink()
+    result = core.run("unet_lora")
+    assert result.status == "promoted", result.reason
+    assert result.n_pairs == 2 and result.pairs_per_user == {"u1": 1, "u2": 1}
+    assert result.n_skipped == {"missing image": 2, "retrieved image": 1}
+    assert Registry(sessions).active("unet_lora").version == result.version
+    rows = seen[0]
+    assert [r["segments"] for r in rows] == [["a star", ", ".join(KW_GOOD)]] * 2
+    pairs = read_image_pairs(tmp_path / "data" / "retrain" / result.run_id / "pairs.jsonl")
+    good, bad = (np.asarray(Image.open(stored_path(sessions, g)).convert("RGB")) for g in shown[0])
+    assert all((p.chosen == good).all() and (p.rejected == bad).all() for p in pairs)  # copied, not re-rendered
+
+
+def test_unet_lora_needs_both_images_from_the_same_conditioning(db):
+    settings, sessions = db
+    fb = FeedbackCore(sessions)
+    for k in range(3):  # two requests with different keyword lists: a Pigeon pair, not a Diffusion-DPO one
+        (good,) = add_rendered(settings, sessions, f"kw-{k}-a", "u1", [GOOD], keywords=KW_GOOD)
+        (bad,) = add_rendered(settings, sessions, f"kw-{k}-b", "u1", [BAD], keywords=KW_BAD)
+        fb.log(feedback_id=f"kw-{k}", user_id="u1", generation_id=good, kind="pick", other_generation_ids=[bad])
+    (big,) = add_rendered(settings, sessions, "big-a", "u1", [GOOD], size=64)  # same prompt, another size
+    (small,) = add_rendered(settings, sessions, "big-b", "u1", [BAD], size=32)
+    fb.log(feedback_id="big", user_id="u1", generation_id=big, kind="pick", other_generation_ids=[small])
+    result = RetrainCore(settings, sessions, trainer=fake_trainer(), evaluator=lambda a: {}).run("unet_lora")
+    assert result.status == "skipped" and result.n_pairs == 0
+    assert result.n_skipped == {"different conditioning": 3, "not the preset's size": 1}
+
+
+def test_unet_lora_retrain_on_the_toy_preset_registers_a_version(tmp_path):
+    """Logged picks -> image pairs -> the real Diffusion-DPO trainer (2 steps) -> the real gate (4 windows)."""
+    toy = REPO_PRESETS / "toy"
+    (tmp_path / "quick.yaml").write_text("steps: 2\nbatch_size: 2\nwarmup_steps: 1\n")
+    settings = make_settings(tmp_path, toy, retrain_min_pairs=2, retrain_eval_samples=4,
+                             retrain_config=tmp_path / "quick.yaml")
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(settings.database_url)
+    image_picks(settings, sessions, "u1", 2)
+    image_picks(settings, sessions, "u2", 1)
+    result = RetrainCore(settings, sessions).run("unet_lora")
+    assert result.status in ("promoted", "rejected"), result.reason
+    assert result.n_pairs == 3 and result.n_skipped == {}
+    run_dir = tmp_path / "data" / "retrain" / result.run_id
+    rows = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and len(list((run_dir / "images").glob("*.png"))) == 6
+    assert rows[0]["content"] == "a star" and rows[0]["keywords"] == KW_GOOD
+    with transaction(sessions) as s:
+        entry = s.get(ModelVersion, result.version)
+    assert entry.kind == "unet_lora" and entry.path == str(run_dir / "train" / "unet_lora")
+    assert (run_dir / "train" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+    m = entry.metrics
+    assert m["train"]["steps"] == 2 and m["train"]["pairs"] == 3 and m["n_pairs"] == 3
+    assert m["candidate"]["method"] == "diffusion_dpo" and m["baseline"]["method"] == "pmg_keywords"
+    assert m["candidate"]["n_samples"] == m["baseline"]["n_samples"] == 4
+    assert m["candidate"]["seed"] == m["baseline"]["seed"] == settings.retrain_eval_seed
+    if result.status == "promoted":
+        assert entry.status == "active" and m["candidate"]["joint"] >= m["baseline"]["joint"]
+    else:
+        assert entry.status == "rejected" and "regressed" in entry.notes
+
+
+def test_promoted_unet_lora_reaches_the_render_worker_without_restart(tmp_path, tiny_preset):
+    """Picks between one request's images -> unet_lora promoted -> the running worker renders with it; the next
+    round continues from it."""
+    from pigment.services.history.core import InteractionRecord, ItemRecord
+
+    (tmp_path / "quick.yaml").write_text("steps: 2\nbatch_size: 2\nwarmup_steps: 1\nlr: 0.01\n")
+    settings = make_settings(tmp_path, tiny_preset, retrain_min_pairs=2, retrain_config=tmp_path / "quick.yaml")
+    evaluator = lambda a: {"joint": 0.5 if a is not None else 0.4, "content_fidelity": 0.9}
+    with running_stack(settings) as (stack, channel, _):
+        stack.history.upsert_items([ItemRecord(item_id=f"item-{n}", caption=c) for n, c in enumerate(CAPTIONS)],
+                                   embed=False)
+        stack.history.log_interactions("alice", [InteractionRecord(f"item-{n}", "like", 1.0, 0) for n in range(5)],
+                                       create_user=True)
+        fb = FeedbackCore(stack.sessions)
+
+        def pick(rid: str) -> None:
+            first, second = (i.generation_id for i in _generate(channel, rid, n=2).images)
+            fb.log(feedback_id=f"{rid}-pick", user_id="alice", generation_id=first, kind="pick",
+                   other_generation_ids=[second])
+
+        before = _generate(channel, "before", seed=7).images[0].png
+        pick("r1")
+        pick("r2")
+        core = RetrainCore(settings, stack.sessions, preset_dir=stack.preset_dir, evaluator=evaluator)
+        first = core.run("unet_lora")
+        assert first.status == "promoted" and first.n_pairs == 2, first.reason
+        after = _generate(channel, "after", seed=7).images[0].png  # same server and worker: no restart
+        adapters, label = _stamped(stack.sessions, "after")
+        assert adapters["unet_lora"] == first.version and f"unet_lora={first.version}" in label
+        assert after != before  # rendered with the LoRA
+
+        pick("r3")
+        pick("r4")
+        second = core.run("unet_lora")
+        assert second.status == "promoted" and second.baseline_version == first.version, second.reason
+        meta = json.loads((Registry(stack.sessions).verify(second.version) / "adapter.json").read_text())
+        assert meta["init_adapter"] == Registry(stack.sessions).get(first.version).path
+        _generate(channel, "later")
+        assert _stamped(stack.sessions, "later")[0]["unet_lora"] == second.version
 
 
 # -- Celery: the task is registered and beat sends it -------------------------------------------------------------

@@ -215,6 +215,33 @@ def test_diffusion_dpo_lora_loads_into_renderer_and_changes_the_image(ddpo, tiny
     assert tuned.model_version != plain.model_version
 
 
+def test_diffusion_dpo_continues_from_an_init_adapter(ddpo, tiny_preset, tmp_path):
+    """init_adapter: the policy starts as that LoRA (its own rank), the reference stays the plain UNet."""
+    from peft import get_peft_model_state_dict
+    from pigment.training.train_diffusion_dpo import (
+        LORA_FILE,
+        DiffusionDPOConfig,
+        DiffusionDPOTrainer,
+        read_image_pairs,
+    )
+    from safetensors.torch import load_file
+
+    root = ddpo[0]
+    init = root / "run" / "unet_lora"
+    cfg = DiffusionDPOConfig(preset=str(tiny_preset), out=str(tmp_path / "more"), pairs=str(root / "pairs.jsonl"),
+                             steps=1, batch_size=1, warmup_steps=1, lora_r=2, init_adapter=str(init))
+    trainer = DiffusionDPOTrainer(cfg)
+    saved = load_file(init / LORA_FILE)
+    state = get_peft_model_state_dict(trainer.accel.unwrap_model(trainer.unet))
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)  # rank 8, not 2
+    trainer.prepare(read_image_pairs(cfg.pairs))
+    with torch.no_grad():
+        loss = trainer.loss(np.array([0]), *trainer.draw(np.random.default_rng(0), 1))[0].item()
+    assert loss != pytest.approx(math.log(2), abs=1e-6)  # policy != reference from the first step
+    trainer.train()
+    assert json.loads((tmp_path / "more" / "unet_lora" / "adapter.json").read_text())["init_adapter"] == str(init)
+
+
 def test_pmg_lora_and_pigeon_adapter_share_one_llm(pigeon_data, sft_run, tmp_path):
     """Both LoRAs load as named adapters on one LLM; each applies only to its own output."""
     import shutil

@@ -48,6 +48,7 @@ class GenerationInfo:
     storage_uri: str | None = None
     model_version: str = ""
     adapter_version: str | None = None
+    retrieved_item_id: str | None = None  # a catalog image shown instead of a rendered one
 
 
 def polarity(kind: str, value: float, high: float = 4.0, low: float = 2.0) -> float | None:
@@ -155,7 +156,8 @@ def load_feedback(session, since: datetime | None = None) -> tuple[list, dict[st
     rows = session.execute(select(Generation, RenderRequest.params).join(
         RenderRequest, RenderRequest.request_id == Generation.request_id).where(Generation.generation_id.in_(ids)))
     generations = {g.generation_id: GenerationInfo(g.generation_id, g.user_id, (params or {}).get("prompt", ""),
-                                                   g.request_id, g.storage_uri, g.model_version, g.adapter_version)
+                                                   g.request_id, g.storage_uri, g.model_version, g.adapter_version,
+                                                   g.retrieved_item_id)
                    for g, params in rows}
     return feedback, generations
 

@@ -13,6 +13,8 @@ the scheduler's ``prediction_type``). The policy is a peft LoRA on the UNet's
 attention projections (to_q, to_k, to_v, to_out.0); the reference is the same
 UNet with the adapter disabled (``unet.disable_adapters()``), so no second UNet
 is held. The LoRA's B starts at zero, so the loss starts at exactly log 2.
+``init_adapter`` continues a trained LoRA instead (e.g. the serving one, when
+retraining from feedback); the reference is still the UNet without any LoRA.
 
 Pairs, JSONL, one per line::
 
@@ -63,6 +65,7 @@ class DiffusionDPOConfig:
     pairs: str = ""                   # the pairs JSONL (CLI: --pairs)
     lora_r: int = 8
     lora_alpha: int = 8
+    init_adapter: str = ""            # an out/unet_lora dir to continue (its own rank and alpha win)
     beta: float = 2500.0              # Wallace et al.: 2000-5000 for SD 1.5 / SDXL
     steps: int = 200
     batch_size: int = 8
@@ -130,8 +133,12 @@ class DiffusionDPOTrainer:
         self.tokenizer = load_component(preset, "tokenizer")
         self.noise_scheduler = DDPMScheduler.from_pretrained(str(preset / "scheduler"), local_files_only=True)
         unet = load_component(preset, "unet").requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=TARGET_MODULES))
+        if cfg.init_adapter:  # the file's metadata carries the LoRA config; the reference stays the plain UNet
+            unet.load_lora_adapter(cfg.init_adapter, prefix=None, weight_name=LORA_FILE, adapter_name="default",
+                                   use_safetensors=True, local_files_only=True)
+        else:
+            unet.add_adapter(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                        target_modules=TARGET_MODULES))
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.unet, self.optimizer = self.accel.prepare(unet, self.optimizer)
@@ -257,7 +264,8 @@ class DiffusionDPOTrainer:
         self.accel.unwrap_model(self.unet).save_lora_adapter(str(lora_dir), weight_name=LORA_FILE)
         (lora_dir / "adapter.json").write_text(json.dumps(
             {"method": "diffusion_dpo", "base_model_version": self.base_version, "steps": self.step,
-             "beta": self.cfg.beta, "target_modules": TARGET_MODULES}, indent=2))
+             "beta": self.cfg.beta, "target_modules": TARGET_MODULES, "init_adapter": self.cfg.init_adapter or None},
+            indent=2))
         losses = [h["loss"] for h in self.history]
         acc = [h["implicit_accuracy"] for h in self.history]
         window = max(1, len(losses) // 10)

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
                                    "(0 = off; `pigment` workers started by the stack then also run beat).")
     retrain_kind: str = Field("pigeon_lora", description="Which adapter the retrain job trains: pigeon_lora "
-                              "(Pigeon DPO on the keyword LLM, from picks between keyword lists).")
+                              "(Pigeon DPO on the keyword LLM, from picks between keyword lists) or unet_lora "
+                              "(Diffusion-DPO on a UNet LoRA, from picks between images rendered from the same "
+                              "conditioning, e.g. one request's images; needs the stored images).")
     retrain_queue: str = Field("retrain", description="Celery queue of the retrain task.")
     retrain_timeout_s: float = Field(3600.0, gt=0, description="Soft time limit of one retrain run.")
     retrain_max_pairs_per_user: int = Field(16, ge=1, description="Most preference pairs one user contributes "
@@ -76,8 +78,8 @@ class Settings(BaseSettings):
                                    "bench reports another seed, so selection never sees the reported sample).")
     retrain_max_fidelity_drop: float = Field(0.05, ge=0, le=1, description="A candidate whose content "
                                              "fidelity drops more than this below the serving one is rejected.")
-    retrain_config: Path | None = Field(None, description="YAML of trainer overrides (PigeonTrainConfig "
-                                        "fields: steps, lr, beta, ...).")
+    retrain_config: Path | None = Field(None, description="YAML of trainer overrides for retrain_kind "
+                                        "(PigeonTrainConfig or DiffusionDPOConfig fields: steps, lr, beta, ...).")
     preference_explore_rate: float = Field(0.0, ge=0, le=1, description="Fraction of keyword requests served "
                                            "with an explored keyword list (some attributes resampled from the "
                                            "vocabulary) so that picks compare lists; flagged EXPLORED. 0 = off.")

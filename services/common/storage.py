@@ -25,3 +25,7 @@ class ImageStorage:
     def get(self, uri: str) -> bytes:
         with fsspec.open(uri, "rb") as fh:
             return fh.read()
+
+    def exists(self, uri: str) -> bool:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.exists(path)

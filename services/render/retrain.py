@@ -2,20 +2,33 @@
 
 ``RetrainCore.run(kind)`` is plain code (tests and benches call it directly);
 the Celery task ``pigment.retrain`` wraps it for the worker, and beat sends it
-every ``retrain_every_s`` (``celery_app.retrain_schedule``). One run:
+every ``retrain_every_s`` (``celery_app.retrain_schedule``) for ``retrain_kind``.
+Two kinds (``KIND_SPECS``: kind -> its pairs, trainer and evaluator):
+
+- ``pigeon_lora``: Pigeon DPO on the keyword LLM (training/train_pigeon.py),
+  from pairs of images written from different keyword lists;
+- ``unet_lora``: Diffusion-DPO on a UNet LoRA (training/train_diffusion_dpo.py),
+  from pairs of images rendered from the same conditioning (typically the
+  images of one request).
+
+One run:
 
 1. feedback since the active version of ``kind`` was created (all feedback when
    none is), skipped when nothing arrived since the last attempt;
 2. pairs (training/pairs.py: picks, then explicit ratings; contradictions
    dropped; at most ``retrain_max_pairs_per_user`` per user, so one user
-   flooding feedback cannot outweigh the others), kept only where the two
-   images were written from different keyword lists, which are read from each
-   generation's RenderRequest conditioning together with its history captions;
-3. train: Pigeon DPO on the keyword LLM (training/train_pigeon.py), starting
-   from the active adapter when there is one;
+   flooding feedback cannot outweigh the others), kept only where ``kind`` can
+   learn from them, read from each generation's RenderRequest conditioning:
+   pigeon_lora, the two keyword lists differ (with the history captions the LLM
+   saw); unet_lora, both images were rendered (not retrieved) from the same
+   segments, segment weights and soft tokens at the preset's size, and both
+   image files still exist (they are copied next to ``pairs.jsonl``, paths
+   relative to it). Pairs left out are counted by reason (``n_skipped``);
+3. train, starting from the active adapter of ``kind`` when there is one;
 4. evaluate on held-out users (training/eval.py, ``retrain_eval_samples``
-   windows of the test-users split, sample seed ``retrain_eval_seed``) against
-   the serving model scored on the same windows;
+   windows of the test-users split, sample seed ``retrain_eval_seed``; the
+   candidate as eval's ``pigeon_dpo`` or ``diffusion_dpo`` row) against the
+   serving model scored on the same windows;
 5. register the adapter with its metrics and promote it only if joint accuracy
    does not drop and content fidelity stays within ``retrain_max_fidelity_drop``.
 
@@ -24,8 +37,9 @@ promoted version is ``active``; a regression, a crash or a divergence (NaN loss
 or weights) is a ``rejected`` version whose ``notes`` say why (its path is the
 run directory, with ``report.json``), and the serving version stays untouched.
 ``pigment models list`` shows them all; ``report.json`` per run under
-``data_dir/retrain/``. Workers pick a promoted version up without a restart
-(the registry's per-version caches); requests in flight keep theirs.
+``data_dir/retrain/``. A promoted version is picked up without a restart (the
+gateway's encoder applies pigeon_lora, render workers unet_lora; both through
+the registry's per-version caches); requests in flight keep theirs.
 """
 
 from __future__ import annotations
@@ -42,10 +56,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from celery import shared_task
+from pigment.services.common.storage import ImageStorage
 from pigment.services.registry import Registry
 from pigment.services.render.celery_app import RETRAIN_TASK
 from pigment.services.store.db import transaction
@@ -53,7 +68,6 @@ from pigment.services.store.tables import Item, ModelVersion, RenderRequest
 from sqlalchemy import select
 
 log = logging.getLogger("pigment.retrain")
-KINDS = ("pigeon_lora",)
 KEYWORD_METHODS = ("pmg", "pmg_keywords")
 # Trainer defaults for a retrain round (PigeonTrainConfig fields; `retrain_config` YAML overrides them):
 # logged pairs only (the loop measures what feedback teaches), no history masking unless an adapter
@@ -62,6 +76,18 @@ KEYWORD_METHODS = ("pmg", "pmg_keywords")
 # (keyword joint 0.70 -> 0.32 on held-out users) while 80 steps at 3e-4 / beta 1 gained (0.70 -> 0.72).
 PIGEON_DEFAULTS = {"stage": "dpo", "auto_pairs": 0, "keep_ratio": 1.0, "train_mask": False, "steps": 80,
                    "batch_size": 16, "lr": 3e-4, "warmup_steps": 10, "beta": 1.0, "checkpoint_every": 1000}
+# DiffusionDPOConfig fields for a retrain round (`retrain_config` YAML overrides them): a short run with the
+# strong end of the paper's beta range (2000-5000), so a few hundred logged pairs nudge the serving UNet
+# rather than replace what it renders. On the toy preset (35 pairs from 400 simulated picks among four images
+# of one conditioning) these left the gate's 48 windows unchanged (joint 0.625, content 0.875), while 200 steps
+# at lr 1e-3 cost content fidelity (0.875 -> 0.854).
+DIFFUSION_DPO_DEFAULTS = {"steps": 40, "batch_size": 8, "lr": 1e-4, "warmup_steps": 5, "beta": 5000.0,
+                          "checkpoint_every": 1000}
+# What a generation was rendered from (the gateway's RenderRequest.conditioning). Diffusion-DPO compares two
+# images for one prompt, so a unet_lora pair needs these equal on both sides; sampler settings, seeds and
+# model versions may differ (off-policy images are fine: the paper's Pick-a-Pic pairs came from several
+# models). The trainer conditions on the text segments; soft tokens, equal on both sides, are not its input.
+RENDERED_FROM = ("segments", "segment_weights", "soft_tokens", "soft_weight")
 
 
 @dataclass
@@ -81,6 +107,25 @@ class KeywordPair:
 
 
 @dataclass
+class ImagePair:
+    """One Diffusion-DPO example: the conditioning both images were rendered from, and where they are stored."""
+
+    user_id: str
+    content: str
+    keywords: list[str]
+    segments: list[str]
+    chosen_uri: str
+    rejected_uri: str
+    source: str
+
+    def to_json(self, chosen_image: str, rejected_image: str) -> dict:
+        # segments (what was rendered) win over content + keywords in read_image_pairs
+        return {"content": self.content, "keywords": self.keywords, "segments": self.segments,
+                "chosen_image": chosen_image, "rejected_image": rejected_image, "source": self.source,
+                "user_id": self.user_id}
+
+
+@dataclass
 class RetrainResult:
     run_id: str
     kind: str
@@ -91,6 +136,7 @@ class RetrainResult:
     n_feedback: int = 0
     n_pairs: int = 0
     pairs_per_user: dict[str, int] = field(default_factory=dict)
+    n_skipped: dict[str, int] = field(default_factory=dict)  # pairs left out, by reason (e.g. "missing image")
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
     run_dir: str = ""
@@ -98,7 +144,8 @@ class RetrainResult:
 
 class RetrainCore:
     """``trainer(pairs_file, out_dir, init_adapter) -> (adapter_dir, train_metrics)``;
-    ``evaluator(adapter_dir | None) -> {"joint", "content_fidelity", ...}`` (None: the preset alone)."""
+    ``evaluator(adapter_dir | None) -> {"joint", "content_fidelity", ...}`` (None: the preset alone).
+    Either left out: the run's kind's own (``KIND_SPECS``)."""
 
     def __init__(self, settings, sessions, registry: Registry | None = None, preset_dir: Path | None = None,
                  trainer: Callable | None = None, evaluator: Callable | None = None):
@@ -106,15 +153,15 @@ class RetrainCore:
         self.sessions = sessions
         self.registry = registry or Registry(sessions)
         self.preset_dir = Path(preset_dir or settings.preset_dir)
-        self.trainer = trainer or pigeon_trainer(settings, self.preset_dir)
-        self.evaluator = evaluator or toy_evaluator(settings, self.preset_dir)
+        self.trainer, self.evaluator = trainer, evaluator
+        self.storage = ImageStorage(settings.storage_dir)  # where the gateway's workers wrote the images
         self.root = Path(settings.data_dir) / "retrain"
 
     # -- one run ----------------------------------------------------------------------------------
     def run(self, kind: str | None = None, force: bool = False) -> RetrainResult:
         kind = kind or self.settings.retrain_kind
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} cannot be retrained from feedback: allowed {', '.join(KINDS)}")
+        if kind not in KIND_SPECS:
+            raise ValueError(f"kind={kind!r} cannot be retrained from feedback: allowed {', '.join(KIND_SPECS)}")
         run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
         result = RetrainResult(run_id, kind, "running", "", run_dir=str(self.root / run_id))
         t0 = time.perf_counter()
@@ -135,7 +182,7 @@ class RetrainCore:
     def _run(self, result: RetrainResult, force: bool) -> None:
         active = self.registry.active(result.kind)
         result.baseline_version = active.version if active else None
-        feedback, pairs = self.collect(result.kind, active)
+        feedback, pairs, result.n_skipped = self.collect(result.kind, active)
         result.n_feedback = len(feedback)
         result.n_pairs = len(pairs)
         result.pairs_per_user = dict(Counter(p.user_id for p in pairs))
@@ -146,21 +193,23 @@ class RetrainCore:
             return
         if len(pairs) < self.settings.retrain_min_pairs:
             result.status = "skipped"
-            result.reason = (f"{len(pairs)} usable pairs from {len(feedback)} feedback signals; "
+            result.reason = (f"{len(pairs)} usable pairs from {len(feedback)} feedback signals{_left_out(result)}; "
                              f"retrain_min_pairs is {self.settings.retrain_min_pairs}")
             return
         run_dir = Path(result.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         pairs_file = run_dir / "pairs.jsonl"
-        pairs_file.write_text("".join(json.dumps(p.to_json()) + "\n" for p in pairs))
-        adapter = self._train(result, pairs_file, active)
+        spec = KIND_SPECS[result.kind]
+        spec.write(self, pairs, pairs_file)
+        adapter = self._train(result, pairs_file, active, self.trainer or spec.trainer(self.settings, self.preset_dir))
         if adapter is None:
             return
-        self._judge(result, adapter, active)
+        self._judge(result, adapter, active, self.evaluator or spec.evaluator(self.settings, self.preset_dir))
 
-    # -- feedback -> keyword pairs -------------------------------------------------------------------
-    def collect(self, kind: str, active: ModelVersion | None) -> tuple[list, list[KeywordPair]]:
-        """Feedback since ``active`` was created, and the capped keyword pairs it yields."""
+    # -- feedback -> pairs ---------------------------------------------------------------------------
+    def collect(self, kind: str, active: ModelVersion | None) -> tuple[list, list, dict[str, int]]:
+        """Feedback since ``active`` was created, the capped pairs ``kind`` learns from (usable ones are
+        capped, so a user's unusable pairs do not use up their share), and the pairs left out, by reason."""
         from pigment.training.pairs import build_pairs, cap_per_user, load_feedback
 
         since = _aware(active.created_at) if active is not None else None
@@ -168,23 +217,23 @@ class RetrainCore:
             feedback, generations = load_feedback(s, since)
             requests = {r.request_id: r for r in s.scalars(select(RenderRequest).where(
                 RenderRequest.request_id.in_({g.request_id for g in generations.values()})))}
-            item_ids = {i for r in requests.values() for i in r.conditioning.get("history_item_ids", [])}
-            captions = dict(s.execute(select(Item.item_id, Item.caption).where(Item.item_id.in_(item_ids))).all())
-        raw = build_pairs(feedback, generations, max_per_user=1 << 30)
-        usable = {}
-        for p in raw:
-            pair = _keyword_pair(p, requests[generations[p.chosen].request_id],
-                                 requests[generations[p.rejected].request_id], captions)
-            if pair is not None:
+            make = KIND_SPECS[kind].pairs(self, s, requests)
+        usable, skipped = {}, Counter()
+        for p in build_pairs(feedback, generations, max_per_user=1 << 30):
+            pair = make(p, generations[p.chosen], generations[p.rejected])
+            if isinstance(pair, str):
+                skipped[pair] += 1
+            else:
                 usable[(p.user_id, p.chosen, p.rejected)] = (p, pair)
         capped = cap_per_user([p for p, _ in usable.values()], self.settings.retrain_max_pairs_per_user)
-        return feedback, [usable[(p.user_id, p.chosen, p.rejected)][1] for p in capped]
+        return feedback, [usable[(p.user_id, p.chosen, p.rejected)][1] for p in capped], dict(skipped)
 
     # -- training ------------------------------------------------------------------------------------
-    def _train(self, result: RetrainResult, pairs_file: Path, active: ModelVersion | None) -> Path | None:
+    def _train(self, result: RetrainResult, pairs_file: Path, active: ModelVersion | None,
+               trainer: Callable) -> Path | None:
         try:
             init = self.registry.verify(active) if active is not None else None  # refuses a modified adapter
-            adapter, train_metrics = self.trainer(pairs_file, Path(result.run_dir), init)
+            adapter, train_metrics = trainer(pairs_file, Path(result.run_dir), init)
             result.metrics["train"] = _summary(train_metrics)
             bad = _non_finite(adapter)
             if bad:
@@ -206,10 +255,11 @@ class RetrainCore:
         result.version = self._register_rejected(result, record, result.reason)
 
     # -- evaluation and the promotion gate --------------------------------------------------------------
-    def _judge(self, result: RetrainResult, adapter: Path, active: ModelVersion | None) -> None:
+    def _judge(self, result: RetrainResult, adapter: Path, active: ModelVersion | None,
+               evaluator: Callable) -> None:
         try:
-            candidate = self.evaluator(adapter)
-            baseline = self._baseline(active)
+            candidate = evaluator(adapter)
+            baseline = self._baseline(result.kind, active, evaluator)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - an evaluation failure rejects the candidate
             self._record_failure(result, "evaluation failed", exc)
             return
@@ -218,7 +268,7 @@ class RetrainCore:
         summary = (f"joint {candidate['joint']:.3f} vs {baseline['joint']:.3f}, content fidelity "
                    f"{candidate['content_fidelity']:.3f} vs {baseline['content_fidelity']:.3f} "
                    f"(serving: {result.baseline_version or 'preset'}); {result.n_pairs} pairs from "
-                   f"{result.n_feedback} feedback signals")
+                   f"{result.n_feedback} feedback signals{_left_out(result)}")
         if reason:
             result.status, result.reason = "rejected", f"regressed: {reason}; {summary}"
             result.version = self._register_rejected(result, adapter, result.reason)
@@ -241,21 +291,22 @@ class RetrainCore:
                     f"{candidate['content_fidelity']:.3f} vs {baseline['content_fidelity']:.3f})")
         return ""
 
-    def _baseline(self, active: ModelVersion | None) -> dict:
+    def _baseline(self, kind: str, active: ModelVersion | None, evaluator: Callable) -> dict:
         """The serving model on the gate's windows: the active version's recorded score, else scored now."""
         recorded = (active.metrics or {}).get("candidate") if active is not None else None
         if recorded and (recorded.get("n_samples"), recorded.get("seed")) in (
                 (None, None), (self.settings.retrain_eval_samples, self.settings.retrain_eval_seed)):
             return recorded
         if active is not None:
-            return self.evaluator(self.registry.verify(active))
+            return evaluator(self.registry.verify(active))
         from pigment.models.loader import preset_version
 
-        key = f"{preset_version(self.preset_dir)}-n{self.settings.retrain_eval_samples}-s{self.settings.retrain_eval_seed}"
+        key = (f"{kind}-{preset_version(self.preset_dir)}-n{self.settings.retrain_eval_samples}"
+               f"-s{self.settings.retrain_eval_seed}")
         cache = self.root / f"baseline-{key}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
-        score = self.evaluator(None)
+        score = evaluator(None)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(score))
         return score
@@ -263,7 +314,7 @@ class RetrainCore:
     # -- records ---------------------------------------------------------------------------------------
     def _version_metrics(self, result: RetrainResult) -> dict:
         return {**{k: v for k, v in result.metrics.items() if k != "traceback"}, "run_id": result.run_id,
-                "n_feedback": result.n_feedback, "n_pairs": result.n_pairs,
+                "n_feedback": result.n_feedback, "n_pairs": result.n_pairs, "n_skipped": result.n_skipped,
                 "max_pairs_per_user": max(result.pairs_per_user.values(), default=0)}
 
     def _register_rejected(self, result: RetrainResult, path: Path, reason: str) -> str:
@@ -304,17 +355,76 @@ class RetrainCore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _keyword_pair(p, chosen: RenderRequest, rejected: RenderRequest, captions: dict[str, str]) -> KeywordPair | None:
-    """The DPO example behind a generation pair, or None when both images came from the same keywords."""
+# -- feedback -> pairs, per kind: ``pairs(core, session, requests)`` returns ``make(pair, chosen, rejected)``
+# -> the kind's example or why there is none; ``write(core, pairs, path)`` writes the trainer's JSONL ---------
+def keyword_pairs(core: RetrainCore, session, requests: dict[str, RenderRequest]) -> Callable:
+    """pigeon_lora: two keyword lists for one history (``_keyword_pair``)."""
+    item_ids = {i for r in requests.values() for i in r.conditioning.get("history_item_ids", [])}
+    captions = dict(session.execute(select(Item.item_id, Item.caption).where(Item.item_id.in_(item_ids))).all())
+    return lambda p, chosen, rejected: _keyword_pair(p, requests[chosen.request_id], requests[rejected.request_id],
+                                                     captions)
+
+
+def _keyword_pair(p, chosen: RenderRequest, rejected: RenderRequest, captions: dict[str, str]) -> KeywordPair | str:
+    """The DPO example behind a generation pair, or why there is none (e.g. both images had the same keywords)."""
     if chosen.params.get("method") not in KEYWORD_METHODS or rejected.params.get("method") not in KEYWORD_METHODS:
-        return None
+        return "not a keyword method"
     kw_w, kw_l = list(chosen.conditioning.get("keywords") or []), list(rejected.conditioning.get("keywords") or [])
     if not kw_w or not kw_l or kw_w == kw_l:
-        return None
+        return "same keywords"
     history = [captions[i] for i in chosen.conditioning.get("history_item_ids", []) if i in captions]
     if not history:
-        return None
+        return "no history captions"
     return KeywordPair(p.user_id, history, chosen.params.get("prompt", ""), kw_w, kw_l, p.source)
+
+
+def write_keyword_pairs(core: RetrainCore, pairs: list[KeywordPair], path: Path) -> None:
+    _write_jsonl(path, [p.to_json() for p in pairs])
+
+
+def image_pairs(core: RetrainCore, session, requests: dict[str, RenderRequest]) -> Callable:
+    """unet_lora: two rendered images of one conditioning (``RENDERED_FROM``) whose files still exist."""
+    from pigment.models.loader import preset_defaults
+
+    defaults = preset_defaults(core.preset_dir)
+    size = (int(defaults.get("height", 32)), int(defaults.get("width", 32)))
+    exists = lru_cache(maxsize=None)(core.storage.exists)  # a picked image recurs in each of its pairs
+
+    def make(p, chosen, rejected) -> ImagePair | str:
+        if chosen.retrieved_item_id or rejected.retrieved_item_id:
+            return "retrieved image"  # a catalog image, not rendered from the request's conditioning
+        req_w, req_l = requests[chosen.request_id], requests[rejected.request_id]
+        cond = {k: req_w.conditioning.get(k) for k in RENDERED_FROM}
+        if not cond["segments"] or cond != {k: req_l.conditioning.get(k) for k in RENDERED_FROM}:
+            return "different conditioning"
+        if {(r.params.get("height"), r.params.get("width")) for r in (req_w, req_l)} != {size}:
+            return "not the preset's size"  # the trainer batches one latent shape; the gate renders this size
+        if not all(g.storage_uri and exists(g.storage_uri) for g in (chosen, rejected)):
+            return "missing image"
+        return ImagePair(p.user_id, req_w.params.get("prompt", ""), list(req_w.conditioning.get("keywords") or []),
+                         list(cond["segments"]), chosen.storage_uri, rejected.storage_uri, p.source)
+
+    return make
+
+
+def write_image_pairs(core: RetrainCore, pairs: list[ImagePair], path: Path) -> None:
+    """Copies each image once under ``images/`` next to the JSONL: the run directory keeps what was trained on,
+    and the storage may be remote. A file deleted since ``collect`` checked it fails the run (recorded)."""
+    names: dict[str, str] = {}
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    for uri in (u for p in pairs for u in (p.chosen_uri, p.rejected_uri) if u not in names):
+        names[uri] = f"images/{len(names):05d}.png"
+        (path.parent / names[uri]).write_bytes(core.storage.get(uri))
+    _write_jsonl(path, [p.to_json(names[p.chosen_uri], names[p.rejected_uri]) for p in pairs])
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _left_out(result: RetrainResult) -> str:
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(result.n_skipped.items()))
+    return f" (pairs left out: {skipped})" if skipped else ""
 
 
 def _aware(stamp: datetime | None) -> datetime | None:
@@ -338,15 +448,22 @@ def _non_finite(adapter: Path) -> str:
     return ", ".join(bad[:5])
 
 
-# -- the default trainer and evaluator ------------------------------------------------------------------------
+# -- the default trainers and evaluator ------------------------------------------------------------------------
+def _trainer_overrides(settings, defaults: dict) -> dict:
+    """A round's trainer config: the kind's defaults, then the `retrain_config` YAML."""
+    import yaml
+
+    overrides = dict(defaults)
+    if settings.retrain_config:
+        overrides.update(yaml.safe_load(Path(settings.retrain_config).read_text()) or {})
+    return overrides
+
+
 def pigeon_trainer(settings, preset_dir: Path) -> Callable:
     def train(pairs_file: Path, out: Path, init_adapter: Path | None) -> tuple[Path, dict]:
-        import yaml
         from pigment.training.train_pigeon import PigeonTrainConfig, build_trainer
 
-        overrides = dict(PIGEON_DEFAULTS)
-        if settings.retrain_config:
-            overrides.update(yaml.safe_load(Path(settings.retrain_config).read_text()) or {})
+        overrides = _trainer_overrides(settings, PIGEON_DEFAULTS)
         if init_adapter is not None:  # continue from the serving adapter, with its own mask ratio
             meta = json.loads((Path(init_adapter) / "pigeon.json").read_text())
             overrides.update(init_adapter=str(init_adapter), keep_ratio=float(meta["keep_ratio"]))
@@ -358,21 +475,57 @@ def pigeon_trainer(settings, preset_dir: Path) -> Callable:
     return train
 
 
-def toy_evaluator(settings, preset_dir: Path) -> Callable:
-    """Joint favourite-attribute accuracy and content fidelity of the keyword path (pigment eval)."""
+def diffusion_dpo_trainer(settings, preset_dir: Path) -> Callable:
+    def train(pairs_file: Path, out: Path, init_adapter: Path | None) -> tuple[Path, dict]:
+        from pigment.training.train_diffusion_dpo import (
+            DiffusionDPOConfig,
+            DiffusionDPOTrainer,
+            read_image_pairs,
+        )
+
+        overrides = _trainer_overrides(settings, DIFFUSION_DPO_DEFAULTS)
+        if init_adapter is not None:  # continue from the serving LoRA
+            overrides.update(init_adapter=str(init_adapter))
+        overrides.update(preset=str(preset_dir), out=str(out / "train"), pairs=str(pairs_file))
+        trainer = DiffusionDPOTrainer(DiffusionDPOConfig.load(None, **overrides))
+        trainer.prepare(read_image_pairs(pairs_file))
+        metrics = trainer.train()
+        return Path(metrics["adapter"]), metrics
+
+    return train
+
+
+def toy_evaluator(settings, preset_dir: Path, row: str = "pigeon_dpo") -> Callable:
+    """Joint favourite-attribute accuracy and content fidelity of the keyword path (pigment eval): the adapter
+    as eval's ``row`` (pigeon_dpo: keywords; diffusion_dpo: the UNet), None as the preset's ``pmg_keywords``."""
 
     def evaluate_adapter(adapter_dir: Path | None) -> dict:
         from pigment.training.eval import evaluate
 
-        method = "pigeon_dpo" if adapter_dir is not None else "pmg_keywords"
+        method = row if adapter_dir is not None else "pmg_keywords"
         report = evaluate(preset_dir, "test-users", [method], settings.retrain_eval_samples,
-                          seed=settings.retrain_eval_seed, adapters={"pigeon_dpo": str(adapter_dir)} if adapter_dir else None)
+                          seed=settings.retrain_eval_seed, adapters={row: str(adapter_dir)} if adapter_dir else None)
         m = report["methods"][method]
         return {"joint": m["preference_accuracy"]["joint"], "content_fidelity": m["content_fidelity"],
                 "preference_accuracy": m["preference_accuracy"], "split": report["split"],
                 "n_samples": report["n_samples"], "seed": settings.retrain_eval_seed, "method": method}
 
     return evaluate_adapter
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    pairs: Callable      # (core, session, requests) -> make(pair, chosen, rejected) -> example | why not
+    write: Callable      # (core, examples, pairs_file): the JSONL the trainer reads
+    trainer: Callable    # (settings, preset_dir) -> trainer
+    evaluator: Callable  # (settings, preset_dir) -> evaluator
+
+
+KIND_SPECS = {
+    "pigeon_lora": KindSpec(keyword_pairs, write_keyword_pairs, pigeon_trainer, toy_evaluator),
+    "unet_lora": KindSpec(image_pairs, write_image_pairs, diffusion_dpo_trainer,
+                          partial(toy_evaluator, row="diffusion_dpo")),
+}
 
 
 # -- Celery --------------------------------------------------------------------------------------------------
