@@ -159,6 +159,30 @@ def test_llm_writes_parseable_keywords():
     assert kws and set(kws) <= allowed and "red" in kws
 
 
+def test_llm_augmentation_keeps_what_the_history_says(world):
+    """Relabelled and shuffled windows keep each attribute's counts and the target's place in them."""
+    from pigment.training.train_keyword_llm import KEYWORD_RE, augmented, format_prompt
+
+    rng = np.random.default_rng(0)
+    items = world.item_by_id
+    relabelled = shuffled = 0
+    for s in world.samples("train")[:50]:
+        history = [items[i].attributes for i in s.history]
+        target = items[s.target].attributes
+        prompt, answer, new_target = augmented((history, target), rng)
+        new_history = [tw.parse_caption(line.split(". ", 1)[1]) for line in prompt.splitlines()[1:-1]]
+        assert len(new_history) == len(history) and prompt == format_prompt([tw.caption(h) for h in new_history])
+        assert [m.group(2) for m in KEYWORD_RE.finditer(answer)] == tw.item_keywords(new_target)
+        for a in tw.ATTRIBUTES:
+            old = [h[a] for h in history]
+            new = [h[a] for h in new_history]
+            assert sorted(map(old.count, old)) == sorted(map(new.count, new))  # same count profile
+            assert old.count(target[a]) == new.count(new_target[a])  # the target keeps its history count
+        relabelled += new_target != target
+        shuffled += [h["shape"] for h in new_history] != [h["shape"] for h in history]
+    assert relabelled > 40 and shuffled > 10  # both augmentations actually happen
+
+
 @needs_preset
 def test_renderer_renders_four_images_quickly():
     from pigment.models.loader import load_component, read_manifest
@@ -210,9 +234,24 @@ def test_trainers_run_tiny(tmp_path):
     pref = json.loads((tmp_path / "preference.json").read_text())
     assert pref["soft_weight"] == 0.5 and "keyword_template" in pref
 
-    # The anneal's command follows the UNet's; retraining the UNet drops the stale anneal entry.
+    # The anneal's and the focus run's commands follow the UNet's, in order; dropping them (as
+    # retraining the UNet does) leaves the UNet's alone.
     merge_metrics(tmp_path, "unet", {"command": "U"})
+    merge_metrics(tmp_path, "unet_focus", {"command": "F"})
     merge_metrics(tmp_path, "unet_anneal", {"command": "A"})
-    assert write_preset_manifest(tmp_path, seed=0)["components"]["unet"]["training_command"] == "U && A"
+    assert write_preset_manifest(tmp_path, seed=0)["components"]["unet"]["training_command"] == "U && A && F"
     merge_metrics(tmp_path, "unet_anneal", None)
+    merge_metrics(tmp_path, "unet_focus", None)
     assert write_preset_manifest(tmp_path, seed=0)["components"]["unet"]["training_command"] == "U"
+
+
+def test_focus_items_oversample_the_named_values():
+    from pigment.training.train_renderer import FOCUS
+
+    plain, _ = tw.random_items(600, seed=5)
+    focused, images = tw.random_items(600, seed=5, weights=FOCUS)
+    share = lambda items, a, v: np.mean([it[a] == v for it in items])  # noqa: E731
+    assert abs(share(plain, "shape", "star") - 1 / 6) < 0.05 and abs(share(focused, "shape", "star") - 0.30) < 0.05
+    assert abs(share(focused, "size", "small") - 0.65) < 0.05 and abs(share(focused, "background", "grey") - 0.45) < 0.05
+    assert abs(share(focused, "colour", "red") - 1 / 6) < 0.05  # colour is not focused
+    assert images.shape == (600, 32, 32, 3) and tw.random_items(600, seed=5)[0] == plain  # deterministic

@@ -7,6 +7,17 @@ is stored in the preset as ``preference.json``::
 
     history:\\n1. a large red star on a dark background\\n...\\nkeywords:\\n
     -> 1. red 2. dark background 3. large 4. star <eos>
+
+Augmentation (on by default): the train split is about 5.8k windows whose
+targets are noisy draws from each taste, and 2000 plain steps (11 epochs)
+memorise them (val keyword joint 0.791; more steps fall further, 0.742 at
+3000x64). Each example is therefore redrawn on the fly: every attribute's
+values are relabelled by a random permutation, applied to the history and the
+target alike (the world's values are exchangeable labels, so this keeps the
+taste-to-choice statistics and removes what is worth memorising), and half the
+time the history order is shuffled. Val joint 0.824, which is what each
+attribute's most frequent history value scores (0.824): counting is all the
+history offers.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from pigment.training.toy_world import (
     ATTRIBUTES,
     KEYWORD_ORDER,
     ToyWorld,
+    caption,
     item_keywords,
     keywords_table,
 )
@@ -47,11 +59,25 @@ def parse_keywords(text: str) -> list[str]:
     return [m.group(2) for m in KEYWORD_RE.finditer(text)]
 
 
+def _example(history: list[dict[str, str]], target: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+    return format_prompt([caption(h) for h in history]), format_answer(item_keywords(target)), target
+
+
 def _examples(world: ToyWorld, split: str) -> list[tuple[str, str, dict[str, str]]]:
     items = world.item_by_id
-    return [(format_prompt([items[i].caption for i in s.history]),
-             format_answer(item_keywords(items[s.target].attributes)), items[s.target].attributes)
+    return [_example([items[i].attributes for i in s.history], items[s.target].attributes)
             for s in world.samples(split)]
+
+
+def augmented(example_attrs: tuple[list[dict[str, str]], dict[str, str]],
+              rng: np.random.Generator) -> tuple[str, str, dict[str, str]]:
+    """One window redrawn: values relabelled per attribute (history and target alike), order shuffled half the time."""
+    history, target = example_attrs
+    relabel = {a: dict(zip(vals, rng.permutation(vals))) for a, vals in ATTRIBUTES.items()}
+    history = [{a: str(relabel[a][v]) for a, v in h.items()} for h in history]
+    if rng.random() < 0.5:
+        history = [history[i] for i in rng.permutation(len(history))]
+    return _example(history, {a: str(relabel[a][v]) for a, v in target.items()})
 
 
 def make_llm(tokenizer: PreTrainedTokenizerFast, width: int = 64) -> LlamaForCausalLM:
@@ -116,11 +142,14 @@ def history_mode_baseline(world: ToyWorld, split: str) -> dict[str, float]:
 
 def train_keyword_llm(out_dir: str | Path, steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
                       seed: int = 0, world: ToyWorld | None = None, n_eval: int = 400,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, augment: bool = True) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     world = world or ToyWorld(seed=seed)
     train, val = _examples(world, "train"), _examples(world, "val")
+    items = world.item_by_id
+    train_attrs = [([items[i].attributes for i in s.history], items[s.target].attributes)
+                   for s in world.samples("train")]
     corpus = [p + " " + a for p, a, _ in train] + [format_answer(v) for v in keywords_table().values()]
     tokenizer = build_llm_tokenizer(corpus + [f"{i}." for i in range(1, 21)])
     model = make_llm(tokenizer)
@@ -129,7 +158,8 @@ def train_keyword_llm(out_dir: str | Path, steps: int = 600, batch_size: int = 3
     gen = np.random.default_rng(seed)
     bar = tqdm(range(steps), desc="llm", disable=not progress)
     for _ in bar:
-        batch = _batch(tokenizer, [train[i] for i in gen.integers(0, len(train), batch_size)])
+        picks = gen.integers(0, len(train), batch_size)
+        batch = _batch(tokenizer, [augmented(train_attrs[i], gen) if augment else train[i] for i in picks])
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
@@ -140,7 +170,7 @@ def train_keyword_llm(out_dir: str | Path, steps: int = 600, batch_size: int = 3
     model.eval()
     val = val[:n_eval]
     pred = generate_keywords(model, tokenizer, [p for p, _, _ in val])
-    metrics = {"steps": steps, "final_loss": loss.item(), "n_val": len(val),
+    metrics = {"steps": steps, "augment": augment, "final_loss": loss.item(), "n_val": len(val),
                "val_keyword_accuracy": keyword_accuracy(pred, [t for _, _, t in val]),
                "val_well_formed": float(np.mean([len(p) == len(KEYWORD_ORDER) for p in pred])),
                "val_history_mode_baseline": history_mode_baseline(world, "val"),

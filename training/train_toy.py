@@ -5,7 +5,8 @@
 
 Stages (in order): probe, vae, vae_decoder (decoder-only fine-tune), unet (+ text_encoder,
 tokenizer, scheduler; constant learning rate), unet_anneal (continues them with the rate
-annealed: probe shape accuracy 0.56 -> 0.95), clip, llm. Each writes its components as
+annealed: probe shape accuracy 0.56 -> 0.95), unet_focus (continues them on items that
+oversample the values the annealed renderer draws worst: small, grey, stars), clip, llm. Each writes its components as
 safetensors + config json and merges its numbers into ``training_metrics.json``; the
 manifest (sha256 of every file, training command, data seed, sampler defaults) is
 rewritten at the end from whatever components the directory holds, keeping entries that
@@ -25,11 +26,11 @@ import torch
 from pigment.models.loader import read_manifest, write_manifest
 from pigment.training.toy_world import keywords_table
 
-STAGES = ("probe", "vae", "vae_decoder", "unet", "unet_anneal", "clip", "llm")
-DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "unet_anneal": 3000, "clip": 600,
-                 "llm": 2000}
-# Stages that continue another stage's component (their commands follow its in the manifest).
-FOLLOW_UPS = {"vae": "vae_decoder", "unet": "unet_anneal"}
+STAGES = ("probe", "vae", "vae_decoder", "unet", "unet_anneal", "unet_focus", "clip", "llm")
+DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "unet_anneal": 3000,
+                 "unet_focus": 1500, "clip": 600, "llm": 2000}
+# Stages that continue another stage's component, in order (their commands follow its in the manifest).
+FOLLOW_UPS = {"vae": ("vae_decoder",), "unet": ("unet_anneal", "unet_focus"), "unet_anneal": ("unet_focus",)}
 # component -> (stage that trains it, kind)
 COMPONENTS = {
     "probe": ("probe", "probe"), "vae": ("vae", "vae"), "unet": ("unet", "unet"),
@@ -98,18 +99,22 @@ def _probe(out: Path):
 
 def run_unet(out: Path, steps: int, seed: int, progress: bool, eval_every: int = 300,
              stage: str = "unet") -> dict:
-    """Train text encoder + UNet from scratch, or (``unet_anneal``) continue those in ``out``."""
+    """Train text encoder + UNet from scratch, or continue those in ``out``: ``unet_anneal`` (the
+    rate annealed) and ``unet_focus`` (annealed from a lower rate on items oversampling ``FOCUS``)."""
     from diffusers import AutoencoderKL
-    from pigment.training.train_renderer import build_pipeline, evaluate_renderer, train_unet
+    from pigment.training.train_renderer import FOCUS, build_pipeline, evaluate_renderer, train_unet
     vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
     probe = _probe(out) if (out / "probe").is_dir() else None
     best = {"joint": -1.0, "step": 0}
-    init = None
-    if stage == "unet_anneal":
+    init, focus, lr = None, None, {}
+    if stage in ("unet_anneal", "unet_focus"):
         from pigment.models.loader import load_component
         init = build_pipeline(vae, *(load_component(out, n) for n in ("text_encoder", "tokenizer", "unet", "scheduler")))
-        if probe is not None:  # kept only if it improves on what it continues
-            best["joint"] = evaluate_renderer(init, probe, n=64)["joint"]
+        if stage == "unet_focus":
+            focus, lr = FOCUS, {"lr": 5e-4}
+        if probe is not None:  # kept only if it improves on what it continues (scored as the run scores)
+            best["joint"] = evaluate_renderer(init, probe, n=64, focus=focus)["joint"]
+            best["start_joint"] = best["joint"]
 
     def checkpoint(pipe, step, acc):
         if acc["joint"] >= best["joint"]:
@@ -121,10 +126,12 @@ def run_unet(out: Path, steps: int, seed: int, progress: bool, eval_every: int =
 
     pipe, metrics = train_unet(vae, steps, seed=seed, probe=probe, eval_every=eval_every if probe else 0,
                                on_eval=checkpoint, progress=progress, log=lambda m: print(m, flush=True),
-                               init=init)
+                               init=init, focus=focus, **lr)
     if probe is None:
         save_renderer(pipe, out)
     metrics["kept_step"] = best["step"] if probe is not None else steps
+    if "start_joint" in best:
+        metrics["start_joint"] = best["start_joint"]
     return metrics
 
 
@@ -140,6 +147,7 @@ def run_llm(out: Path, steps: int, seed: int, progress: bool) -> dict:
 
 RUNNERS = {"probe": run_probe, "vae": run_vae, "vae_decoder": run_vae_decoder, "unet": run_unet,
            "unet_anneal": lambda out, steps, seed, progress: run_unet(out, steps, seed, progress, stage="unet_anneal"),
+           "unet_focus": lambda out, steps, seed, progress: run_unet(out, steps, seed, progress, stage="unet_focus"),
            "clip": run_clip, "llm": run_llm}
 
 
@@ -161,8 +169,8 @@ def write_preset_manifest(out: Path, seed: int) -> dict:
         if not (out / name).is_dir():
             continue
         commands = [metrics.get(stage, {}).get("command", "")]
-        if stage in FOLLOW_UPS and FOLLOW_UPS[stage] in metrics:  # e.g. the decoder fine-tune rewrites vae/
-            commands.append(metrics[FOLLOW_UPS[stage]].get("command", ""))
+        # e.g. the decoder fine-tune rewrites vae/
+        commands += [metrics[f].get("command", "") for f in FOLLOW_UPS.get(stage, ()) if f in metrics]
         comps[name] = {"path": name, "kind": kind, "data_seed": seed,
                        "training_command": " && ".join(c for c in commands if c)}
     return write_manifest(out, comps, preset="toy", version="toy-1", defaults=DEFAULTS,
@@ -204,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         command = (f"python -m pigment.training.train_toy --out {shlex.quote(str(args.out))} "
                    f"--only {stage} --steps {stage}={steps[stage]} --seed {args.seed}")
         merge_metrics(out, stage, {"command": command, "status": "running"})
-        if stage in FOLLOW_UPS:  # a retrained component voids the follow-up that continued the old one
-            merge_metrics(out, FOLLOW_UPS[stage], None)
+        for follow_up in FOLLOW_UPS.get(stage, ()):  # a retrained component voids what continued the old one
+            merge_metrics(out, follow_up, None)
         metrics = RUNNERS[stage](out, steps[stage], args.seed, not args.no_progress)
         merge_metrics(out, stage, {**metrics, "command": command, "status": "done"})
         print(f"[{stage}] {json.dumps(metrics)[:600]}", flush=True)
