@@ -255,3 +255,27 @@ def test_focus_items_oversample_the_named_values():
     assert abs(share(focused, "size", "small") - 0.65) < 0.05 and abs(share(focused, "background", "grey") - 0.45) < 0.05
     assert abs(share(focused, "colour", "red") - 1 / 6) < 0.05  # colour is not focused
     assert images.shape == (600, 32, 32, 3) and tw.random_items(600, seed=5)[0] == plain  # deterministic
+
+
+def test_train_toy_stages_load_earlier_stages_through_the_loader(tmp_path, monkeypatch):
+    """One `train_toy` run of several stages: each finds the previous ones' output in the manifest
+    (unet_anneal loads the unet this way; a whole-zoo run from scratch used to fail there)."""
+    from pigment.models.loader import load_component
+    from pigment.training import train_clip, train_keyword_llm, train_toy
+
+    seen = []
+
+    def clip_stage(out, steps, seed, progress):
+        return train_clip.train_clip(out, steps=steps, batch_size=8, n_images=32, n_eval=8, progress=False)
+
+    def llm_stage(out, steps, seed, progress):
+        seen.append(load_component(out, "clip"))  # sha256-checked against the manifest written after clip
+        small = tw.ToyWorld(seed=1, n_items=216, n_users=12)
+        return train_keyword_llm.train_keyword_llm(out, steps=steps, batch_size=4, world=small, n_eval=4,
+                                                   progress=False)
+
+    monkeypatch.setitem(train_toy.RUNNERS, "clip", clip_stage)
+    monkeypatch.setitem(train_toy.RUNNERS, "llm", llm_stage)
+    train_toy.main(["--out", str(tmp_path), "--only", "clip,llm", "--steps", "clip=2,llm=2", "--no-progress"])
+    assert seen and seen[0] is not None
+    assert {"clip", "llm"} <= set(train_toy.read_manifest(tmp_path)["components"])

@@ -31,6 +31,9 @@ DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "
                  "unet_focus": 1500, "clip": 600, "llm": 2000}
 # Stages that continue another stage's component, in order (their commands follow its in the manifest).
 FOLLOW_UPS = {"vae": ("vae_decoder",), "unet": ("unet_anneal", "unet_focus"), "unet_anneal": ("unet_focus",)}
+# Conditioning weights chosen on the `val` split (pmg joint 0.824 at soft weight 0.25, 0.817 at 0.5,
+# 0.722 at 1.0; bench/RESULTS.md); the serving default of 1.0 is for checkpoints nobody has tuned.
+CONDITIONING_WEIGHTS = {"keyword_weight": 1.0, "soft_weight": 0.25}
 # component -> (stage that trains it, kind)
 COMPONENTS = {
     "probe": ("probe", "probe"), "vae": ("vae", "vae"), "unet": ("unet", "unet"),
@@ -156,10 +159,11 @@ def write_preset_manifest(out: Path, seed: int) -> dict:
     from pigment.training.train_keyword_llm import PREFERENCE
     from pigment.training.train_renderer import DEFAULTS
     (out / "keywords.json").write_text(json.dumps(keywords_table(), indent=2) + "\n")
-    # The LLM's prompt format is this trainer's; conditioning weights (set after PMG evals) are kept.
+    # The LLM's prompt format is this trainer's; conditioning weights already set (after PMG evals) are
+    # kept, and a new preset starts from the ones chosen for the shipped zoo.
     pref_path = out / "preference.json"
     kept = json.loads(pref_path.read_text()) if pref_path.is_file() else {}
-    pref_path.write_text(json.dumps({**kept, **PREFERENCE}, indent=2) + "\n")
+    pref_path.write_text(json.dumps({**CONDITIONING_WEIGHTS, **kept, **PREFERENCE}, indent=2) + "\n")
     metrics = json.loads((out / METRICS).read_text()) if (out / METRICS).is_file() else {}
     # Components trained elsewhere (the PMG head: `pigment train pmg --install`) keep their entries.
     previous = read_manifest(out)["components"] if (out / "manifest.json").is_file() else {}
@@ -216,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
             merge_metrics(out, follow_up, None)
         metrics = RUNNERS[stage](out, steps[stage], args.seed, not args.no_progress)
         merge_metrics(out, stage, {**metrics, "command": command, "status": "done"})
+        # after every stage, so the next one (e.g. unet_anneal) loads this one's output through the loader
+        write_preset_manifest(out, args.seed)
         print(f"[{stage}] {json.dumps(metrics)[:600]}", flush=True)
-    write_preset_manifest(out, args.seed)
     if args.eval:
         from pigment.training.train_renderer import evaluate_preset
         metrics = evaluate_preset(out, n=args.eval)
