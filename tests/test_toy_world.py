@@ -250,7 +250,7 @@ def test_focus_items_oversample_the_named_values():
 
     plain, _ = tw.random_items(600, seed=5)
     focused, images = tw.random_items(600, seed=5, weights=FOCUS)
-    share = lambda items, a, v: np.mean([it[a] == v for it in items])  # noqa: E731
+    share = lambda items, a, v: np.mean([it[a] == v for it in items])
     assert abs(share(plain, "shape", "star") - 1 / 6) < 0.05 and abs(share(focused, "shape", "star") - 0.30) < 0.05
     assert abs(share(focused, "size", "small") - 0.65) < 0.05 and abs(share(focused, "background", "grey") - 0.45) < 0.05
     assert abs(share(focused, "colour", "red") - 1 / 6) < 0.05  # colour is not focused
