@@ -410,21 +410,23 @@ def load_pmg_json(path: str | Path) -> list[dict[str, Any]]:
     return json.loads(Path(path).read_text())
 
 
+def draw_attributes(rng: np.random.Generator, n: int, weights: dict[str, dict[str, float]] | None = None
+                    ) -> list[dict[str, str]]:
+    """``n`` attribute combinations; ``weights`` (attr -> {value: relative weight}, unnamed values 1)
+    oversamples values, e.g. the ones a renderer draws worst; without it every value is equally likely."""
+    if not weights:
+        return [{a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()} for _ in range(n)]
+    probs = {a: np.array([weights.get(a, {}).get(v, 1.0) for v in vals]) for a, vals in ATTRIBUTES.items()}
+    return [{a: str(rng.choice(vals, p=probs[a] / probs[a].sum())) for a, vals in ATTRIBUTES.items()}
+            for _ in range(n)]
+
+
 def random_items(n: int, seed: int, weights: dict[str, dict[str, float]] | None = None
                  ) -> tuple[list[dict[str, str]], np.ndarray]:
     """``n`` fresh items (attributes, uint8 N,32,32,3) independent of any world; for probes/tests.
-
-    ``weights`` (attr -> {value: relative weight}, unnamed values 1) oversamples values, e.g. the
-    ones a renderer draws worst; without it every value is equally likely.
-    """
-    if weights:
-        rng = np.random.default_rng([seed, 98])
-        probs = {a: np.array([weights.get(a, {}).get(v, 1.0) for v in vals]) for a, vals in ATTRIBUTES.items()}
-        attrs = [{a: str(rng.choice(vals, p=probs[a] / probs[a].sum())) for a, vals in ATTRIBUTES.items()}
-                 for _ in range(n)]
-    else:
-        rng = np.random.default_rng([seed, 99])
-        attrs = [{a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()} for _ in range(n)]
+    ``weights``: as ``draw_attributes``."""
+    rng = np.random.default_rng([seed, 98 if weights else 99])  # weighted draws use their own stream
+    attrs = draw_attributes(rng, n, weights)
     return attrs, np.stack([render_item(a, rng) for a in attrs]) if n else np.zeros((0, 32, 32, 3), np.uint8)
 
 

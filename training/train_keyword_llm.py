@@ -146,10 +146,10 @@ def train_keyword_llm(out_dir: str | Path, steps: int = 600, batch_size: int = 3
     t0 = time.time()
     torch.manual_seed(seed)
     world = world or ToyWorld(seed=seed)
-    train, val = _examples(world, "train"), _examples(world, "val")
     items = world.item_by_id
     train_attrs = [([items[i].attributes for i in s.history], items[s.target].attributes)
                    for s in world.samples("train")]
+    train, val = [_example(*a) for a in train_attrs], _examples(world, "val")
     corpus = [p + " " + a for p, a, _ in train] + [format_answer(v) for v in keywords_table().values()]
     tokenizer = build_llm_tokenizer(corpus + [f"{i}." for i in range(1, 21)])
     model = make_llm(tokenizer)

@@ -25,6 +25,7 @@ from pigment.training.toy_world import (
     KEYWORD_ORDER,
     all_combinations,
     caption,
+    draw_attributes,
     item_keywords,
     random_items,
 )
@@ -182,8 +183,7 @@ def evaluate_renderer(pipe, probe, n: int = 96, seed: int = 123, focus: dict | N
     if focus:
         attrs, _ = random_items(n, seed=seed, weights=focus)
     else:
-        rng = np.random.default_rng(seed)
-        attrs = [{a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()} for _ in range(n)]
+        attrs = draw_attributes(np.random.default_rng(seed), n)
     images = render(pipe, [[caption(a)] for a in attrs], seed=seed, **sampler)
     pred = probe.predict_values(images)
     acc = {a: float(np.mean([p[a] == t[a] for p, t in zip(pred, attrs)])) for a in ATTRIBUTES}

@@ -20,6 +20,7 @@ import fcntl
 import json
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,15 +110,14 @@ def run_unet(out: Path, steps: int, seed: int, progress: bool, eval_every: int =
     vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).eval()
     probe = _probe(out) if (out / "probe").is_dir() else None
     best = {"joint": -1.0, "step": 0}
-    init, focus, lr = None, None, {}
+    init, focus, lr, start = None, None, {}, None
     if stage in ("unet_anneal", "unet_focus"):
         from pigment.models.loader import load_component
         init = build_pipeline(vae, *(load_component(out, n) for n in ("text_encoder", "tokenizer", "unet", "scheduler")))
         if stage == "unet_focus":
             focus, lr = FOCUS, {"lr": 5e-4}
         if probe is not None:  # kept only if it improves on what it continues (scored as the run scores)
-            best["joint"] = evaluate_renderer(init, probe, n=64, focus=focus)["joint"]
-            best["start_joint"] = best["joint"]
+            start = best["joint"] = evaluate_renderer(init, probe, n=64, focus=focus)["joint"]
 
     def checkpoint(pipe, step, acc):
         if acc["joint"] >= best["joint"]:
@@ -133,8 +133,8 @@ def run_unet(out: Path, steps: int, seed: int, progress: bool, eval_every: int =
     if probe is None:
         save_renderer(pipe, out)
     metrics["kept_step"] = best["step"] if probe is not None else steps
-    if "start_joint" in best:
-        metrics["start_joint"] = best["start_joint"]
+    if start is not None:
+        metrics["start_joint"] = start
     return metrics
 
 
@@ -149,8 +149,7 @@ def run_llm(out: Path, steps: int, seed: int, progress: bool) -> dict:
 
 
 RUNNERS = {"probe": run_probe, "vae": run_vae, "vae_decoder": run_vae_decoder, "unet": run_unet,
-           "unet_anneal": lambda out, steps, seed, progress: run_unet(out, steps, seed, progress, stage="unet_anneal"),
-           "unet_focus": lambda out, steps, seed, progress: run_unet(out, steps, seed, progress, stage="unet_focus"),
+           "unet_anneal": partial(run_unet, stage="unet_anneal"), "unet_focus": partial(run_unet, stage="unet_focus"),
            "clip": run_clip, "llm": run_llm}
 
 
