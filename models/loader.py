@@ -163,6 +163,16 @@ def preset_defaults(preset_dir: str | Path) -> dict[str, Any]:
     return dict(read_manifest(preset_dir).get("defaults", {}))
 
 
+def default_soft_weight(cfg: dict, method: str) -> float:
+    """The soft-token weight ``method`` renders with unless the request sets one.
+
+    Beside the keywords (``pmg``) the soft tokens only refine them and a small weight
+    is best; alone (``pmg_soft``) they carry the whole preference and need their full
+    trained scale, so ``preference.json`` sets ``soft_weight_alone`` apart (both chosen on val).
+    """
+    return float(cfg.get("soft_weight_alone" if method == "pmg_soft" else "soft_weight", 1.0))
+
+
 def preset_file(preset_dir: str | Path, name: str) -> Path | None:
     """An optional config file shipped with the preset (e.g. ``preference.json``)."""
     path = Path(preset_dir) / name

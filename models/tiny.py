@@ -96,7 +96,9 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     }
     for name, part in parts.items():
         part.save_pretrained(out / name)
-    (out / "preference.json").write_text(json.dumps(DEFAULT_PREFERENCE_CONFIG, indent=2))
+    # As a tuned preset ships them: a smaller soft weight beside the keywords than alone.
+    pref = {**DEFAULT_PREFERENCE_CONFIG, "soft_weight": 0.5}
+    (out / "preference.json").write_text(json.dumps(pref, indent=2))
     command = f"python -c 'from pigment.models.tiny import build_tiny; build_tiny(DIR, seed={seed})'"
     write_manifest(
         out,
@@ -115,5 +117,6 @@ DEFAULT_PREFERENCE_CONFIG = {
     "max_new_tokens": 24,
     "max_caption_chars": 200,
     "keyword_weight": 1.0,
-    "soft_weight": 1.0,
+    "soft_weight": 1.0,        # soft tokens beside the keywords (pmg)
+    "soft_weight_alone": 1.0,  # soft tokens as the only user signal (pmg_soft)
 }

@@ -102,7 +102,7 @@ class Stack:
             import json
 
             cfg = json.loads(pref_cfg.read_text())
-            defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight") if k in cfg})
+            defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight", "soft_weight_alone") if k in cfg})
         return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
                            decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)))

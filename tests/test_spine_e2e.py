@@ -85,6 +85,32 @@ def test_embedded_generate_replay_and_stream(embedded):
     assert events[-1].WhichOneof("event") == "result" and len(events[-1].result.images) == 1
 
 
+def test_each_method_reports_the_conditioning_it_rendered_with(embedded):
+    """pmg renders prompt + keywords + soft tokens, pmg_soft prompt + soft tokens, each at the
+    soft weight the preset chose for it; pmg_keywords has no soft tokens; a request's weight wins."""
+    import json
+
+    stack, channel, _ = embedded
+    seed(channel)
+    pref = json.loads((stack.preset_dir / "preference.json").read_text())
+    assert pref["soft_weight"] != pref["soft_weight_alone"]
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+    def generate(method, **extra):
+        return stub.GeneratePersonalized(gpb.GenerateRequest(
+            request_id=f"e2e-cond-{method}-{len(extra)}", user_id="alice", prompt="a star", num_images=1,
+            num_inference_steps=2, method=method, retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY, **extra), timeout=120)
+
+    pmg = generate(gpb.METHOD_PMG)  # the tiny LLM is untrained: it may or may not write valid keywords
+    assert list(pmg.conditioning.segments) == ["a star", *([", ".join(pmg.keywords)] if pmg.keywords else [])]
+    assert pmg.conditioning.soft_tokens == 2 and pmg.conditioning.soft_weight == pytest.approx(pref["soft_weight"])
+    alone = generate(gpb.METHOD_PMG_SOFT).conditioning
+    assert list(alone.segments) == ["a star"] and alone.soft_tokens == 2
+    assert alone.soft_weight == pytest.approx(pref["soft_weight_alone"])
+    assert generate(gpb.METHOD_PMG_KEYWORDS).conditioning.soft_tokens == 0
+    assert generate(gpb.METHOD_PMG_SOFT, soft_weight=0.3).conditioning.soft_weight == pytest.approx(0.3)
+
+
 def test_redelivered_render_adds_no_rows(embedded):
     """A task redelivered after a worker loss re-renders into the same ids and files, adding no rows."""
     from pigment.services.render.core import RenderCore

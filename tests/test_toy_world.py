@@ -232,7 +232,7 @@ def test_trainers_run_tiny(tmp_path):
     manifest = write_preset_manifest(tmp_path, seed=0)
     assert manifest["components"]["preference_head"]["training_command"] == "pigment train pmg --config x"
     pref = json.loads((tmp_path / "preference.json").read_text())
-    assert pref["soft_weight"] == 0.5 and "keyword_template" in pref
+    assert pref["soft_weight"] == 0.5 and pref["soft_weight_alone"] == 1.0 and "keyword_template" in pref
 
     # The anneal's and the focus run's commands follow the UNet's, in order; dropping them (as
     # retraining the UNet does) leaves the UNet's alone.

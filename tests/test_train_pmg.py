@@ -60,6 +60,8 @@ def test_pmg_lora_is_saved_resumed_and_served_for_soft_tokens_only(tiny_preset, 
     resumed = get_peft_model_state_dict(second.llm)
     assert trained.keys() == resumed.keys() and all(np.allclose(trained[k], resumed[k]) for k in trained)
 
+    lora_cfg = json.loads((tmp_path / "run" / "preference_head" / "llm_lora" / "adapter_config.json").read_text())
+    assert lora_cfg["base_model_name_or_path"] == "llm"  # no path of the training machine in the shipped files
     prompt = "history:\n1. a large red star on a dark background\nkeywords:\n"
     plain = PreferenceEncoder(preset)
     install(tmp_path / "run" / "preference_head", preset, "test")
@@ -70,3 +72,28 @@ def test_pmg_lora_is_saved_resumed_and_served_for_soft_tokens_only(tiny_preset, 
     assert not np.allclose(served.soft_tokens(prompt), without, atol=1e-6)
     # Keywords come from the plain LLM: the PMG LoRA never steers them.
     assert served.generate_keywords_batch([prompt]) == plain.generate_keywords_batch([prompt])
+
+
+def test_distillation_pulls_the_student_to_the_caption_teacher(tiny_preset, tmp_path):
+    """With distill_weight 1 the loss is the gap to the UNet told the target's caption: training
+    shrinks it on a fixed batch, and a teacher told another caption is matched worse."""
+    import torch
+
+    cfg = PMGTrainConfig(preset=str(tiny_preset), out=str(tmp_path / "run"), steps=25, batch_size=4, max_samples=4,
+                         checkpoint_every=100, lr=0.05, distill_weight=1.0, keyword_dropout=1.0)
+    trainer = PMGTrainer(cfg)
+    trainer.prepare(load_records(cfg))
+    assert all(r.target_caption.startswith("a ") for r in trainer.records)
+    idx = np.arange(4)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return trainer.loss(idx, False, np.random.default_rng(0)).item()
+
+    before = gap()
+    trainer.train()
+    after = gap()
+    assert after < 0.8 * before
+    for r in trainer.records:  # a teacher told something else: the student no longer matches it
+        r.target_caption = "a small grey cross on a light background"
+    assert gap() > after

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pigment.models.loader import has_component, load_component, preset_defaults
+from pigment.models.loader import default_soft_weight, has_component, load_component, preset_defaults
 from pigment.training import toy_world as tw
 
 OPEN_ATTRIBUTES = ("colour", "background", "size")
@@ -104,7 +104,7 @@ class Methods:
             segments = _segments(case.content, pref.keywords)
             # the weights serving uses (the preset's preference.json), so eval scores what users get
             weights = [1.0, float(self.encoder.cfg["keyword_weight"])][:len(segments)]
-            return segments, pref.soft_tokens, weights, float(self.encoder.cfg["soft_weight"])
+            return segments, pref.soft_tokens, weights, default_soft_weight(self.encoder.cfg, method)
 
         return run
 

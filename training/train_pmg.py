@@ -2,11 +2,14 @@
 
 Only the preference head trains (prefix vectors, image tokens, projection; and,
 optionally, a LoRA on the LLM via peft). LLM, VAE, text encoder and UNet stay
-frozen; the loss is the ordinary denoising loss on the target image given the
-content prompt, (sometimes) the keyword prompt, and the soft tokens, so the
-gradient flows through the frozen UNet into the head. Half of the steps drop
-the keyword segment, so the soft tokens work alone (``pmg_soft``) and beside
-the keywords (``pmg``).
+frozen; the gradient flows through the frozen UNet into the head. PMG's loss is
+the ordinary denoising loss on the target image given the content prompt,
+(sometimes) the keyword prompt, and the soft tokens. We add, and on the toy world
+use alone (``distill_weight: 1``), a distillation form of it: match what the same
+UNet predicts when told the target's caption. Its target has no noise variance, so
+the head learns an object's colour and size and not only the background (the
+plain loss taught it little else). Half of the steps drop the keyword segment, so
+the soft tokens work alone (``pmg_soft``) and beside the keywords (``pmg``).
 
 Data: PMG unified JSON records (``user_id``, ``history_items_info``,
 ``target_item_info``) or the toy world directly. Runs on CPU here and on one or
@@ -48,6 +51,7 @@ class PMGTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     keyword_dropout: float = 0.5
+    distill_weight: float = 0.0       # share of the loss matching the UNet told the target's caption (see loss)
     lora_r: int = 0                   # > 0: LoRA on the LLM's q/v projections
     lora_alpha: int = 16
     mixed_precision: str = "no"       # no | bf16 | fp16 (Accelerate)
@@ -66,6 +70,7 @@ class Record:
     history: list[str]      # captions, oldest first
     content: str            # what the request names
     target_image: np.ndarray  # uint8 H,W,3
+    target_caption: str = ""  # the target item's own caption (the distillation teacher's text)
 
 
 def load_records(cfg: PMGTrainConfig) -> list[Record]:
@@ -80,7 +85,7 @@ def load_records(cfg: PMGTrainConfig) -> list[Record]:
         world = tw.ToyWorld(seed=cfg.world_seed)
         rows = [([world.item_by_id[i].caption for i in s.history], world.item_by_id[s.target])
                 for s in world.samples(cfg.split)]
-        records = [Record(h, content_of(t.caption), t.image) for h, t in rows]
+        records = [Record(h, content_of(t.caption), t.image, t.caption) for h, t in rows]
     elif cfg.data_format == "pmg_json":
         from PIL import Image
 
@@ -89,7 +94,8 @@ def load_records(cfg: PMGTrainConfig) -> list[Record]:
         for r in json.loads(Path(cfg.data_path).read_text()):
             target = r["target_item_info"]
             image = np.asarray(Image.open(base / target["image_path"]).convert("RGB"))
-            records.append(Record([h["caption"] for h in r["history_items_info"]], content_of(target["caption"]), image))
+            records.append(Record([h["caption"] for h in r["history_items_info"]], content_of(target["caption"]), image,
+                                  target["caption"]))
     else:
         raise SystemExit(f"data_format must be toy or pmg_json, got {cfg.data_format!r}")
     rng = np.random.default_rng(cfg.seed)
@@ -184,7 +190,18 @@ class PMGTrainer:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
             target = noise
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        if self.cfg.distill_weight > 0:
+            # The same UNet, told in words what the target looks like, predicts what the soft tokens
+            # should make it predict. Unlike the sampled noise this target carries no noise variance, so
+            # small regions (an object's colour, its size) are not drowned by the background's share.
+            with torch.no_grad():
+                teacher = torch.stack([torch.cat([self.encode_text(self.records[i].content),
+                                                  self.encode_text(self.records[i].target_caption)]) for i in idx])
+                teacher_pred = self.unet(noisy, t, encoder_hidden_states=teacher).sample
+            w = self.cfg.distill_weight
+            loss = (1 - w) * loss + w * torch.nn.functional.mse_loss(pred.float(), teacher_pred.float())
+        return loss
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -240,6 +257,7 @@ class PMGTrainer:
         head_dir = self.out / "preference_head"
         self.accel.unwrap_model(self.head).save_pretrained(head_dir)
         if self.cfg.lora_r > 0:  # served with the head: PreferenceEncoder loads it as the "pmg" adapter
+            self.llm.peft_config["default"].base_model_name_or_path = "llm"  # the preset's, not this machine's path
             self.llm.save_pretrained(str(head_dir / PMG_LORA), safe_serialization=True)
         losses = [h["loss"] for h in self.history]
         window = max(1, len(losses) // 10)

@@ -32,9 +32,10 @@ DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "
                  "unet_focus": 1500, "clip": 600, "llm": 2000}
 # Stages that continue another stage's component, in order (their commands follow its in the manifest).
 FOLLOW_UPS = {"vae": ("vae_decoder",), "unet": ("unet_anneal", "unet_focus"), "unet_anneal": ("unet_focus",)}
-# Conditioning weights chosen on the `val` split (pmg joint 0.824 at soft weight 0.25, 0.817 at 0.5,
-# 0.722 at 1.0; bench/RESULTS.md); the serving default of 1.0 is for checkpoints nobody has tuned.
-CONDITIONING_WEIGHTS = {"keyword_weight": 1.0, "soft_weight": 0.25}
+# Conditioning weights chosen on the `val` split (bench/RESULTS.md): beside the keywords, pmg joint
+# 0.824 at soft weight 0.25, 0.817 at 0.5, 0.722 at 1.0; alone, pmg_soft is best at its trained scale
+# (0.305 at 1.0, 0.285 at 1.5, 0.230 at 2.0). The serving default of 1.0 is for untuned checkpoints.
+CONDITIONING_WEIGHTS = {"keyword_weight": 1.0, "soft_weight": 0.25, "soft_weight_alone": 1.0}
 # component -> (stage that trains it, kind)
 COMPONENTS = {
     "probe": ("probe", "probe"), "vae": ("vae", "vae"), "unet": ("unet", "unet"),

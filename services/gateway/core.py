@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pigment.models.loader import default_soft_weight
 from pigment.services.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -166,7 +167,7 @@ class GatewayCore:
             guidance_scale=p.guidance_scale or float(d.get("guidance_scale", 3.0)),
             height=p.height or int(d.get("height", 32)), width=p.width or int(d.get("width", 32)),
             keyword_weight=p.keyword_weight or float(d.get("keyword_weight", 1.0)),
-            soft_weight=p.soft_weight or float(d.get("soft_weight", 1.0)),
+            soft_weight=p.soft_weight or default_soft_weight(d, method),
             retrieval=retrieval, include_seen=p.include_seen,
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
