@@ -63,10 +63,10 @@ def _example(history: list[dict[str, str]], target: dict[str, str]) -> tuple[str
     return format_prompt([caption(h) for h in history]), format_answer(item_keywords(target)), target
 
 
-def _examples(world: ToyWorld, split: str) -> list[tuple[str, str, dict[str, str]]]:
+def _windows(world: ToyWorld, split: str) -> list[tuple[list[dict[str, str]], dict[str, str]]]:
+    """(history attributes, target attributes) per window of ``split``."""
     items = world.item_by_id
-    return [_example([items[i].attributes for i in s.history], items[s.target].attributes)
-            for s in world.samples(split)]
+    return [([items[i].attributes for i in s.history], items[s.target].attributes) for s in world.samples(split)]
 
 
 def augmented(example_attrs: tuple[list[dict[str, str]], dict[str, str]],
@@ -146,10 +146,8 @@ def train_keyword_llm(out_dir: str | Path, steps: int = 600, batch_size: int = 3
     t0 = time.time()
     torch.manual_seed(seed)
     world = world or ToyWorld(seed=seed)
-    items = world.item_by_id
-    train_attrs = [([items[i].attributes for i in s.history], items[s.target].attributes)
-                   for s in world.samples("train")]
-    train, val = [_example(*a) for a in train_attrs], _examples(world, "val")
+    train_attrs = _windows(world, "train")
+    train, val = [_example(*a) for a in train_attrs], [_example(*a) for a in _windows(world, "val")]
     corpus = [p + " " + a for p, a, _ in train] + [format_answer(v) for v in keywords_table().values()]
     tokenizer = build_llm_tokenizer(corpus + [f"{i}." for i in range(1, 21)])
     model = make_llm(tokenizer)
