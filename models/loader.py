@@ -56,8 +56,8 @@ def read_manifest(preset_dir: str | Path) -> dict[str, Any]:
     path = Path(preset_dir) / MANIFEST
     if not path.is_file():
         raise ModelIntegrityError(
-            f"no {MANIFEST} in {preset_dir}: build the preset (`pigment models build-tiny`) "
-            f"or record a checkpoint with `pigment models manifest DIR`"
+            f"no {MANIFEST} in {preset_dir}: build the preset (`pigment models build --arch tiny --dir DIR`) "
+            f"or record a checkpoint with `pigment models manifest --dir DIR COMPONENTS...`"
         )
     return json.loads(path.read_text())
 
@@ -67,6 +67,8 @@ def write_manifest(preset_dir: str | Path, components: dict[str, dict[str, Any]]
 
     ``components`` maps name -> {"path": relative dir, "kind": kind, ...extra}.
     """
+    if not components:
+        raise ModelIntegrityError(f"a manifest for {preset_dir} needs at least one component")
     root = Path(preset_dir)
     out: dict[str, dict[str, Any]] = {}
     for name, entry in components.items():
@@ -84,20 +86,86 @@ def write_manifest(preset_dir: str | Path, components: dict[str, dict[str, Any]]
     return manifest
 
 
-@lru_cache(maxsize=64)
-def _verified(comp_dir: str, files_json: str) -> bool:
-    files = json.loads(files_json)
-    for rel, expected in files.items():
-        path = Path(comp_dir) / rel
-        if not path.is_file():
-            raise ModelIntegrityError(f"{path} is listed in the manifest but missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ModelIntegrityError(
-                f"{path} has sha256 {actual[:12]}..., manifest says {expected[:12]}...: "
-                "refusing to load a modified or corrupt file"
-            )
+# Files whose sha256 this process has checked: resolved path -> (stat key, sha256). A file is re-hashed
+# only when its stat key (size, mtime_ns, inode) changes, so a start-up check makes later loads free.
+_CHECKED: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _check_file(path: Path, expected: str) -> bool:
+    """Raise unless ``path`` has sha256 ``expected``; True when it had to be hashed (False: known unchanged)."""
+    if not path.is_file():
+        raise ModelIntegrityError(f"{path} is listed in the manifest but missing")
+    key, name = _stat_key(path), str(path.resolve())
+    if _CHECKED.get(name) == (key, expected):
+        return False
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{path} has sha256 {actual[:12]}..., manifest says {expected[:12]}...: "
+            "refusing to load a modified or corrupt file"
+        )
+    _CHECKED[name] = (key, actual)
     return True
+
+
+def _verified(comp_dir: str, files_json: str) -> bool:
+    for rel, expected in json.loads(files_json).items():
+        _check_file(Path(comp_dir) / rel, expected)
+    return True
+
+
+def verify_preset(preset_dir: str | Path, cache_file: str | Path | None = None) -> dict[str, Any]:
+    """Check every file of every component against the manifest, once, at start-up.
+
+    ``cache_file`` (JSON: resolved path -> [size, mtime_ns, inode, sha256]) remembers files already
+    verified, so a restart does not re-hash unchanged gigabytes: a file whose size, mtime and inode all
+    match its entry is trusted (replacing a file changes its inode or mtime). Raises
+    ``ModelIntegrityError`` naming the first bad file; returns {"files", "hashed", "bytes_hashed", "seconds"}.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    manifest = read_manifest(preset_dir)
+    if not manifest.get("components"):
+        raise ModelIntegrityError(f"the manifest of {preset_dir} lists no components")
+    cache = _read_cache(cache_file)
+    for name, (key, sha) in cache.items():
+        _CHECKED.setdefault(name, (tuple(key), sha))
+    files = hashed = size = 0
+    for entry in manifest["components"].values():
+        comp_dir = Path(preset_dir) / entry["path"]
+        for rel, expected in entry["files"].items():
+            path = comp_dir / rel
+            files += 1
+            if _check_file(path, expected):
+                hashed, size = hashed + 1, size + path.stat().st_size
+    if cache_file is not None and hashed:
+        _write_cache(cache_file)
+    return {"files": files, "hashed": hashed, "bytes_hashed": size, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _read_cache(cache_file: str | Path | None) -> dict[str, tuple[list, str]]:
+    if cache_file is None or not Path(cache_file).is_file():
+        return {}
+    try:
+        raw = json.loads(Path(cache_file).read_text())
+        return {name: (v[:3], v[3]) for name, v in raw.items()}
+    except (ValueError, KeyError, IndexError, TypeError):  # a torn or foreign file: verify from scratch
+        return {}
+
+
+def _write_cache(cache_file: str | Path) -> None:
+    """Atomically (temp file + rename): a crash leaves the old cache or the new one."""
+    path = Path(cache_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({n: [*k, sha] for n, (k, sha) in _CHECKED.items()}, sort_keys=True))
+    tmp.replace(path)
 
 
 def _resolve_class(spec: str):
@@ -158,9 +226,72 @@ def preset_version(preset_dir: str | Path) -> str:
     return f"{read_manifest(preset_dir).get('version', Path(preset_dir).name)}@{digest}"
 
 
+SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "height", "width")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
 def preset_defaults(preset_dir: str | Path) -> dict[str, Any]:
-    """Sampler defaults the preset was validated with (steps, guidance, size, images)."""
+    """Sampler defaults the preset was validated with (steps, guidance, size, images, dtype)."""
     return dict(read_manifest(preset_dir).get("defaults", {}))
+
+
+def sampler_defaults(preset_dir: str | Path) -> dict[str, Any]:
+    """``preset_defaults``, refusing a manifest that lacks any of ``SAMPLER_KEYS`` (serving has no numbers
+    of its own: a request that leaves them unset gets what the preset was made for)."""
+    defaults = preset_defaults(preset_dir)
+    missing = [k for k in SAMPLER_KEYS if k not in defaults]
+    if missing:
+        raise ModelIntegrityError(
+            f"the manifest of {preset_dir} has no sampler defaults {missing}: record them with "
+            f"`pigment models manifest --dir {preset_dir} --steps N --guidance G --size HxW COMPONENTS...`")
+    return defaults
+
+
+def derived_defaults(preset_dir: str | Path, components: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sampler defaults read off a checkpoint's own configs: the UNet's native size (sample_size times the
+    VAE's downscale), diffusers' StableDiffusionPipeline steps and guidance (50, 7.5), fp32."""
+    out: dict[str, Any] = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images": 1, "dtype": "fp32"}
+    unet, vae = components.get("unet"), components.get("vae")
+    if unet and vae:
+        ucfg = json.loads((Path(preset_dir) / unet["path"] / "config.json").read_text())
+        vcfg = json.loads((Path(preset_dir) / vae["path"] / "config.json").read_text())
+        sample = ucfg.get("sample_size", 64)
+        sample = sample if isinstance(sample, int) else max(sample)
+        out["height"] = out["width"] = int(sample) * 2 ** (len(vcfg.get("block_out_channels", [0] * 4)) - 1)
+    return out
+
+
+def latent_range(sample_size: int, n_down_blocks: int) -> tuple[int, int, int]:
+    """(multiple, min, max) latent size an exported UNet accepts by default: 1/2x to 2x its sample_size,
+    a multiple of 2 ** (down blocks - 1). ``backends.ShapeProfile.for_unet`` and the gateway share it."""
+    multiple = 2 ** (n_down_blocks - 1)
+    return multiple, max(multiple, sample_size // 2 // multiple * multiple), 2 * sample_size
+
+
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")  # a fixed shape profile; torch takes any multiple of 8
+
+
+def image_limits(preset_dir: str | Path, backend: str) -> tuple[int, int, int] | None:
+    """(multiple, min, max) image pixels ``backend`` renders for this preset; None when only the
+    pipeline's own checks apply. Read from config.json files: no torch, so the gateway can check."""
+    if backend not in EXPORTED_BACKENDS:
+        return None
+    ucfg = json.loads((component_dir(preset_dir, "unet") / "config.json").read_text())
+    vcfg = json.loads((component_dir(preset_dir, "vae") / "config.json").read_text())
+    sample = ucfg.get("sample_size", 64)
+    sample = sample if isinstance(sample, int) else max(sample)
+    scale = 2 ** (len(vcfg.get("block_out_channels", [0] * 4)) - 1)
+    multiple, low, high = latent_range(int(sample), len(ucfg["down_block_types"]))
+    return scale * multiple, scale * low, scale * high
+
+
+def torch_dtype(name: str):
+    """``fp32`` | ``fp16`` | ``bf16`` -> the torch dtype (torch imported here, not at module import)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not allowed: one of {DTYPES}")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def default_soft_weight(cfg: dict, method: str) -> float:
@@ -186,5 +317,4 @@ def refresh_component(preset_dir: str | Path, name: str, **extra: Any) -> dict:
     components = {n: {k: v for k, v in e.items() if k != "files"} for n, e in manifest["components"].items()}
     components[name] = {**entry, **extra}
     meta = {k: v for k, v in manifest.items() if k != "components"}
-    _verified.cache_clear()
     return write_manifest(preset_dir, components, **meta)

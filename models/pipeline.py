@@ -13,7 +13,7 @@ reproducible whether it is rendered alone or in a batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pigment.models.loader import load_component, preset_defaults, preset_version
+from pigment.models.loader import SAMPLER_KEYS, load_component, preset_version, sampler_defaults, torch_dtype
 
 
 @dataclass
@@ -32,10 +32,11 @@ class RenderInputs:
     soft_weight: float = 1.0
     num_images: int = 1
     seed: int = 0
-    num_inference_steps: int = 20
-    guidance_scale: float = 3.0
-    height: int = 32
-    width: int = 32
+    # None: the preset's manifest defaults (``Renderer.defaults``); no sampler numbers live here
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
 
 
 @dataclass
@@ -51,16 +52,22 @@ class Renderer:
     """Holds the diffusion components of one preset; ``render`` is one generation."""
 
     def __init__(self, preset_dir: str | Path, backend: str = "torch", device: str = "cpu", cache_dir: Path | None = None,
-                 unet_adapter: str | Path | None = None):
+                 unet_adapter: str | Path | None = None, dtype: str | None = None):
         from diffusers import StableDiffusionPipeline
 
         self.preset_dir = Path(preset_dir)
         self.device = device
         self.model_version = preset_version(preset_dir)
-        self.defaults = preset_defaults(preset_dir)
+        self.defaults = sampler_defaults(preset_dir)
+        # One precision for every component (a checkpoint stored in fp16 is cast too): mixed dtypes
+        # break the pipeline ("mat1 and mat2 must have the same dtype").
+        self.dtype_name = dtype or self.defaults.get("dtype", "fp32")
+        if self.dtype_name != "fp32" and torch.device(device).type == "cpu":
+            raise ValueError(f"dtype={self.dtype_name!r} is not allowed on cpu: use 'fp32'")
+        self.dtype = torch_dtype(self.dtype_name)
         self.tokenizer = load_component(preset_dir, "tokenizer")
-        self.text_encoder = load_component(preset_dir, "text_encoder").to(device)
-        unet = load_component(preset_dir, "unet").to(device)
+        self.text_encoder = load_component(preset_dir, "text_encoder").to(device=device, dtype=self.dtype)
+        unet = load_component(preset_dir, "unet").to(device=device, dtype=self.dtype)
         adapter_hash = None
         if unet_adapter is not None:  # a UNet LoRA (e.g. `pigment train diffusion-dpo`), fused into the weights
             adapter_hash = load_unet_lora(unet, unet_adapter)
@@ -69,10 +76,12 @@ class Renderer:
         if backend != "torch":
             from pigment.models.backends import load_unet_backend
 
+            if self.dtype_name == "bf16":
+                raise ValueError(f"dtype='bf16' is not allowed with backend={backend!r}: use fp16 or fp32")
             unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device,
-                                     adapter_hash=adapter_hash)
+                                     adapter_hash=adapter_hash, precision="fp16" if self.dtype_name == "fp16" else "fp32")
         self.pipe = StableDiffusionPipeline(
-            vae=load_component(preset_dir, "vae").to(device),
+            vae=load_component(preset_dir, "vae").to(device=device, dtype=self.dtype),
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=unet,
@@ -99,14 +108,20 @@ class Renderer:
         pos = [self.encode_text(seg) * w for seg, w in zip(inputs.segments, weights)]
         neg = [empty for _ in inputs.segments]
         if inputs.soft_tokens is not None and len(inputs.soft_tokens):
-            soft = torch.as_tensor(np.asarray(inputs.soft_tokens, dtype=np.float32), device=self.device)
+            soft = torch.as_tensor(np.asarray(inputs.soft_tokens, dtype=np.float32), device=self.device).to(self.dtype)
             if soft.ndim != 2 or soft.shape[1] != self.text_dim:
                 raise ValueError(f"soft tokens must be [M, {self.text_dim}], got {tuple(soft.shape)}")
             pos.append(soft * inputs.soft_weight)
             neg.append(torch.zeros_like(soft))
         return torch.cat(pos), torch.cat(neg)
 
+    def with_defaults(self, inputs: RenderInputs) -> RenderInputs:
+        """``inputs`` with unset sampler fields taken from the preset's manifest."""
+        unset = {k: self.defaults[k] for k in SAMPLER_KEYS if getattr(inputs, k) is None}
+        return replace(inputs, **unset) if unset else inputs
+
     def check_inputs(self, inputs: RenderInputs) -> None:
+        inputs = self.with_defaults(inputs)
         for name in ("height", "width"):
             value = getattr(inputs, name)
             if value % (self.vae_scale * 4) != 0:
@@ -116,6 +131,7 @@ class Renderer:
 
     def batch_key(self, inputs: RenderInputs) -> tuple:
         """Requests with equal keys can share one pipeline call (same shapes, schedule and token count)."""
+        inputs = self.with_defaults(inputs)
         soft = 0 if inputs.soft_tokens is None else len(inputs.soft_tokens)
         tokens = len(inputs.segments) * self.tokenizer.model_max_length + soft
         return (inputs.height, inputs.width, inputs.num_inference_steps, inputs.guidance_scale, tokens)
@@ -132,6 +148,7 @@ class Renderer:
         All requests must share a ``batch_key``. Each image has its own generator
         (request seed + i), so results equal rendering each request alone.
         """
+        batch = [self.with_defaults(inputs) for inputs in batch]
         for inputs in batch:
             self.check_inputs(inputs)
         keys = {self.batch_key(inputs) for inputs in batch}

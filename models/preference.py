@@ -90,8 +90,28 @@ def sanitize_caption(caption: str, max_chars: int, special_tokens: Sequence[str]
     return caption[:max_chars]
 
 
-def parse_keywords(text: str) -> list[str]:
-    return [m.group(2).strip() for m in KEYWORD_RE.finditer(text.lower().replace("\n", " "))]
+KEYWORD_FORMATS = ("numbered", "free")
+CHAT_FILLER = frozenset("sure okay ok certainly of course here you go yes".split()) | {"of course", "here you go"}
+_LIST_MARK_RE = re.compile(r"^\s*(?:\d+\s*[.)]|[-*\u2022])\s*")
+_SEPARATOR_RE = re.compile(r"[,;\n!?]|\s\d+\s*[.)]\s")
+
+
+def parse_keywords(text: str, fmt: str = "numbered") -> list[str]:
+    """Keywords from the LLM's answer, in the preset's ``keyword_format``.
+
+    ``numbered``: the toy LLM's "1. red 2. dark background"; ``free``: what an instruction-tuned LLM
+    writes ("Sure! red, dark background\n- large"): split on commas, semicolons, lines and list marks,
+    keep short lowercase phrases (validation decides what passes)."""
+    if fmt == "numbered":
+        return [m.group(2).strip() for m in KEYWORD_RE.finditer(text.lower().replace("\n", " "))]
+    if fmt != "free":
+        raise ValueError(f"keyword_format={fmt!r} is not allowed: one of {KEYWORD_FORMATS}")
+    out = []
+    for piece in _SEPARATOR_RE.split(" " + text.lower() + " "):
+        piece = _LIST_MARK_RE.sub("", piece.rsplit(":", 1)[-1]).strip(" .\"'()[]")  # "keywords: red" -> red
+        if piece and len(piece.split()) <= 3 and piece not in out and piece not in CHAT_FILLER:
+            out.append(piece)
+    return out
 
 
 class PreferenceEncoder:
@@ -145,7 +165,18 @@ class PreferenceEncoder:
 
     def _format(self, captions: Sequence[str]) -> str:
         lines = "\n".join(self.cfg["history_line"].format(i=i + 1, caption=c) for i, c in enumerate(captions))
+        if self.chat:  # an instruction-tuned LLM: the request goes through its own chat template
+            message = self.cfg["keyword_instruction"].format(history=lines)
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                                      add_generation_prompt=True)
         return self.cfg["keyword_template"].format(history=lines)
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.cfg.get("chat_template")) and bool(getattr(self.tokenizer, "chat_template", None))
+
+    def parse(self, text: str) -> list[str]:
+        return parse_keywords(text, self.cfg.get("keyword_format", "numbered"))
 
     # -- encode ------------------------------------------------------------
     def cache_key(self, captions: Sequence[str], target: str, method: str) -> str:
@@ -196,19 +227,33 @@ class PreferenceEncoder:
             with self.adapter("pigeon"):
                 texts = self.pigeon.generate(self.tokenizer, prompts, self.cfg["keyword_template"],
                                              int(self.cfg["max_new_tokens"]))
-            return [parse_keywords(t) for t in texts]
+            return [self.parse(t) for t in texts]
+        return [self.parse(t) for t in self._generate(prompts, do_sample=False)]
+
+    def _generate(self, prompts: Sequence[str], do_sample: bool, seed: int = 0) -> list[str]:
         batch = self.prompt_batch(prompts)
+        extra = {"temperature": 1.0, "top_k": 0} if do_sample else {}
+        if do_sample:
+            torch.manual_seed(seed)  # reproducible draws (the caller's rng picks the seed)
         with self.adapter(None):
             out = self.llm.generate(
-                **batch, max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                **batch, max_new_tokens=int(self.cfg["max_new_tokens"]), do_sample=do_sample,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, **extra,
             )
-        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [parse_keywords(t) for t in texts]
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def sample_keywords(self, captions: Sequence[str], target: str = "", seed: int = 0) -> list[str]:
+        """Alternative keywords sampled from the LLM (exploration where the preset has no vocabulary)."""
+        prompt, used, _ = self.build_prompt(captions)
+        if not used:
+            return []
+        kept, _ = self.vocab.validate(self.parse(self._generate([prompt], do_sample=True, seed=seed)[0]), target)
+        return kept[: int(self.cfg["max_keywords"])]
 
     def prompt_batch(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """BOS + prompt, left-padded (generation continues right after each prompt), as the LLMs are trained."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        # a chat template writes its own BOS; the plain keyword LLMs are trained on BOS + prompt
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None and not self.chat else []
         ids = [bos + self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

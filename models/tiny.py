@@ -111,7 +111,13 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 DEFAULT_PREFERENCE_CONFIG = {
+    # The keyword request and its answer's format are preset data: a plain keyword LLM (the toy's) reads
+    # ``keyword_template`` and answers a numbered list; an instruction-tuned one (``chat_template``: true)
+    # reads ``keyword_instruction`` through its tokenizer's chat template and answers free text.
     "keyword_template": "history:\n{history}\nkeywords:\n",
+    "keyword_format": "numbered",
+    "chat_template": False,
+    "keyword_instruction": "List short visual keywords this user likes, separated by commas. History:\n{history}",
     "history_line": "{i}. {caption}",
     "max_keywords": 8,
     "max_new_tokens": 24,

@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from pigment.services.common.errors import PigmentError
 from pigment.services.common.settings import Settings
@@ -18,6 +17,8 @@ def cmd_serve(args, settings: Settings) -> int:
     from pigment.services.store.migrate import upgrade
 
     stack = Stack(settings)
+    print(f"verifying model files of {stack.preset_dir} ...", flush=True)
+    print(f"models verified: {stack.verify_models()}", flush=True)  # before anything serves
     upgrade(settings.database_url)
     worker = Worker(settings).start() if not args.no_worker else None
     server, port = stack.server(port=args.port)
@@ -40,13 +41,6 @@ def cmd_serve(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_demo(args, settings: Settings) -> int:
-    from pigment.services.demo import run_demo
-
-    run_demo(settings, Path(args.out), num_images=args.num_images)
-    return 0
-
-
 def cmd_db(args, settings: Settings) -> int:
     from pigment.services.store import migrate
 
@@ -59,27 +53,9 @@ def cmd_db(args, settings: Settings) -> int:
 
 
 def cmd_models(args, settings: Settings) -> int:
-    from pigment.services import registry
+    from pigment.services.models_cli import run
 
-    if args.action in registry.REGISTRY_ACTIONS:
-        return registry.cli_action(args, settings)
-    from pigment.models import loader
-
-    if args.action == "build-tiny":
-        from pigment.models.tiny import build_tiny
-
-        print(f"tiny preset written to {build_tiny(args.dir or settings.data_dir / 'presets' / 'tiny')}")
-    elif args.action == "manifest":
-        components = {name: {"path": name, "kind": kind} for name, kind in
-                      (c.split("=", 1) if "=" in c else (c, c) for c in args.components)}
-        loader.write_manifest(args.dir, components, preset=Path(args.dir).name, version=args.version or Path(args.dir).name)
-        print(f"wrote {Path(args.dir) / loader.MANIFEST}")
-    elif args.action == "verify":
-        preset = args.dir or settings.preset_dir
-        for name in loader.read_manifest(preset)["components"]:
-            loader.load_component(preset, name)
-            print(f"ok  {name}")
-    return 0
+    return run(args, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,24 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "on this port (0 = a free one); off by default")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="seed demo users, generate for each over gRPC, write demo-output/")
-    p.add_argument("--out", default="demo-output")
-    p.add_argument("--num-images", type=int, default=4)
-    p.set_defaults(func=cmd_demo)
-
     p = sub.add_parser("db", help="database migrations")
     p.add_argument("action", choices=["upgrade", "downgrade"])
     p.add_argument("revision", nargs="?")
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser("models", help="build, record and verify model presets")
-    p.add_argument("action", choices=["build-tiny", "manifest", "verify", "list", "register", "promote", "rollback"])
-    p.add_argument("--dir", type=Path, default=None)
-    p.add_argument("--version", default=None)
-    p.add_argument("--parent", default=None, help="for register: the version this one was trained from")
-    p.add_argument("--notes", default="", help="for register/promote/rollback: why")
-    p.add_argument("components", nargs="*", help="for manifest: name[=kind] per sub-directory, e.g. unet vae llm; "
-                   "list [KIND] | register KIND PATH | promote VERSION | rollback KIND")
+    p = sub.add_parser("models", help="build, record and verify model presets; the adapter registry")
+    from pigment.services.models_cli import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_models)
 
     for register in _extensions():
@@ -119,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Modules with a `register(subparsers)` adding their own subcommands.
+# Modules with a `register(subparsers)` adding their own subcommands: plug-ins found by name, so serving
+# code never imports them (`pigment.training.cli` adds eval, train and the toy world's demo).
 EXTENSIONS = ("pigment.training.cli", "pigment.services.batch_cli", "pigment.services.history.ingest")
 
 
@@ -136,7 +104,13 @@ def _extensions():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # names after an option (`manifest --dir D unet --size 512x512 vae`) belong to the positional list
+    if extra and isinstance(getattr(args, "components", None), list) and not any(x.startswith("-") for x in extra):
+        args.components += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args, Settings())

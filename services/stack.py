@@ -7,6 +7,7 @@ production the same ``Stack`` runs against PostgreSQL and Redis/RabbitMQ.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -43,6 +44,13 @@ class Stack:
         self.preset_dir = ensure_preset(settings)
         self.sessions = make_sessionmaker(settings.database_url)
         self.storage = ImageStorage(settings.storage_dir)
+
+    def verify_models(self) -> dict:
+        """Every component's files against the manifest (ModelIntegrityError names a bad one); files verified
+        before, unchanged since (size, mtime, inode), are not re-hashed."""
+        from pigment.models.loader import verify_preset
+
+        return verify_preset(self.preset_dir, self.settings.verified_files)
 
     @cached_property
     def history(self):
@@ -92,20 +100,19 @@ class Stack:
 
     def make_gateway(self, dispatch):
         """A GatewayCore handing renders to ``dispatch(request_id)``: the queue, or a local render core (batch jobs)."""
-        from pigment.models.loader import preset_defaults, preset_file, preset_version
+        from pigment.models.loader import image_limits, preset_file, preset_version, sampler_defaults
         from pigment.services.gateway.core import GatewayCore
         from pigment.services.registry import Registry
 
-        defaults = preset_defaults(self.preset_dir)
+        defaults = sampler_defaults(self.preset_dir)
         pref_cfg = preset_file(self.preset_dir, "preference.json")
         if pref_cfg:
-            import json
-
             cfg = json.loads(pref_cfg.read_text())
             defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight", "soft_weight_alone") if k in cfg})
         return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
-                           decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)))
+                           decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)),
+                           limits=image_limits(self.preset_dir, self.settings.render_backend))
 
     def _stamped_adapters(self, registry):
         """Active adapter versions to stamp on a request; the preference kinds are those that wrote its keywords."""
@@ -129,9 +136,11 @@ class Stack:
 
         if not has_component(self.preset_dir, "clip"):
             return None
+        from pigment.models.loader import read_manifest
         from pigment.services.gateway.decision import Decider
 
-        return Decider.from_settings(self.history, self.settings)
+        tuned = read_manifest(self.preset_dir).get("retrieval", {}).get("threshold")
+        return Decider.from_settings(self.history, self.settings, tuned)
 
     @cached_property
     def feedback(self):
@@ -142,7 +151,7 @@ class Stack:
     @cached_property
     def jobs(self):
         from pigment.services.gateway.jobs import JobsCore
-        from pigment.services.render.batch_tasks import chunk_dispatcher
+        from pigment.services.render.celery_app import chunk_dispatcher
 
         return JobsCore(self.settings, self.sessions, chunk_dispatcher(self.celery, self.settings))
 
@@ -180,8 +189,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name in ("data_dir", "database_url", "broker_url", "storage_dir", "index_dir", "preset", "render_backend",
                  "render_device", "render_queue", "render_timeout_s", "worker_max_tasks_per_child",
                  "retrain_every_s", "retrain_kind", "retrain_queue", "retrain_timeout_s", "retrain_max_pairs_per_user",
-                 "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop"):
-        env[f"PIGMENT_{name.upper()}"] = str(getattr(settings, name))
+                 "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop",
+                 "render_dtype", "retrain_gate", "worker_plugins", "retrieval_threshold"):
+        value = getattr(settings, name)
+        if value is None:
+            env.pop(f"PIGMENT_{name.upper()}", None)
+            continue
+        env[f"PIGMENT_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
     env["PIGMENT_PRESET"] = str(settings.preset_dir)
     if settings.retrain_config:
         env["PIGMENT_RETRAIN_CONFIG"] = str(settings.retrain_config)
@@ -200,7 +214,7 @@ class Worker:
     def start(self, wait_ready_s: float = 120.0) -> "Worker":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        from pigment.services.render.batch_tasks import batch_queue
+        from pigment.services.render.celery_app import batch_queue
 
         queues = [self.settings.render_queue, batch_queue(self.settings), self.settings.retrain_queue]
         cmd = [sys.executable, "-m", "celery", "-A", "pigment.services.render.worker", "worker",

@@ -52,10 +52,11 @@ class ShapeProfile:
     @classmethod
     def for_unet(cls, config: Any, *, max_batch: int = 16, max_seq_len: int = 512) -> ShapeProfile:
         """A default profile: latents from 1x to 2x the UNet's sample_size."""
+        from pigment.models.loader import latent_range
+
         size = config.sample_size
         size = size if isinstance(size, int) else max(size)
-        multiple = 2 ** (len(config.down_block_types) - 1)
-        low = max(multiple, size // 2 // multiple * multiple)
+        multiple, low, _ = latent_range(size, len(config.down_block_types))
         return cls(
             batch=(1, min(2, max_batch), max_batch),
             height=(low, size, 2 * size),

@@ -31,14 +31,17 @@ class Settings(BaseSettings):
     preset: str = Field("toy", description="Model preset name (models/presets/NAME) or a directory.")
     render_backend: str = Field("torch", description="UNet backend: torch | onnxruntime | tensorrt.")
     render_device: str = Field("cpu", description="cpu | cuda")
+    render_dtype: str = Field("", description="Precision of every model component: fp32 | fp16 | bf16; empty = "
+                              "the preset's (manifest defaults.dtype), else fp32. fp16/bf16 need render_device cuda.")
     default_method: str = Field("pmg", description="Method when the request leaves it unspecified.")
     retrieval_mode: str = Field("generate_only", description="auto | generate_only | retrieve_only | both, "
                                 "when the request leaves it unspecified.")
     retrieval_policy: str = Field("threshold", description="How retrieval=auto decides (GILL): threshold | "
                                   "learned (a head from `pigment train decision`, see decision_head).")
-    retrieval_threshold: float = Field(0.87, ge=-1.0, le=1.0, description="threshold policy: retrieve when the "
-                                       "best catalog cosine (CLIP) is at least this. 0.87: best fixed threshold for "
-                                       "the toy CLIP (`pigment train decision` reports it); re-tune for another.")
+    retrieval_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="threshold policy: retrieve when "
+                                              "the best catalog cosine (CLIP) is at least this; None = the preset's "
+                                              "(manifest retrieval.threshold, tuned for its CLIP by `pigment train "
+                                              "decision`); a preset without one never retrieves under auto.")
     retrieval_history_weight: float = Field(0.3, ge=0.0, le=1.0, description="Weight of the user's mean history "
                                             "image embedding in the retrieval query; the rest is the CLIP text "
                                             "embedding of prompt + keywords.")
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
 
-    # -- scheduled retraining (services/render/retrain.py) and exploration
+    # -- scheduled retraining (training/retrain.py, a worker plug-in) and exploration
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
                                    "(0 = off; `pigment` workers started by the stack then also run beat).")
     retrain_kind: str = Field("pigeon_lora", description="Which adapter the retrain job trains: pigeon_lora "
@@ -69,6 +72,11 @@ class Settings(BaseSettings):
                               "(Diffusion-DPO on a UNet LoRA, from picks between images rendered from the same "
                               "conditioning, e.g. one request's images; needs the stored images).")
     retrain_queue: str = Field("retrain", description="Celery queue of the retrain task.")
+    retrain_gate: str = Field("", description="Promotion gate by name: preference (held-out logged pairs + a "
+                              "CLIP content guard; any preset) | toy (the toy world's evaluator); empty = the "
+                              "preset's (manifest retrain.gate), else preference.")
+    worker_plugins: list[str] = Field(["pigment.training.retrain"], description="Modules a render worker imports "
+                                      "to register more Celery tasks (the retrain job lives with the trainers).")
     retrain_timeout_s: float = Field(3600.0, gt=0, description="Soft time limit of one retrain run.")
     retrain_max_pairs_per_user: int = Field(16, ge=1, description="Most preference pairs one user contributes "
                                             "to a training round (a flooding user cannot outweigh the others).")
@@ -96,9 +104,23 @@ class Settings(BaseSettings):
         self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
         return self
 
+    @model_validator(mode="after")
+    def _check_dtype(self) -> Settings:
+        if self.render_dtype not in ("", "fp32", "fp16", "bf16"):
+            raise ValueError(f"render_dtype={self.render_dtype!r} is not allowed: fp32 | fp16 | bf16")
+        if self.render_dtype in ("fp16", "bf16") and not self.render_device.startswith("cuda"):
+            raise ValueError(f"render_dtype={self.render_dtype!r} needs render_device cuda "
+                             f"(got {self.render_device!r}); use fp32 on cpu")
+        return self
+
     @property
     def embedded(self) -> bool:
         return self.database_url.startswith("sqlite") and self.broker_url.startswith("filesystem")
+
+    @property
+    def verified_files(self) -> Path:
+        """Model files already verified against their manifest, by (path, size, mtime, inode)."""
+        return self.data_dir / "verified-files.json"
 
     @property
     def broker_dir(self) -> Path:

@@ -25,6 +25,7 @@ from pigment.models.loader import default_soft_weight
 from pigment.services.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     NotFound,
     Overloaded,
@@ -131,14 +132,19 @@ def derive_seed(request_id: str) -> int:
 class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
                  storage, defaults: dict, model_version: Callable[[], str], decider=None,
-                 adapters: Callable[[], dict] | None = None):
+                 adapters: Callable[[], dict] | None = None, limits: tuple[int, int, int] | None = None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
         self.preference = preference
         self.dispatch = dispatch
         self.storage = storage
+        missing = [k for k in ("num_inference_steps", "guidance_scale", "height", "width") if k not in defaults]
+        if missing:  # no numbers of our own: the preset's manifest says what it was made for
+            raise FailedPrecondition(f"the preset's manifest has no sampler defaults {missing} "
+                                     "(`pigment models manifest --dir DIR --steps --guidance --size` records them)")
         self.defaults = defaults
+        self.limits = limits  # -> (multiple, min, max) image pixels the render backend accepts, or None
         self.model_version = model_version
         self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
         self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
@@ -163,9 +169,9 @@ class GatewayCore:
             request_id=p.request_id, user_id=p.user_id, prompt=p.prompt.strip(), method=method,
             num_images=p.num_images or int(d.get("num_images", 1)),
             seed=p.seed or derive_seed(p.request_id),
-            num_inference_steps=p.num_inference_steps or int(d.get("num_inference_steps", 20)),
-            guidance_scale=p.guidance_scale or float(d.get("guidance_scale", 3.0)),
-            height=p.height or int(d.get("height", 32)), width=p.width or int(d.get("width", 32)),
+            num_inference_steps=p.num_inference_steps or int(d["num_inference_steps"]),
+            guidance_scale=p.guidance_scale or float(d["guidance_scale"]),
+            height=p.height or int(d["height"]), width=p.width or int(d["width"]),
             keyword_weight=p.keyword_weight or float(d.get("keyword_weight", 1.0)),
             soft_weight=p.soft_weight or default_soft_weight(d, method),
             retrieval=retrieval, include_seen=p.include_seen,
@@ -181,6 +187,11 @@ class GatewayCore:
             check_range(name, value, s.min_size, s.max_size)
             if value % 8:
                 raise InvalidInput(f"{name}={value} must be a multiple of 8 (allowed {s.min_size}..{s.max_size})")
+            if self.limits is not None:
+                multiple, low, high = self.limits
+                if value % multiple or not low <= value <= high:
+                    raise InvalidInput(f"{name}={value} is not allowed by the {s.render_backend} render backend: "
+                                       f"a multiple of {multiple} in {low}..{high}")
         return r
 
     # -- the request ------------------------------------------------------------

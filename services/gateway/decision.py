@@ -49,8 +49,9 @@ class DecisionConfig:
 
     policy: str = "threshold"
     """``threshold`` | ``learned``."""
-    threshold: float = 0.87
-    """threshold policy: retrieve when the best catalog cosine is at least this."""
+    threshold: float | None = None
+    """threshold policy: retrieve when the best catalog cosine is at least this. None (the preset tuned
+    none for its CLIP; a random CLIP scores every item alike) never retrieves under ``auto``."""
     history_weight: float = 0.3
     """Weight of the mean history image embedding in the query (the rest is the text)."""
     head_dir: Path | None = None
@@ -61,7 +62,7 @@ class DecisionConfig:
             raise InvalidInput(
                 f"retrieval_policy={self.policy!r} is unknown: allowed {', '.join(POLICIES)}"
             )
-        if not -1.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise InvalidInput(
                 f"retrieval_threshold={self.threshold} is out of range: allowed -1.0..1.0 (cosine)"
             )
@@ -250,12 +251,14 @@ class Decider:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, history_core, settings) -> Decider:
+    def from_settings(cls, history_core, settings, preset_threshold: float | None = None) -> Decider:
+        """``preset_threshold``: the preset's own (manifest ``retrieval.threshold``), unless settings set one."""
+        threshold = settings.retrieval_threshold
         return cls(
             history_core,
             DecisionConfig(
                 policy=settings.retrieval_policy,
-                threshold=settings.retrieval_threshold,
+                threshold=preset_threshold if threshold is None else threshold,
                 history_weight=settings.retrieval_history_weight,
                 head_dir=settings.decision_head,
             ),
@@ -321,7 +324,10 @@ class Decider:
                 return Decision(
                     self.config.policy, True, False, verdict.score, verdict.reason + note, shown
                 )
-            return Decision(self.config.policy, False, True, verdict.score, verdict.reason)
+            reason = verdict.reason
+            if verdict.retrieve:  # nothing to show: say what happens, never "retrieving" while generating
+                reason = reason.rsplit(": ", 1)[0] + ": no visible catalog items with images, generating"
+            return Decision(self.config.policy, False, True, verdict.score, reason)
         if not shown:
             raise FailedPrecondition(self._nothing_to_retrieve(user_id, params, query))
         how = "returning catalog items" + (" and generating" if mode == "both" else "")
@@ -348,6 +354,9 @@ class Decider:
         best = scores[0]
         if self.config.policy == "threshold":
             thr = self.config.threshold
+            if thr is None:
+                return _Verdict(False, best, f"best catalog match {best:.2f}; this preset has no retrieval "
+                                "threshold tuned for its CLIP (set retrieval_threshold): generating")
             if best >= thr:
                 return _Verdict(
                     True, best, f"best catalog match {best:.2f} >= threshold {thr:.2f}: retrieving"

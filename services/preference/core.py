@@ -8,8 +8,8 @@ per thread (``used_versions``) so the gateway stamps on the request exactly the
 version that wrote its keywords, even if a promotion lands in between.
 
 Exploration (``explore_rate`` > 0): that fraction of keyword encodes is served
-with some attributes' keywords resampled from the preset's vocabulary and the
-flag ``EXPLORED``, so the images users pick between differ in their keywords
+with some attributes' keywords resampled from the preset's vocabulary (without
+one: a keyword list sampled from the LLM) and the flag ``EXPLORED``, so the images users pick between differ in their keywords
 (what Pigeon DPO learns from). Off by default.
 """
 
@@ -75,7 +75,10 @@ class PreferenceCore:
         with self._lock:
             pref = encoder.encode(list(captions), target=target, method=method)
             if self.explore_rate > 0 and pref.keywords and self._rng.random() < self.explore_rate:
-                pref = explore(pref, encoder.vocab, target, self._rng, captions)
+                if encoder.vocab.by_attribute:
+                    pref = explore(pref, encoder.vocab, target, self._rng, captions)
+                else:  # no closed vocabulary: the alternative list is sampled from the LLM itself
+                    pref = explore_sampled(pref, encoder, target, self._rng, captions)
         return pref
 
     def used_versions(self) -> dict[str, str] | None:
@@ -106,3 +109,12 @@ def explore(pref, vocab, target: str, rng: random.Random, captions=()):
             chosen[attr] = rng.choice(mentioned or others)
     keywords = [chosen[a] for a in vocab.by_attribute if a in chosen and a is not None and a not in named]
     return dataclasses.replace(pref, keywords=keywords, flags=[*pref.flags, EXPLORED])
+
+
+def explore_sampled(pref, encoder, target: str, rng: random.Random, captions=(), tries: int = 3):
+    """A copy of ``pref`` whose keywords are a list sampled from the LLM (temperature 1), when one differs."""
+    for _ in range(tries):
+        alternative = encoder.sample_keywords(list(captions), target, seed=rng.randrange(2**31))
+        if alternative and alternative != pref.keywords:
+            return dataclasses.replace(pref, keywords=alternative, flags=[*pref.flags, EXPLORED])
+    return pref

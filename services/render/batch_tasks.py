@@ -21,25 +21,9 @@ from functools import lru_cache
 
 from celery import shared_task
 from celery.signals import worker_ready
+from pigment.services.render.celery_app import BATCH_CHUNK_TASK, BATCH_SWEEP_TASK, chunk_dispatcher
 
 log = logging.getLogger("pigment.batch")
-BATCH_CHUNK_TASK = "pigment.batch.chunk"
-BATCH_SWEEP_TASK = "pigment.batch.sweep"
-
-
-def batch_queue(settings) -> str:
-    return f"{settings.render_queue}.batch"
-
-
-def chunk_dispatcher(app, settings):
-    """A function that queues one chunk task, failing fast if the broker is down."""
-
-    def send(job_id: str, chunk: int, chunk_size: int) -> None:
-        limit = chunk_size * settings.render_timeout_s + 60
-        app.send_task(BATCH_CHUNK_TASK, args=[job_id, chunk], queue=batch_queue(settings), retry=False,
-                      time_limit=limit + 30, soft_time_limit=limit)
-
-    return send
 
 
 def jobs_core(app):

@@ -13,7 +13,9 @@ from celery import Celery
 from pigment.services.common.settings import Settings
 
 RENDER_TASK = "pigment.render"  # args: [request_ids] rendered together where compatible
-RETRAIN_TASK = "pigment.retrain"  # args: [kind]; services/render/retrain.py
+RETRAIN_TASK = "pigment.retrain"  # args: [kind]; a worker plug-in (Settings.worker_plugins) defines it
+BATCH_CHUNK_TASK = "pigment.batch.chunk"  # services/render/batch_tasks.py
+BATCH_SWEEP_TASK = "pigment.batch.sweep"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -114,3 +116,18 @@ class MicroBatcher:
                 error.append(exc)
         for _, done, _ in batch:
             done.set()
+
+
+def batch_queue(settings: Settings) -> str:
+    return f"{settings.render_queue}.batch"
+
+
+def chunk_dispatcher(app: Celery, settings: Settings):
+    """A function that queues one chunk task, failing fast if the broker is down."""
+
+    def send(job_id: str, chunk: int, chunk_size: int) -> None:
+        limit = chunk_size * settings.render_timeout_s + 60
+        app.send_task(BATCH_CHUNK_TASK, args=[job_id, chunk], queue=batch_queue(settings), retry=False,
+                      time_limit=limit + 30, soft_time_limit=limit)
+
+    return send

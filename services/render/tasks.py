@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 from celery import shared_task
-
+from celery.signals import worker_init
 from pigment.services.render.celery_app import RENDER_TASK
 
 
@@ -22,7 +23,7 @@ def render_core():
         from pigment.models.pipeline import Renderer
 
         return Renderer(settings.preset_dir, backend=settings.render_backend, device=settings.render_device,
-                        cache_dir=settings.data_dir / "engines", **adapter)
+                        cache_dir=settings.data_dir / "engines", dtype=settings.render_dtype or None, **adapter)
 
     from pigment.services.registry import Registry
 
@@ -34,3 +35,22 @@ def render_core():
 def render(self, request_ids: list[str] | str) -> dict[str, str]:
     ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
     return render_core().run_batch(ids)
+
+
+log = logging.getLogger("pigment.render")
+
+
+@worker_init.connect
+def _verify_models(**_kwargs) -> None:
+    """Check every model file against the manifest before consuming (cached by size, mtime and inode, so a
+    restart does not re-hash unchanged weights). A bad file fails each request with the reason."""
+    from pigment.models.loader import verify_preset
+    from pigment.services.common.settings import Settings
+
+    settings = Settings()
+    try:
+        report = verify_preset(settings.preset_dir, settings.verified_files)
+        log.info("models verified: %s", report)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or missing file, an unreadable manifest
+        render_core().not_ready = f"model files of {settings.preset_dir} failed verification: {exc}"
+        log.error(render_core().not_ready)

@@ -25,11 +25,15 @@ One run:
    image files still exist (they are copied next to ``pairs.jsonl``, paths
    relative to it). Pairs left out are counted by reason (``n_skipped``);
 3. train, starting from the active adapter of ``kind`` when there is one;
-4. evaluate on held-out users (training/eval.py, ``retrain_eval_samples``
-   windows of the test-users split, sample seed ``retrain_eval_seed``; the
-   candidate as eval's ``pigeon_dpo`` or ``diffusion_dpo`` row) against the
-   serving model scored on the same windows;
-5. register the adapter with its metrics and promote it only if joint accuracy
+4. evaluate with the promotion gate chosen by name (``retrain_gate``, else the
+   preset's manifest ``retrain.gate``, else ``preference``): ``preference``
+   (training/gate.py, any preset) holds out a quarter of the round's pairs from
+   training and scores held-out preference accuracy (DPO's implicit reward) plus
+   a CLIP content guard; ``toy`` scores the toy world's held-out users
+   (training/eval.py, ``retrain_eval_samples`` windows of the test-users split,
+   seed ``retrain_eval_seed``; the candidate as eval's ``pigeon_dpo`` or
+   ``diffusion_dpo`` row). Either way against the serving model on the same data;
+5. register the adapter with its metrics and promote it only if ``joint``
    does not drop and content fidelity stays within ``retrain_max_fidelity_drop``.
 
 Every attempt that gets as far as training is recorded in the registry: the
@@ -56,7 +60,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 from celery import shared_task
@@ -200,11 +204,35 @@ class RetrainCore:
         run_dir.mkdir(parents=True, exist_ok=True)
         pairs_file = run_dir / "pairs.jsonl"
         spec = KIND_SPECS[result.kind]
+        evaluator = self.evaluator
+        gate = self.gate_name()
+        if evaluator is None and gate == "preference":  # held-out pairs: never trained on, scored by the gate
+            pairs, heldout = split_heldout(pairs)
+            if not heldout:
+                result.status, result.reason = "skipped", f"{len(pairs)} pairs leave none to hold out for the gate"
+                return
+            spec.write(self, heldout, run_dir / "heldout.jsonl")
+            from pigment.training.gate import make_gate
+
+            evaluator = make_gate(self.settings, self.preset_dir, result.kind, run_dir / "heldout.jsonl")
+        elif evaluator is None:
+            evaluator = GATES[gate](self.settings, self.preset_dir, result.kind)
+        result.metrics["gate"] = gate if self.evaluator is None else "custom"
         spec.write(self, pairs, pairs_file)
         adapter = self._train(result, pairs_file, active, self.trainer or spec.trainer(self.settings, self.preset_dir))
         if adapter is None:
             return
-        self._judge(result, adapter, active, self.evaluator or spec.evaluator(self.settings, self.preset_dir))
+        self._judge(result, adapter, active, evaluator)
+
+    def gate_name(self) -> str:
+        """``retrain_gate``, else the preset's manifest ``retrain.gate``, else ``preference`` (any preset)."""
+        from pigment.models.loader import read_manifest
+
+        name = (self.settings.retrain_gate or read_manifest(self.preset_dir).get("retrain", {}).get("gate")
+                or "preference")
+        if name not in (*GATES, "preference"):
+            raise ValueError(f"retrain_gate={name!r} is unknown: allowed preference, {', '.join(GATES)}")
+        return name
 
     # -- feedback -> pairs ---------------------------------------------------------------------------
     def collect(self, kind: str, active: ModelVersion | None) -> tuple[list, list, dict[str, int]]:
@@ -293,6 +321,8 @@ class RetrainCore:
 
     def _baseline(self, kind: str, active: ModelVersion | None, evaluator: Callable) -> dict:
         """The serving model on the gate's windows: the active version's recorded score, else scored now."""
+        if getattr(evaluator, "fresh_baseline", False):  # scored on this round's held-out data only
+            return evaluator(self.registry.verify(active) if active is not None else None)
         recorded = (active.metrics or {}).get("candidate") if active is not None else None
         if recorded and (recorded.get("n_samples"), recorded.get("seed")) in (
                 (None, None), (self.settings.retrain_eval_samples, self.settings.retrain_eval_seed)):
@@ -384,10 +414,10 @@ def write_keyword_pairs(core: RetrainCore, pairs: list[KeywordPair], path: Path)
 
 def image_pairs(core: RetrainCore, session, requests: dict[str, RenderRequest]) -> Callable:
     """unet_lora: two rendered images of one conditioning (``RENDERED_FROM``) whose files still exist."""
-    from pigment.models.loader import preset_defaults
+    from pigment.models.loader import sampler_defaults
 
-    defaults = preset_defaults(core.preset_dir)
-    size = (int(defaults.get("height", 32)), int(defaults.get("width", 32)))
+    defaults = sampler_defaults(core.preset_dir)
+    size = (int(defaults["height"]), int(defaults["width"]))
     exists = lru_cache(maxsize=None)(core.storage.exists)  # a picked image recurs in each of its pairs
 
     def make(p, chosen, rejected) -> ImagePair | str:
@@ -513,18 +543,32 @@ def toy_evaluator(settings, preset_dir: Path, row: str = "pigeon_dpo") -> Callab
     return evaluate_adapter
 
 
+def toy_gate(settings, preset_dir: Path, kind: str) -> Callable:
+    """The toy world's evaluator as a promotion gate (the toy preset names it in its manifest)."""
+    return toy_evaluator(settings, preset_dir, row="diffusion_dpo" if kind == "unet_lora" else "pigeon_dpo")
+
+
+# Gates by name, besides ``preference`` (training/gate.py, built from the round's held-out pairs).
+GATES: dict[str, Callable] = {"toy": toy_gate}
+HELDOUT_EVERY = 4  # the preference gate holds out every 4th pair (a quarter), never trained on
+
+
+def split_heldout(pairs: list) -> tuple[list, list]:
+    """(train, held-out): every ``HELDOUT_EVERY``-th pair of the round (pairs are in feedback order)."""
+    held = [p for i, p in enumerate(pairs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return [p for i, p in enumerate(pairs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1], held
+
+
 @dataclass(frozen=True)
 class KindSpec:
     pairs: Callable      # (core, session, requests) -> make(pair, chosen, rejected) -> example | why not
     write: Callable      # (core, examples, pairs_file): the JSONL the trainer reads
     trainer: Callable    # (settings, preset_dir) -> trainer
-    evaluator: Callable  # (settings, preset_dir) -> evaluator
 
 
 KIND_SPECS = {
-    "pigeon_lora": KindSpec(keyword_pairs, write_keyword_pairs, pigeon_trainer, toy_evaluator),
-    "unet_lora": KindSpec(image_pairs, write_image_pairs, diffusion_dpo_trainer,
-                          partial(toy_evaluator, row="diffusion_dpo")),
+    "pigeon_lora": KindSpec(keyword_pairs, write_keyword_pairs, pigeon_trainer),
+    "unet_lora": KindSpec(image_pairs, write_image_pairs, diffusion_dpo_trainer),
 }
 
 

@@ -1,0 +1,150 @@
+"""Presets drive serving: sampler defaults and precision from the manifest, `pigment models manifest`,
+backend shape limits at the gateway, and verification of every model file once at start-up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_settings, running_stack
+
+from pigment.models import loader
+from pigment.services.cli import main
+from pigment.services.common.errors import FailedPrecondition, InvalidInput, Unavailable
+
+COMPONENTS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+
+
+def copy_preset(src: Path, dst: Path, components=None) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("manifest.json", *(
+        [] if components is None else [n for n in loader.read_manifest(src)["components"] if n not in components])))
+    return dst
+
+
+def test_manifest_cli_records_components_and_sampler_defaults(tiny_preset, tmp_path):
+    preset = copy_preset(tiny_preset, tmp_path / "ckpt", COMPONENTS)
+    # options and component names in any order (the README's form used to be rejected by argparse)
+    assert main(["models", "manifest", "--dir", str(preset), *COMPONENTS[:2], "--steps", "7",
+                 *COMPONENTS[2:], "--guidance", "5.5", "--size", "48x64", "--dtype", "fp32"]) == 0
+    m = loader.read_manifest(preset)
+    assert sorted(m["components"]) == sorted(COMPONENTS)
+    assert m["defaults"] == {"num_inference_steps": 7, "guidance_scale": 5.5, "height": 48, "width": 64,
+                             "num_images": 1, "dtype": "fp32"}
+    assert main(["models", "verify", "--dir", str(preset)]) == 0
+
+
+def test_manifest_cli_derives_the_native_size_and_refuses_bad_input(tiny_preset, tmp_path, capsys):
+    preset = copy_preset(tiny_preset, tmp_path / "ckpt", COMPONENTS)
+    assert main(["models", "manifest", "--dir", str(preset), *COMPONENTS]) == 0
+    # the tiny UNet's sample_size 16 x the VAE's 2x downscale: its native 32x32, from its configs
+    assert loader.sampler_defaults(preset)["height"] == 32
+    with pytest.raises(SystemExit) as exc:  # no component: refused, nothing written
+        main(["models", "manifest", "--dir", str(tmp_path / "empty")])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):  # the old hint `pigment models manifest DIR` crashed with a TypeError
+        main(["models", "manifest", str(preset)])
+    assert main(["models", "manifest", "--dir", str(preset), "nosuchdir"]) == 2
+    assert main(["models", "manifest", "--dir", str(preset), "unet", "--size", "big"]) == 2
+    assert "HxW" in capsys.readouterr().err
+    with pytest.raises(loader.ModelIntegrityError, match="at least one component"):
+        loader.write_manifest(preset, {})
+
+
+def gateway(settings, defaults, limits=None):
+    from pigment.services.gateway.core import GatewayCore, GenerateParams
+
+    core = GatewayCore(settings, None, None, None, None, None, defaults, lambda: "v", limits=limits)
+    return core, GenerateParams
+
+
+def test_unset_request_fields_come_from_the_preset(tiny_preset, tmp_path):
+    settings = make_settings(tmp_path, tiny_preset)
+    defaults = {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 512, "width": 512}
+    core, Params = gateway(settings, defaults)
+    r = core.resolve(Params(request_id="r1", user_id="u"))
+    assert (r.num_inference_steps, r.guidance_scale, r.height, r.width) == (2, 7.5, 512, 512)
+    with pytest.raises(FailedPrecondition, match="sampler defaults"):
+        gateway(settings, {"height": 512})
+
+
+def test_backend_shape_limits_are_checked_at_the_gateway(tiny_preset, tmp_path):
+    settings = make_settings(tmp_path, tiny_preset, render_backend="onnxruntime")
+    limits = loader.image_limits(tiny_preset, "onnxruntime")
+    assert limits == (4, 16, 64)  # latent 8..32 (multiple 2) of the tiny UNet x the VAE's 2x
+    assert loader.image_limits(tiny_preset, "torch") is None
+    core, Params = gateway(settings, loader.sampler_defaults(tiny_preset), limits)
+    assert core.resolve(Params(request_id="r1", user_id="u")).height == 32
+    with pytest.raises(InvalidInput, match="onnxruntime render backend: a multiple of 4 in 16..64"):
+        core.resolve(Params(request_id="r2", user_id="u", height=72, width=32))
+    # the same limits the exported UNet enforces
+    from pigment.models.backends import ShapeProfile
+
+    unet_cfg = json.loads((tiny_preset / "unet" / "config.json").read_text())
+    profile = ShapeProfile.for_unet(type("C", (), unet_cfg))
+    assert (profile.multiple * 2, profile.height[0] * 2, profile.height[2] * 2) == limits
+
+
+def test_one_precision_for_every_component(tiny_preset, tmp_path):
+    """A checkpoint whose text encoder is stored in fp16 renders in fp32 on CPU (it used to fail with
+    "mat1 and mat2 must have the same dtype"); fp16 on CPU is refused up front."""
+    import torch
+    from pydantic import ValidationError
+
+    from pigment.models.pipeline import Renderer, RenderInputs
+    from pigment.services.common.settings import Settings
+
+    preset = copy_preset(tiny_preset, tmp_path / "half", None)
+    shutil.copy(tiny_preset / "manifest.json", preset / "manifest.json")
+    te = loader.load_component(preset, "text_encoder").to(torch.float16)
+    te.save_pretrained(preset / "text_encoder")
+    loader.refresh_component(preset, "text_encoder")
+    renderer = Renderer(preset)
+    assert {p.dtype for p in renderer.text_encoder.parameters()} == {torch.float32}
+    out = renderer.render(RenderInputs(segments=["a red star"], num_inference_steps=2))
+    assert out.images[0].size == (32, 32)  # the preset's default size
+    with pytest.raises(ValueError, match="not allowed on cpu"):
+        Renderer(preset, dtype="fp16")
+    with pytest.raises(ValidationError, match="needs render_device cuda"):
+        Settings(render_dtype="bf16", render_device="cpu")
+
+
+def test_verification_is_remembered_across_restarts(tiny_preset, tmp_path):
+    preset = copy_preset(tiny_preset, tmp_path / "p", None)
+    shutil.copy(tiny_preset / "manifest.json", preset / "manifest.json")
+    cache = tmp_path / "verified.json"
+    n_files = sum(len(c["files"]) for c in loader.read_manifest(preset)["components"].values())
+    first = loader.verify_preset(preset, cache)
+    assert first["files"] == first["hashed"] == n_files
+    loader._CHECKED.clear()  # a new process: only the cache file remembers
+    assert loader.verify_preset(preset, cache)["hashed"] == 0
+    loader._CHECKED.clear()
+    weights = preset / "llm" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, new content (and mtime): hashed again, refused
+    weights.write_bytes(bytes(data))
+    with pytest.raises(loader.ModelIntegrityError, match="llm/model.safetensors has sha256"):
+        loader.verify_preset(preset, cache)
+
+
+def test_a_corrupt_unet_fails_the_request_at_once_with_the_reason(tiny_preset, tmp_path):
+    """The worker verifies every file before consuming; a request then fails with why, not after 300 s."""
+    from pigment.services.gateway.core import GenerateParams
+
+    preset = copy_preset(tiny_preset, tmp_path / "bad", None)
+    shutil.copy(tiny_preset / "manifest.json", preset / "manifest.json")
+    weights = preset / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    settings = make_settings(tmp_path, preset)  # render_timeout_s 120: the test wants far less
+    with running_stack(settings) as (stack, _channel, _worker):
+        with pytest.raises(loader.ModelIntegrityError):
+            stack.verify_models()  # what `pigment serve` runs before it serves
+        stack.history.log_interactions("u", [], create_user=True)
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="failed verification.*sha256"):
+            stack.gateway.generate(GenerateParams(request_id="bad-1", user_id="u", method="non_personalized"))
+        assert time.monotonic() - t0 < 60
