@@ -7,8 +7,8 @@ A candidate adapter is promoted only if
   log-likelihood ratio to the preset model (Rafailov et al.; Wallace et al. for diffusion: the drop in
   denoising error). The preset itself scores 0.5 (its implicit reward is zero: a coin flip); the serving
   adapter is scored on the same pairs. Reported as ``joint``;
-- **content** holds: CLIP text-image agreement (cosine of the content prompt and the rendered image) on a
-  fixed prompt set (manifest ``retrain.guard_prompts``; else the held-out pairs' contents) must not drop by
+- **content** holds: CLIP text-image agreement (does each rendered image match its own prompt best among
+  the set, zero-shot) on a fixed prompt set (manifest ``retrain.guard_prompts``; else the held-out pairs' contents) must not drop by
   more than ``retrain_max_fidelity_drop``. Reported as ``content_fidelity``.
 
 ``make_gate(settings, preset_dir, kind, heldout_file)`` returns ``evaluate(adapter_dir | None) -> metrics``.
@@ -48,7 +48,9 @@ def _accuracy(margins: torch.Tensor) -> float:
 
 def clip_agreement(preset_dir: Path, prompts: list[str], segments: list[list[str]], unet_adapter=None,
                    seed: int = 0) -> float:
-    """Mean CLIP cosine between each prompt and the image rendered from its segments."""
+    """CLIP zero-shot agreement: the fraction of images (one per prompt, rendered from its segments) whose
+    own prompt has the highest cosine among the prompt set. A raw cosine is no guard: a CLIP scores
+    unrelated pairs alike (on the toy preset a wrecked UNet's noise scored higher than its shapes)."""
     from pigment.models.clip_embedder import ClipEmbedder
     from pigment.models.pipeline import Renderer, RenderInputs
 
@@ -57,8 +59,9 @@ def clip_agreement(preset_dir: Path, prompts: list[str], segments: list[list[str
     sampler = gate_sampler(preset_dir)
     images = [renderer.render(RenderInputs(segments=seg, num_images=1, seed=seed + i, **sampler)).images[0]
               for i, seg in enumerate(segments)]
-    text = clip.embed_texts(prompts)
-    return float(np.mean(np.sum(clip.embed_images(images) * text, axis=1)))
+    classes = sorted(set(prompts))
+    scores = clip.embed_images(images) @ clip.embed_texts(classes).T
+    return float(np.mean([classes[int(np.argmax(row))] == p for row, p in zip(scores, prompts)]))
 
 
 # -- unet_lora: Diffusion-DPO's implicit reward ------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""The generic promotion gate (held-out DPO implicit reward + CLIP content guard) decides like the toy
+world's evaluator on the toy preset: a harmless candidate passes both, a harmful one fails both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_settings
+
+from pigment.training.gate import _accuracy, make_gate
+from pigment.training.retrain import RetrainCore, split_heldout, toy_gate
+
+TOY = Path(__file__).resolve().parents[1] / "models" / "presets" / "toy"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def write_lora(out: Path, scale: float) -> Path:
+    """A UNet LoRA in the trainer's format: B = 0 is the identity; large random B wrecks the UNet."""
+    from peft import LoraConfig
+
+    from pigment.models.loader import load_component
+    from pigment.training.train_diffusion_dpo import TARGET_MODULES
+
+    unet = load_component(TOY, "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    unet.save_lora_adapter(str(out), weight_name=LORA_FILE)
+    return out
+
+
+def heldout_pairs(path: Path) -> Path:
+    """Image pairs as a round writes them (two renders of one content, one picked)."""
+    from pigment.models.pipeline import Renderer, RenderInputs
+
+    renderer = Renderer(TOY)
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, content in enumerate(["a star", "a circle", "a heart", "a ring"]):
+        images = renderer.render(RenderInputs(segments=[content], num_images=2, seed=i)).images
+        names = []
+        for k, img in enumerate(images):
+            names.append(f"images/{i}_{k}.png")
+            img.save(path.parent / names[-1])
+        rows.append({"content": content, "keywords": [], "segments": [content], "chosen_image": names[0],
+                     "rejected_image": names[1]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_ties_count_half_and_the_heldout_split_is_disjoint():
+    assert _accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])) == pytest.approx(0.625)
+    train, held = split_heldout(list(range(10)))
+    assert held == [3, 7] and not set(train) & set(held) and len(train) + len(held) == 10
+
+
+def test_generic_gate_agrees_in_sign_with_the_toy_evaluator(tmp_path):
+    settings = make_settings(tmp_path, TOY, retrain_eval_samples=8, retrain_eval_seed=1)
+    core = RetrainCore(settings, None, preset_dir=TOY)
+    heldout = heldout_pairs(tmp_path / "run" / "heldout.jsonl")
+    gates = {"toy": toy_gate(settings, TOY, "unet_lora"), "preference": make_gate(settings, TOY, "unet_lora", heldout)}
+    candidates = {"harmless": write_lora(tmp_path / "zero", 0.0), "harmful": write_lora(tmp_path / "wreck", 3.0)}
+    verdicts = {}
+    for gate, evaluate in gates.items():
+        baseline = evaluate(None)
+        for name, adapter in candidates.items():
+            score = evaluate(adapter)
+            verdicts[(gate, name)] = core.regression(score, baseline)
+            print(gate, name, {k: score[k] for k in ("joint", "content_fidelity")}, "baseline",
+                  {k: baseline[k] for k in ("joint", "content_fidelity")}, verdicts[(gate, name)] or "promote")
+    assert verdicts[("toy", "harmless")] == "" and verdicts[("preference", "harmless")] == ""
+    assert verdicts[("toy", "harmful")] != ""
+    assert "content fidelity dropped" in verdicts[("preference", "harmful")]  # the CLIP guard caught it
+    assert np.isfinite(gates["preference"](candidates["harmful"])["joint"])
