@@ -1,0 +1,159 @@
+"""Real-size measurements: an SD 1.5-architecture preset (random weights, `pigment models build --arch sd15`).
+
+Per backend, in a fresh child process (so peak RSS is that process's own): load time, per-UNet-call time at
+512x512 (batch 2: classifier-free guidance), VAE decode time, a whole render (``--steps`` steps), peak RSS.
+Then the service end to end: a real gRPC server and Celery worker on the preset, one GeneratePersonalized at
+the preset's 512x512 with ``--steps`` steps; first-request time, and the service's own overhead
+(total - the worker's render time) as a share of the render.
+
+    nice -n 10 python bench/realsize.py --preset /tmp/sd15 --steps 1 --backends torch,onnxruntime \
+        --out bench/out/realsize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(preset: str, backend: str, steps: int, calls: int, cache: str) -> dict:
+    """Runs in its own process: the renderer alone."""
+    import torch
+
+    from pigment.models.pipeline import Renderer, RenderInputs
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    renderer = Renderer(preset, backend=backend, cache_dir=Path(cache))
+    load_s = time.perf_counter() - t0
+    size = renderer.defaults["height"]
+    latent = size // renderer.vae_scale
+    unet = renderer.pipe.unet
+    sample = torch.randn(2, 4, latent, latent)
+    ehs = torch.randn(2, renderer.tokenizer.model_max_length, renderer.text_dim)
+    unet_s = []
+    with torch.inference_mode():
+        for _ in range(calls):
+            t = time.perf_counter()
+            unet(sample, torch.tensor(500), encoder_hidden_states=ehs, return_dict=False)
+            unet_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        renderer.pipe.vae.decode(torch.randn(1, 4, latent, latent) / renderer.pipe.vae.config.scaling_factor)
+        vae_s = time.perf_counter() - t
+    t = time.perf_counter()
+    renderer.render(RenderInputs(segments=["a red star"], num_inference_steps=steps, seed=1))
+    render_s = time.perf_counter() - t
+    return {"backend": backend, "size": size, "load_s": round(load_s, 2),
+            "unet_call_s": [round(x, 2) for x in unet_s], "unet_batch": 2, "vae_decode_s": round(vae_s, 2),
+            "render_s": round(render_s, 2), "steps": steps, "peak_rss_mb": round(peak_rss_mb())}
+
+
+def measure_backend(preset: str, backend: str, steps: int, calls: int, cache: str) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import realsize; "
+            f"print('RESULT', json.dumps(realsize.child({preset!r}, {backend!r}, {steps}, {calls}, {cache!r})))")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"backend": backend, "error": out.stderr[-1500:]}
+    return {**json.loads(line[7:]), "process_s": round(time.perf_counter() - t0, 1)}
+
+
+def serve_once(preset: str, steps: int, broker: str | None) -> dict:
+    """One request through gRPC, the gateway, the queue and a real worker."""
+    import grpc
+
+    from pigment.services.common.settings import Settings
+    from pigment.services.stack import Stack, Worker
+    from pigment.services.store.migrate import upgrade
+    from pigment.v1 import generation_pb2 as gen_pb
+    from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+
+    data = Path(tempfile.mkdtemp(prefix="realsize-"))
+    extra = {"broker_url": broker} if broker else {}
+    settings = Settings(data_dir=data, preset=preset, render_timeout_s=1800, render_queue=f"render.realsize.{time.time_ns()}",
+                        **extra)
+    upgrade(settings.database_url)
+    t0 = time.perf_counter()
+    stack = Stack(settings)
+    verify = stack.verify_models()
+    worker = Worker(settings).start(wait_ready_s=1800)
+    server, port = stack.server(port=0)
+    server.start()
+    start_s = time.perf_counter() - t0
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        history = history_pb2_grpc.HistoryServiceStub(channel)
+        history.LogInteractions(history_pb2.LogInteractionsRequest(user_id="u", create_user=True))
+        gen = generation_pb2_grpc.GenerationServiceStub(channel)
+        out = []
+        for n in range(2):  # the first loads the models in both processes; the second is steady state
+            t = time.perf_counter()
+            resp = gen.GeneratePersonalized(gen_pb.GenerateRequest(
+                request_id=f"realsize-{n}", user_id="u", prompt="a red star", num_inference_steps=steps,
+                method="non_personalized"), timeout=1800)
+            wall = (time.perf_counter() - t) * 1000
+            timings = dict(resp.timings_ms)
+            render = timings.get("worker_render_ms", 0.0)
+            out.append({"wall_ms": round(wall), "worker_render_ms": round(render),
+                        "overhead_ms": round(wall - render), "overhead_share": round((wall - render) / wall, 4),
+                        "image_bytes": len(resp.images[0].png), "timings_ms": {k: round(v) for k, v in timings.items()}})
+        channel.close()
+        worker_rss = vm_hwm_mb(worker.proc.pid)  # the solo-pool worker renders in its own process
+    finally:
+        server.stop(grace=1).wait()
+        worker.stop()
+    return {"broker": settings.broker_url, "start_s": round(start_s, 1), "verify": verify, "requests": out,
+            "gateway_peak_rss_mb": round(peak_rss_mb()), "worker_peak_rss_mb": worker_rss}
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, help="an sd15-architecture preset (pigment models build --arch sd15)")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--calls", type=int, default=2, help="timed UNet calls per backend")
+    p.add_argument("--backends", default="torch", help="comma list: torch,onnxruntime")
+    p.add_argument("--serve", action="store_true", help="also one request end to end through gRPC + worker")
+    p.add_argument("--broker", default=None, help="e.g. redis://127.0.0.1:6379/0 (default: filesystem)")
+    p.add_argument("--cache", default=None, help="engine cache dir (default: a temp dir)")
+    p.add_argument("--out", default="bench/out/realsize.json")
+    args = p.parse_args()
+    import os
+
+    cache = args.cache or tempfile.mkdtemp(prefix="realsize-engines-")
+    result = {"preset": args.preset, "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                                                 "platform": platform.platform()},
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backends": []}
+    for backend in args.backends.split(","):
+        print(f"[realsize] {backend} ...", flush=True)
+        result["backends"].append(measure_backend(args.preset, backend, args.steps, args.calls, cache))
+        print(json.dumps(result["backends"][-1]), flush=True)
+    if args.serve:
+        print("[realsize] serving one request end to end ...", flush=True)
+        result["serve"] = serve_once(args.preset, args.steps, args.broker)
+        print(json.dumps(result["serve"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
