@@ -139,7 +139,8 @@ def main() -> int:
     import os
 
     cache = args.cache or tempfile.mkdtemp(prefix="realsize-engines-")
-    result = {"preset": args.preset, "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    result = {"preset": args.preset, "loadavg_start": os.getloadavg(),
+              "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                                                  "platform": platform.platform()},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backends": []}
     for backend in args.backends.split(","):
@@ -150,6 +151,7 @@ def main() -> int:
         print("[realsize] serving one request end to end ...", flush=True)
         result["serve"] = serve_once(args.preset, args.steps, args.broker)
         print(json.dumps(result["serve"]), flush=True)
+    result["loadavg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -79,3 +79,30 @@ def test_generic_gate_agrees_in_sign_with_the_toy_evaluator(tmp_path):
     assert verdicts[("toy", "harmful")] != ""
     assert "content fidelity dropped" in verdicts[("preference", "harmful")]  # the CLIP guard caught it
     assert np.isfinite(gates["preference"](candidates["harmful"])["joint"])
+
+
+def test_a_round_with_the_preference_gate_holds_out_pairs_it_never_trains_on(tmp_path):
+    """Logged picks -> 3 train + 1 held-out pair -> the real Diffusion-DPO trainer -> the generic gate."""
+    from test_retrain import image_picks
+
+    from pigment.services.store.db import make_sessionmaker
+    from pigment.services.store.migrate import upgrade
+
+    (tmp_path / "quick.yaml").write_text("steps: 2\nbatch_size: 2\nwarmup_steps: 1\n")
+    settings = make_settings(tmp_path, TOY, retrain_min_pairs=2, retrain_eval_samples=4, retrain_gate="preference",
+                             retrain_config=tmp_path / "quick.yaml")
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(settings.database_url)
+    image_picks(settings, sessions, "u1", 2)
+    image_picks(settings, sessions, "u2", 2)
+    result = RetrainCore(settings, sessions).run("unet_lora")
+    assert result.status in ("promoted", "rejected"), result.reason
+    run_dir = Path(result.run_dir)
+    train = [json.loads(x) for x in (run_dir / "pairs.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (run_dir / "heldout" / "pairs.jsonl").read_text().splitlines()]
+    assert (len(train), len(held), result.n_pairs) == (3, 1, 4)
+    # the held-out copies live in their own directory (the training copies reuse the same file names)
+    assert all((run_dir / "heldout" / held[0][k]).is_file() for k in ("chosen_image", "rejected_image"))
+    m = result.metrics
+    assert m["gate"] == "preference" and m["baseline"]["joint"] == 0.5 and m["candidate"]["n_heldout_pairs"] == 1
+    assert m["train"]["pairs"] == 3

@@ -211,10 +211,12 @@ class RetrainCore:
             if not heldout:
                 result.status, result.reason = "skipped", f"{len(pairs)} pairs leave none to hold out for the gate"
                 return
-            spec.write(self, heldout, run_dir / "heldout.jsonl")
+            held_file = run_dir / "heldout" / "pairs.jsonl"  # its own dir: image copies never share names
+            held_file.parent.mkdir()
+            spec.write(self, heldout, held_file)
             from pigment.training.gate import make_gate
 
-            evaluator = make_gate(self.settings, self.preset_dir, result.kind, run_dir / "heldout.jsonl")
+            evaluator = make_gate(self.settings, self.preset_dir, result.kind, held_file)
         elif evaluator is None:
             evaluator = GATES[gate](self.settings, self.preset_dir, result.kind)
         result.metrics["gate"] = gate if self.evaluator is None else "custom"
