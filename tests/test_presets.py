@@ -148,3 +148,23 @@ def test_a_corrupt_unet_fails_the_request_at_once_with_the_reason(tiny_preset, t
         with pytest.raises(Unavailable, match="failed verification.*sha256"):
             stack.gateway.generate(GenerateParams(request_id="bad-1", user_id="u", method="non_personalized"))
         assert time.monotonic() - t0 < 60
+
+
+def test_retrieval_threshold_is_the_presets_and_the_reason_matches_the_outcome(embedded):
+    """The tiny preset's random CLIP has no tuned threshold: auto generates and says why. A match above a
+    threshold with nothing to show (text-only items) must not report "retrieving" while it generates."""
+    from pigment.services.gateway.core import GenerateParams
+    from pigment.services.history.core import ItemRecord
+
+    stack, _channel, _worker = embedded
+    decider = stack.gateway.decider
+    assert decider.config.threshold is None  # not 0.87, which was tuned for the toy CLIP
+    stack.history.upsert_items([ItemRecord(item_id="text-only", caption="a red star")])
+    stack.history.log_interactions("reader", [], create_user=True)
+    params = GenerateParams(request_id="thr-1", user_id="reader", prompt="a red star", num_images=1,
+                            retrieval="auto")
+    untuned = decider.decide("reader", params, [], None)
+    assert untuned.generate and not untuned.retrieve and "no retrieval threshold" in untuned.reason
+    low = decider.with_config(threshold=-1.0).decide("reader", params, [], None)
+    assert low.generate and not low.retrieve and not low.items
+    assert "retrieving" not in low.reason and low.reason.endswith("generating"), low.reason
