@@ -66,8 +66,8 @@ class Renderer:
             raise ValueError(f"dtype={self.dtype_name!r} is not allowed on cpu: use 'fp32'")
         self.dtype = torch_dtype(self.dtype_name)
         self.tokenizer = load_component(preset_dir, "tokenizer")
-        self.text_encoder = load_component(preset_dir, "text_encoder").to(device=device, dtype=self.dtype)
-        unet = load_component(preset_dir, "unet").to(device=device, dtype=self.dtype)
+        self.text_encoder = self._place(load_component(preset_dir, "text_encoder"))
+        unet = self._place(load_component(preset_dir, "unet"))
         adapter_hash = None
         if unet_adapter is not None:  # a UNet LoRA (e.g. `pigment train diffusion-dpo`), fused into the weights
             adapter_hash = load_unet_lora(unet, unet_adapter)
@@ -81,7 +81,7 @@ class Renderer:
             unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device,
                                      adapter_hash=adapter_hash, precision="fp16" if self.dtype_name == "fp16" else "fp32")
         self.pipe = StableDiffusionPipeline(
-            vae=load_component(preset_dir, "vae").to(device=device, dtype=self.dtype),
+            vae=self._place(load_component(preset_dir, "vae")),
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=unet,
@@ -93,6 +93,11 @@ class Renderer:
         self.pipe.set_progress_bar_config(disable=True)
         self.text_dim = self.text_encoder.config.hidden_size
         self.vae_scale = self.pipe.vae_scale_factor
+
+    def _place(self, module):
+        """On this renderer's device, in its dtype (cast only when stored otherwise: no-op casts warn)."""
+        module = module.to(self.device)
+        return module if next(module.parameters()).dtype == self.dtype else module.to(self.dtype)
 
     @torch.no_grad()
     def encode_text(self, text: str) -> torch.Tensor:
