@@ -102,7 +102,7 @@ def serve_once(preset: str, steps: int, broker: str | None) -> dict:
             t = time.perf_counter()
             resp = gen.GeneratePersonalized(gen_pb.GenerateRequest(
                 request_id=f"realsize-{n}", user_id="u", prompt="a red star", num_inference_steps=steps,
-                method="non_personalized"), timeout=1800)
+                method=gen_pb.METHOD_NON_PERSONALIZED), timeout=1800)
             wall = (time.perf_counter() - t) * 1000
             timings = dict(resp.timings_ms)
             render = timings.get("worker_render_ms", 0.0)
@@ -135,6 +135,8 @@ def main() -> int:
     p.add_argument("--broker", default=None, help="e.g. redis://127.0.0.1:6379/0 (default: filesystem)")
     p.add_argument("--cache", default=None, help="engine cache dir (default: a temp dir)")
     p.add_argument("--out", default="bench/out/realsize.json")
+    p.add_argument("--append", action="store_true", help="add to the results already in --out (e.g. --backends '' "
+                   "--serve after a backends run)")
     args = p.parse_args()
     import os
 
@@ -143,18 +145,25 @@ def main() -> int:
               "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                                                  "platform": platform.platform()},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backends": []}
-    for backend in args.backends.split(","):
+    if args.append and Path(args.out).is_file():
+        result = {**json.loads(Path(args.out).read_text()), "appended": result}
+    for backend in filter(None, args.backends.split(",")):
         print(f"[realsize] {backend} ...", flush=True)
         result["backends"].append(measure_backend(args.preset, backend, args.steps, args.calls, cache))
         print(json.dumps(result["backends"][-1]), flush=True)
+        write(args.out, result)  # each phase is kept, whatever happens to the next
     if args.serve:
         print("[realsize] serving one request end to end ...", flush=True)
         result["serve"] = serve_once(args.preset, args.steps, args.broker)
         print(json.dumps(result["serve"]), flush=True)
     result["loadavg_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write(args.out, result)
     return 0
+
+
+def write(out: str, result: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

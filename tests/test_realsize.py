@@ -39,8 +39,8 @@ def test_sd15_serves_512_and_retrains_with_the_generic_gate(sd15, tmp_path):
     from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
 
     (tmp_path / "one-step.yaml").write_text("steps: 1\nbatch_size: 1\nwarmup_steps: 0\n")
-    settings = make_settings(tmp_path, sd15, render_timeout_s=1800, retrain_kind="unet_lora",
-                             retrain_min_pairs=4, retrain_eval_samples=1, retrain_config=tmp_path / "one-step.yaml")
+    settings = make_settings(tmp_path, sd15, retrain_kind="unet_lora", retrain_min_pairs=4, retrain_eval_samples=1,
+                             retrain_config=tmp_path / "one-step.yaml").model_copy(update={"render_timeout_s": 1800})
     with running_stack(settings) as (stack, channel, _worker):
         assert stack.verify_models()["files"] > 10
         history_pb2_grpc.HistoryServiceStub(channel).LogInteractions(
