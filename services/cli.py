@@ -18,6 +18,7 @@ def cmd_serve(args, settings: Settings) -> int:
     from pigment.services.store.migrate import upgrade
 
     stack = Stack(settings)
+    stack.check_exposure()  # before the worker starts: a refused start leaves nothing running
     upgrade(settings.database_url)
     worker = Worker(settings).start() if not args.no_worker else None
     server, port = stack.server(port=args.port)

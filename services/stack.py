@@ -64,10 +64,14 @@ class Stack:
         if self.limiter is not None:
             self.limiter.charge(principal, "images", n)
 
-    def _check_exposure(self) -> None:
-        from pigment.services.common.auth import check_exposure
+    def check_exposure(self) -> None:
+        """Refuse (FailedPrecondition) to serve without keys off loopback; call before starting anything."""
+        from pigment.services.common.auth import check_exposure, is_loopback
 
         check_exposure(self.settings.host, self.keys is not None)
+        if not self.settings.tls_cert_file and not is_loopback(self.settings.host):
+            log.warning("serving plaintext on %s: API keys cross the network in clear unless TLS terminates in "
+                        "front (set PIGMENT_TLS_CERT_FILE/PIGMENT_TLS_KEY_FILE otherwise)", self.settings.host)
 
     @cached_property
     def history(self):
@@ -177,7 +181,7 @@ class Stack:
         """The HTTP feedback endpoint (not started); port 0 binds a free one. Same keys, limits and TLS as gRPC."""
         from pigment.services.gateway.http import FeedbackHTTPServer
 
-        self._check_exposure()
+        self.check_exposure()
         s = self.settings
         return FeedbackHTTPServer(self.feedback, s.host, port, keys=self.keys, limiter=self.limiter,
                                   tls=(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) if s.tls_cert_file
@@ -201,7 +205,7 @@ class Stack:
         ]
         from pigment.services.common.grpc_auth import AuthInterceptor, server_credentials
 
-        self._check_exposure()
+        self.check_exposure()
         s = self.settings
         port = s.port if port is None else port
         credentials = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) \

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA: require client certificates signed by "
                                             "it (mTLS), on top of the API key.")
+    api_key: str = Field("", description="Client side: the key that commands calling a server "
+                         "(`pigment ingest --address`) send as `authorization: Bearer`.")
     rate_limit_storage: str = Field("memory://", description="`limits` storage URL for per-tenant limits: "
                                     "memory:// (one process) or redis://host:6379/1 (shared by gateways).")
     rate_limit_calls: str = Field("", description="Per-tenant limit on calls, e.g. \"20/second;1000/minute\" "
