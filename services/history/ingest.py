@@ -365,7 +365,6 @@ def _batches(
 def cmd_ingest(args, settings) -> int:
     if args.address:
         import grpc
-
         from pigment.services.common.grpc_auth import bearer_channel
 
         with grpc.insecure_channel(args.address) as channel:
