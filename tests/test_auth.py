@@ -21,7 +21,13 @@ from conftest import REDIS_URL, make_settings, running_stack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pigment.services.common import auth
-from pigment.services.common.errors import FailedPrecondition, Unauthenticated
+from pigment.services.common.errors import (
+    FailedPrecondition,
+    Overloaded,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 from pigment.services.common.grpc_auth import bearer_channel
 from pigment.services.store.tables import Job, User
 from pigment.v1 import generation_pb2 as gpb
@@ -308,6 +314,21 @@ def test_call_rate_limit_answers_retry_info_grpc_and_http(tmp_path, tiny_preset)
         finally:
             http.stop()
         assert code == 429 and 1 <= int(headers["Retry-After"]) <= 60
+
+
+def test_rate_limiter_fails_closed_and_refuses_what_never_fits():
+    principal = auth.Principal("t")
+    down = auth.RateLimiter("redis://127.0.0.1:1/0", calls="5/second")
+    with pytest.raises(Unavailable, match="rate-limit storage unreachable"):
+        down.charge(principal, "calls")
+    limiter = auth.RateLimiter("memory://", images="4/hour")
+    with pytest.raises(Overloaded, match="can never fit") as err:
+        limiter.charge(principal, "images", 5)
+    assert not isinstance(err.value, RateLimited)  # no retry would help: no RetryInfo
+    limiter.charge(principal, "images", 4)
+    with pytest.raises(RateLimited):
+        limiter.charge(principal, "images", 1)
+    limiter.charge(auth.Principal("other"), "images", 4)
 
 
 def _pki(tmp_path):

@@ -31,9 +31,12 @@ from pathlib import Path
 import yaml
 from pigment.services.common.errors import (
     FailedPrecondition,
+    Overloaded,
     PermissionDenied,
+    PigmentError,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
 
 ADMIN = "admin"
@@ -255,14 +258,22 @@ class RateLimiter:
         limits = self.groups[group]
         if not limits or cost <= 0:
             return
-        ident = (principal.limit_key, group)
+        try:
+            self._charge(limits, (principal.limit_key, group), cost)
+        except PigmentError:
+            raise
+        except Exception as exc:  # storage down: fail closed, with a status the caller can retry on
+            raise Unavailable(f"rate-limit storage unreachable ({type(exc).__name__}): retry later") from exc
+
+    def _charge(self, limits, ident: tuple[str, str], cost: int) -> None:
+        group = ident[1]
         for limit in limits:
             if cost > limit.amount:
-                raise RateLimited(f"{cost} {group} in one call exceeds the tenant's limit of {limit}", 0.0)
+                raise Overloaded(f"{cost} {group} in one call can never fit the tenant's limit of {limit}: split it")
             if not self.strategy.test(limit, *ident, cost=cost):
                 reset, _ = self.strategy.get_window_stats(limit, *ident)
                 wait = max(0.0, reset - time.time())
-                raise RateLimited(f"tenant {principal.limit_key!r} is over its {group} limit of {limit}: "
+                raise RateLimited(f"tenant {ident[0]!r} is over its {group} limit of {limit}: "
                                   f"retry in {wait:.1f}s", wait)
         for limit in limits:
             self.strategy.hit(limit, *ident, cost=cost)
