@@ -235,7 +235,8 @@ def check_exposure(host: str, auth_on: bool) -> None:
 
 # -- rate limits and quotas ---------------------------------------------------------------------------
 class RateLimiter:
-    """Per-tenant limits with the ``limits`` library (moving window).
+    """Per-tenant limits with the ``limits`` library (sliding window counter: O(1) per check, unlike a moving
+    window whose cost grows with the limit).
 
     ``calls``: every authenticated call, e.g. "20/second;600/minute". ``images``: images a tenant may have
     rendered (new requests, not replays; batch jobs count users x images), e.g. "100/minute;5000/day".
@@ -247,7 +248,7 @@ class RateLimiter:
 
         self.groups = {"calls": parse_many(calls) if calls else [], "images": parse_many(images) if images else []}
         self.storage = storage.storage_from_string(storage_url)
-        self.strategy = strategies.MovingWindowRateLimiter(self.storage)
+        self.strategy = strategies.SlidingWindowCounterRateLimiter(self.storage)
 
     @property
     def enabled(self) -> bool:
