@@ -57,7 +57,7 @@ class Stack:
         from pigment.services.common.auth import RateLimiter
 
         s = self.settings
-        limiter = RateLimiter(s.rate_limit_storage, s.rate_limit_calls, s.rate_limit_images)
+        limiter = RateLimiter(s.rate_limit_storage, s.rate_limit_calls, s.rate_limit_images, s.rate_limit_tenants)
         return limiter if limiter.enabled else None
 
     def _charge_images(self, principal, n: int) -> None:

@@ -329,6 +329,14 @@ def test_rate_limiter_fails_closed_and_refuses_what_never_fits():
     with pytest.raises(RateLimited):
         limiter.charge(principal, "images", 1)
     limiter.charge(auth.Principal("other"), "images", 4)
+    tiered = auth.RateLimiter("memory://", images="1/hour", tenants={"big": {"images": "10/hour"}, "free": {"images": ""}})
+    tiered.charge(auth.Principal("big"), "images", 10)
+    for _ in range(50):
+        tiered.charge(auth.Principal("free"), "images", 5)
+    with pytest.raises(Overloaded):
+        tiered.charge(auth.Principal("small"), "images", 2)
+    with pytest.raises(ValueError, match="unknown groups"):
+        auth.RateLimiter(tenants={"t": {"imagez": "1/hour"}})
 
 
 def _pki(tmp_path):

@@ -215,6 +215,12 @@ def _write_entries(path: Path, entries: dict) -> None:
     os.replace(tmp, path)
 
 
+def _parse(text: str) -> list:
+    from limits import parse_many
+
+    return parse_many(text) if text else []
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -240,23 +246,31 @@ class RateLimiter:
 
     ``calls``: every authenticated call, e.g. "20/second;600/minute". ``images``: images a tenant may have
     rendered (new requests, not replays; batch jobs count users x images), e.g. "100/minute;5000/day".
-    An empty string is no limit.
+    An empty string is no limit. ``tenants`` overrides them per tenant: {tenant: {"calls": ..., "images": ...}}.
     """
 
-    def __init__(self, storage_url: str = "memory://", calls: str = "", images: str = ""):
-        from limits import parse_many, storage, strategies
+    def __init__(self, storage_url: str = "memory://", calls: str = "", images: str = "",
+                 tenants: dict[str, dict[str, str]] | None = None):
+        from limits import storage, strategies
 
-        self.groups = {"calls": parse_many(calls) if calls else [], "images": parse_many(images) if images else []}
+        self.groups = {"calls": _parse(calls), "images": _parse(images)}
+        self.tenants = {}
+        for tenant, groups in (tenants or {}).items():
+            unknown = set(groups) - set(self.groups)
+            if unknown:
+                raise ValueError(f"rate limits of tenant {tenant!r}: unknown groups {sorted(unknown)}: "
+                                 f"allowed {sorted(self.groups)}")
+            self.tenants[tenant] = {**self.groups, **{g: _parse(v) for g, v in groups.items()}}
         self.storage = storage.storage_from_string(storage_url)
         self.strategy = strategies.SlidingWindowCounterRateLimiter(self.storage)
 
     @property
     def enabled(self) -> bool:
-        return any(self.groups.values())
+        return any(self.groups.values()) or any(any(g.values()) for g in self.tenants.values())
 
     def charge(self, principal: Principal, group: str, cost: int = 1) -> None:
         """Count ``cost`` against the tenant's ``group`` limits, or raise RateLimited (nothing counted)."""
-        limits = self.groups[group]
+        limits = self.tenants.get(principal.limit_key, self.groups)[group]
         if not limits or cost <= 0:
             return
         try:

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
                                   "(empty = none). Exceeded: RESOURCE_EXHAUSTED with RetryInfo.")
     rate_limit_images: str = Field("", description="Per-tenant quota of images rendered (new requests; a batch "
                                    "job counts users x images), e.g. \"120/minute;10000/day\" (empty = none).")
+    rate_limit_tenants: dict[str, dict[str, str]] = Field(default_factory=dict, description="Per-tenant "
+                                                          "overrides, e.g. {\"acme\": {\"images\": \"1000/day\"}} "
+                                                          "(\"\" = no limit for that tenant).")
 
     # -- scheduled retraining (services/render/retrain.py) and exploration
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
