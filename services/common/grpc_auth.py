@@ -3,6 +3,7 @@ limits, TLS server credentials. Health checking and reflection stay open (probes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from pigment.services.common.auth import (
     reset_principal,
     set_principal,
 )
+from pigment.services.common.errors import Unauthenticated
 
+log = logging.getLogger("pigment.auth")
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
@@ -34,8 +37,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         return self.keys.authenticate(header if isinstance(header, str) else None)
 
-    def _enter(self, metadata):
-        principal = self._principal(metadata)
+    def _enter(self, metadata, context, method: str):
+        try:
+            principal = self._principal(metadata)
+        except Unauthenticated as exc:  # an audit trail of refused calls (never the key itself)
+            log.warning("refused %s from %s: %s", method, context.peer(), exc)
+            raise
         if self.limiter is not None:
             self.limiter.charge(principal, "calls")
         return set_principal(principal)
@@ -44,16 +51,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
-        metadata = handler_call_details.invocation_metadata
+        metadata, method = handler_call_details.invocation_metadata, handler_call_details.method
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, metadata))
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, metadata, method))
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, metadata))
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, metadata, method))
         return _refuse(handler)  # no streaming-request RPC of ours exists; never serve one unauthenticated
 
-    def _wrap_unary(self, fn: Callable, metadata) -> Callable:
+    def _wrap_unary(self, fn: Callable, metadata, method: str) -> Callable:
         def handler(request, context):
-            token = self._enter(metadata)
+            token = self._enter(metadata, context, method)
             try:
                 return fn(request, context)
             finally:
@@ -61,9 +68,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         return handler
 
-    def _wrap_stream(self, fn: Callable, metadata) -> Callable:
+    def _wrap_stream(self, fn: Callable, metadata, method: str) -> Callable:
         def handler(request, context):
-            token = self._enter(metadata)
+            token = self._enter(metadata, context, method)
             try:
                 yield from fn(request, context)
             finally:
