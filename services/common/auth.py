@@ -112,6 +112,10 @@ def bearer_token(header: str | None) -> str | None:
 def _read_entries(path: Path) -> dict[str, dict]:
     text = path.read_text() if path.exists() else ""
     data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) if text.strip() else {}
+    return _check_entries(data, path)
+
+
+def _check_entries(data, path: Path) -> dict[str, dict]:
     if not isinstance(data, dict):
         raise FailedPrecondition(f"auth keys file {path} must map sha256(key) -> {{tenant, scopes}}")
     for digest, entry in data.items():
@@ -120,6 +124,9 @@ def _read_entries(path: Path) -> dict[str, dict]:
                                      "(the file holds hashes of keys, never keys)")
         if not isinstance(entry, dict) or not isinstance(entry.get("tenant"), str) or not entry["tenant"]:
             raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]} needs a tenant")
+        if len(entry["tenant"]) > 128 or not entry["tenant"].isprintable() or entry["tenant"].strip() != entry["tenant"]:
+            raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]}: tenant must be 1..128 printable "
+                                     "characters without surrounding spaces (it is stored in users.tenant)")
         unknown = set(entry.get("scopes") or []) - set(SCOPES)
         if unknown:
             raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]} has unknown scopes "
@@ -180,6 +187,7 @@ def add_key(path: Path, tenant: str, admin: bool = False, note: str = "") -> str
     key = new_key()
     entries[hash_key(key)] = {"tenant": tenant, "scopes": [ADMIN] if admin else [], "note": note,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _check_entries(entries, path)  # the same checks a server applies when it reads the file
     _write_entries(path, entries)
     return key
 

@@ -192,8 +192,8 @@ class HistoryCore:
         item.change_seq = next_counter(s, "items")
 
     def upsert_items(self, items: Sequence[ItemRecord], embed: bool = True, principal=None) -> int:
-        """``principal`` tenant-bound: every item must name its tenant (the public catalog is written by
-        keys of every tenant), and an item id owned by another tenant or the catalog cannot be taken over."""
+        """``principal`` tenant-bound: every item must name its tenant (the public catalog is written by operator
+        keys, tenant "*"), and an item id owned by another tenant or the catalog cannot be taken over."""
         for it in items:
             _check_id("item_id", it.item_id)
             if principal is not None and principal.tenant is not None:
