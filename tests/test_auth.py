@@ -167,6 +167,8 @@ def test_tenant_cannot_read_generate_feedback_or_search_another_tenants_user(sec
         lambda: a.history.GetHistory(history_pb2.GetHistoryRequest(user_id=BOB), timeout=10),
         lambda: a.generate(f"a-on-bob-{RUN}", BOB),
         lambda: a.generate(f"b-{RUN}", BOB),  # replaying bob's own request returns nothing to another tenant
+        lambda: list(a.gen.GeneratePersonalizedStream(gpb.GenerateRequest(
+            request_id=f"b-{RUN}", user_id=BOB, prompt="a star", num_images=1, num_inference_steps=2), timeout=60)),
         lambda: a.pref.EncodePreferences(preference_pb2.EncodePreferencesRequest(user_id=BOB), timeout=30),
         lambda: a.history.SearchItems(history_pb2.SearchItemsRequest(text="a heart", user_id=BOB), timeout=30),
         lambda: a.gen.LogFeedback(gpb.LogFeedbackRequest(feedback_id=f"f1-{RUN}", user_id=BOB,
