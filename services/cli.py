@@ -27,7 +27,8 @@ def cmd_serve(args, settings: Settings) -> int:
     print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {settings.database_url}, "
           f"broker {settings.broker_url}); Ctrl-C to stop", flush=True)
     if http:
-        print(f"HTTP feedback on http://{settings.host}:{http.port}/v1/feedback", flush=True)
+        scheme = "https" if settings.tls_cert_file else "http"
+        print(f"HTTP feedback on {scheme}://{settings.host}:{http.port}/v1/feedback", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

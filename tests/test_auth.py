@@ -136,6 +136,12 @@ def test_no_or_wrong_key_is_unauthenticated_health_stays_open(secured):
     assert status_of(lambda: list(stream))[0] == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    listed = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    names = {s.name for r in listed for s in r.list_services_response.service}
+    assert "pigment.v1.GenerationService" in names
     assert len(secured["a"].history.GetHistory(request, timeout=10).entries) == 2
 
 
