@@ -69,7 +69,8 @@ class Stack:
         from pigment.services.common.auth import check_exposure, is_loopback
 
         check_exposure(self.settings.host, self.keys is not None)
-        if not self.settings.tls_cert_file and not is_loopback(self.settings.host):
+        if not self.settings.tls_cert_file and not is_loopback(self.settings.host) and not self.__dict__.get("_warned"):
+            self._warned = True
             log.warning("serving plaintext on %s: API keys cross the network in clear unless TLS terminates in "
                         "front (set PIGMENT_TLS_CERT_FILE/PIGMENT_TLS_KEY_FILE otherwise)", self.settings.host)
 
