@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pigment.services.common.errors import FailedPrecondition, PigmentError
 from pigment.services.common.settings import Settings
