@@ -26,6 +26,7 @@ def write_lora(out: Path, scale: float) -> Path:
     from pigment.training.train_diffusion_dpo import TARGET_MODULES
 
     unet = load_component(TOY, "unet")
+    torch.manual_seed(0)  # LoRA A's gaussian init
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -67,17 +68,21 @@ def test_generic_gate_agrees_in_sign_with_the_toy_evaluator(tmp_path):
     heldout = heldout_pairs(tmp_path / "run" / "heldout.jsonl")
     gates = {"toy": toy_gate(settings, TOY, "unet_lora"), "preference": make_gate(settings, TOY, "unet_lora", heldout)}
     candidates = {"harmless": write_lora(tmp_path / "zero", 0.0), "harmful": write_lora(tmp_path / "wreck", 3.0)}
-    verdicts = {}
+    verdicts, fidelity = {}, {}
     for gate, evaluate in gates.items():
         baseline = evaluate(None)
+        fidelity[(gate, None)] = baseline["content_fidelity"]
         for name, adapter in candidates.items():
             score = evaluate(adapter)
             verdicts[(gate, name)] = core.regression(score, baseline)
+            fidelity[(gate, name)] = score["content_fidelity"]
             print(gate, name, {k: score[k] for k in ("joint", "content_fidelity")}, "baseline",
                   {k: baseline[k] for k in ("joint", "content_fidelity")}, verdicts[(gate, name)] or "promote")
     assert verdicts[("toy", "harmless")] == "" and verdicts[("preference", "harmless")] == ""
     assert verdicts[("toy", "harmful")] != ""
-    assert "content fidelity dropped" in verdicts[("preference", "harmful")]  # the CLIP guard caught it
+    assert verdicts[("preference", "harmful")] != ""
+    # the CLIP guard alone would have caught it (the gate reports the first reason it finds)
+    assert fidelity[("preference", None)] - fidelity[("preference", "harmful")] > settings.retrain_max_fidelity_drop
     assert np.isfinite(gates["preference"](candidates["harmful"])["joint"])
 
 
