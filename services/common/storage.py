@@ -37,12 +37,11 @@ class ImageStorage:
 
     def key_of(self, uri: str) -> str:
         """The key of a URI under this storage's root; InvalidInput for anything else."""
-        if not isinstance(uri, str) or not uri.startswith(self._prefix):
+        key = uri[len(self._prefix):] if isinstance(uri, str) and uri.startswith(self._prefix) else ""
+        parts = key.split("/")
+        if not KEY_RE.match(key) or any(p in ("", ".", "..") for p in parts) or posixpath.normpath(key) != key:
             raise InvalidInput(f"image uri {show(uri)} is outside this server's image storage")
-        key = uri[len(self._prefix):]
-        if posixpath.normpath(key) != key:
-            raise InvalidInput(f"image uri {show(uri)} is outside this server's image storage")
-        return self._check_key(key)
+        return key
 
     def put(self, key: str, data: bytes) -> str:
         """Write ``data`` under ``key`` (overwriting: keys are deterministic, so retries are idempotent)."""
