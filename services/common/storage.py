@@ -69,10 +69,17 @@ class ImageStorage:
             return False
 
     def delete(self, uri: str) -> bool:
-        """Remove one stored image; False if it was not there."""
+        """Remove one stored image, and its folder once empty (a request's folder name can hold a user id);
+        False if it was not there."""
         path = self._path(uri)
         try:
             self.fs.rm_file(path)
         except FileNotFoundError:
             return False
+        parent = path.rsplit("/", 1)[0]
+        try:
+            if parent.rstrip("/") != self.base.rstrip("/") and not self.fs.ls(parent):
+                self.fs.rmdir(parent)
+        except OSError:  # a concurrent write, or a store without folders: nothing to prune
+            pass
         return True
