@@ -18,13 +18,18 @@ import zlib
 
 import grpc
 import pytest
+from conftest import make_settings, running_stack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-
-from conftest import make_settings, running_stack
 from pigment.v1 import generation_pb2 as gpb
-from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc, preference_pb2, preference_pb2_grpc
+from pigment.v1 import (
+    generation_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
+    preference_pb2,
+    preference_pb2_grpc,
+)
+from PIL import Image
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
@@ -195,7 +200,7 @@ def test_log_feedback(fz, fid, user, which, other, kind, value, use_other):
 
     gid = fz["gens"][which] if which < 2 else other
     others = [fz["gens"][1 - which] if which < 2 else other] if use_other else []
-    code, resp = code_of(lambda: fz["gen"].LogFeedback(gpb.LogFeedbackRequest(
+    code, _ = code_of(lambda: fz["gen"].LogFeedback(gpb.LogFeedbackRequest(
         feedback_id=fid, user_id=user, generation_id=gid, kind=kind, value=value, other_generation_ids=others),
         timeout=30))
     if code == grpc.StatusCode.OK:  # new or an honest replay: the row is there, with this content
@@ -210,7 +215,7 @@ def test_log_feedback(fz, fid, user, which, other, kind, value, use_other):
        prompt=texts, images=st.sampled_from([0, 1, -1, 99]), steps=st.sampled_from([0, 1, -1, 1000]),
        method=st.integers(0, 6), chunk=st.sampled_from([0, 1, -1, 10_000]))
 def test_submit_batch(fz, job_id, users, segment, prompt, images, steps, method, chunk):
-    code, resp = code_of(lambda: fz["gen"].SubmitBatch(gpb.SubmitBatchRequest(
+    code, _ = code_of(lambda: fz["gen"].SubmitBatch(gpb.SubmitBatchRequest(
         job_id=job_id, user_ids=users, segment=segment, prompt=prompt, images_per_user=images,
         num_inference_steps=steps, method=method, chunk_size=chunk), timeout=30))
     if code == grpc.StatusCode.OK:

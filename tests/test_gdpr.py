@@ -9,12 +9,11 @@ import time
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-from sqlalchemy import func, select
-
 from conftest import make_settings, running_stack
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from PIL import Image
+from sqlalchemy import func, select
 
 
 def png(colour) -> bytes:
@@ -31,7 +30,15 @@ def count(s, table, **where) -> int:
 
 
 def test_delete_user_removes_everything_of_the_user(tmp_path, tiny_preset):
-    from pigment.services.store.tables import Feedback, Generation, Interaction, Item, Job, JobUser, RenderRequest
+    from pigment.services.store.tables import (
+        Feedback,
+        Generation,
+        Interaction,
+        Item,
+        Job,
+        JobUser,
+        RenderRequest,
+    )
     from pigment.training.pairs import load_feedback
 
     settings = make_settings(tmp_path, tiny_preset)

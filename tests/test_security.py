@@ -17,11 +17,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from PIL import Image
-
 from conftest import make_settings, running_stack
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from PIL import Image
 
 
 def png(size=(16, 16), colour=(200, 30, 30), fmt="PNG") -> bytes:
@@ -46,7 +45,7 @@ def status_of(fn):
 @pytest.fixture(scope="module")
 def sec(tmp_path_factory, tiny_preset):
     settings = make_settings(tmp_path_factory.mktemp("security"), tiny_preset)
-    with running_stack(settings) as (stack, channel, worker):
+    with running_stack(settings) as (stack, channel, _):
         hist = history_pb2_grpc.HistoryServiceStub(channel)
         hist.LogInteractions(history_pb2.LogInteractionsRequest(user_id="alice", create_user=True))
         hist.UpsertItems(history_pb2.UpsertItemsRequest(items=[
@@ -62,7 +61,7 @@ def test_image_uri_is_read_only(sec):
     """An item pointing at a server file (here the SQLite database) would later be served as its image."""
     db = sec["settings"].data_dir / "pigment.db"
     for uri in (f"file://{db}", "file:///etc/passwd", "/etc/passwd"):
-        code, details = status_of(lambda: sec["hist"].UpsertItems(history_pb2.UpsertItemsRequest(items=[
+        code, details = status_of(lambda uri=uri: sec["hist"].UpsertItems(history_pb2.UpsertItemsRequest(items=[
             history_pb2.Item(item_id="evil-1", caption="x", image_uri=uri)])))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "image_uri is read-only" in details
 
@@ -94,7 +93,7 @@ def test_item_image_keys_are_hashes(sec):
     ("request_id", "../../x"),
 ])
 def test_generate_ids_are_strict(sec, field, value):
-    request = dict(request_id="sec-ids-1", user_id="alice", num_images=1, num_inference_steps=1)
+    request = {"request_id": "sec-ids-1", "user_id": "alice", "num_images": 1, "num_inference_steps": 1}
     code, details = status_of(lambda: sec["gen"].GeneratePersonalized(
         gpb.GenerateRequest(**{**request, field: value}), timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"{field}=" in details and "malformed" in details
@@ -154,17 +153,17 @@ def test_ingest_reads_images_only_under_its_root(tmp_path):
 
 # -- caps -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("item, needle", [
-    (dict(caption="c" * 2001), "caption is 2001 characters: allowed at most 2000"),
-    (dict(caption="nul\x00"), "NUL"),
-    (dict(tenant="t" * 129), "tenant="),
-    (dict(attributes={"k": "v" * 257}), "allowed at most 256"),
-    (dict(attributes={f"k{i}": "v" for i in range(65)}), "allowed at most 64"),
-    (dict(image_png=png_header(13000, 13000)), "13000x13000 pixels: allowed 1..16777216 pixels"),
-    (dict(image_png=png_header(20000, 20000)), "20000x20000 pixels"),
-    (dict(image_png=b"GIF89a" + b"\x00" * 100), "is not a PNG or JPEG image"),
-    (dict(image_png=b"definitely not an image"), "is not a PNG or JPEG image"),
-    (dict(image_png=png()[:60]), "is not a readable PNG image"),
-    (dict(image_png=png_header(16, 16) + b"\x00" * 40), "is not a readable PNG image"),
+    ({"caption": "c" * 2001}, "caption is 2001 characters: allowed at most 2000"),
+    ({"caption": "nul\x00"}, "NUL"),
+    ({"tenant": "t" * 129}, "tenant="),
+    ({"attributes": {"k": "v" * 257}}, "allowed at most 256"),
+    ({"attributes": {f"k{i}": "v" for i in range(65)}}, "allowed at most 64"),
+    ({"image_png": png_header(13000, 13000)}, "13000x13000 pixels: allowed 1..16777216 pixels"),
+    ({"image_png": png_header(20000, 20000)}, "20000x20000 pixels"),
+    ({"image_png": b"GIF89a" + b"\x00" * 100}, "is not a PNG or JPEG image"),
+    ({"image_png": b"definitely not an image"}, "is not a PNG or JPEG image"),
+    ({"image_png": png()[:60]}, "is not a readable PNG image"),
+    ({"image_png": png_header(16, 16) + b"\x00" * 40}, "is not a readable PNG image"),
 ])
 def test_item_fields_are_capped_before_anything_is_stored(sec, item, needle):
     code, details = status_of(lambda: sec["hist"].UpsertItems(history_pb2.UpsertItemsRequest(items=[
@@ -209,13 +208,13 @@ def test_http_feedback_accepts_only_json(sec):
 
 # -- caller errors are never INTERNAL (issue 16) ----------------------------------------------------------------
 @pytest.mark.parametrize("interaction, needle", [
-    (dict(value=math.nan), "value=nan is out of range"),
-    (dict(value=math.inf), "value=inf is out of range"),
-    (dict(value=1e300), "is out of range"),
-    (dict(timestamp_ms=2**62), "timestamp_ms="),
-    (dict(timestamp_ms=-1), "timestamp_ms=-1"),
-    (dict(kind="k" * 33), "kind is 33 characters"),
-    (dict(kind="li\x00ke"), "kind="),
+    ({"value": math.nan}, "value=nan is out of range"),
+    ({"value": math.inf}, "value=inf is out of range"),
+    ({"value": 1e300}, "is out of range"),
+    ({"timestamp_ms": 2**62}, "timestamp_ms="),
+    ({"timestamp_ms": -1}, "timestamp_ms=-1"),
+    ({"kind": "k" * 33}, "kind is 33 characters"),
+    ({"kind": "li\x00ke"}, "kind="),
 ])
 def test_bad_interactions_are_invalid_argument(sec, interaction, needle):
     code, details = status_of(lambda: sec["hist"].LogInteractions(history_pb2.LogInteractionsRequest(
@@ -267,7 +266,7 @@ def test_feedback_is_honest_about_what_it_stored(sec):
                                                       kind=kind, value=value, other_generation_ids=others))
 
     for value in (math.nan, math.inf):  # was duplicate=true with nothing stored
-        code, details = status_of(lambda: log("fb-nan", a, gpb.FEEDBACK_KIND_CLICK, value))
+        code, details = status_of(lambda value=value: log("fb-nan", a, gpb.FEEDBACK_KIND_CLICK, value))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "value=" in details
     assert log("fb-1", a).duplicate is False
     assert log("fb-1", a).duplicate is True  # a replay of the same content
@@ -285,7 +284,7 @@ def test_feedback_is_honest_about_what_it_stored(sec):
 @pytest.fixture(scope="module")
 def pg_stack(tmp_path_factory, tiny_preset, pg_database):
     settings = make_settings(tmp_path_factory.mktemp("security-pg"), tiny_preset, database_url=pg_database())
-    with running_stack(settings, worker=False) as (stack, channel, _):
+    with running_stack(settings, worker=False) as (_stack, channel, _):
         hist = history_pb2_grpc.HistoryServiceStub(channel)
         hist.LogInteractions(history_pb2.LogInteractionsRequest(user_id="alice", create_user=True))
         hist.UpsertItems(history_pb2.UpsertItemsRequest(items=[history_pb2.Item(item_id="i1", caption="a")]))

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import fsspec
-
 from pigment.services.common.errors import InvalidInput, NotFound
 from pigment.services.common.ids import show
 
