@@ -104,3 +104,21 @@ def test_delete_user_removes_everything_of_the_user(tmp_path, tiny_preset):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         # the other user is untouched
         assert len(hist.GetHistory(history_pb2.GetHistoryRequest(user_id="keep-u")).entries) == 1
+
+
+def test_a_render_finishing_after_the_delete_keeps_no_image(tmp_path):
+    """The worker stores a render whose request row was deleted meanwhile: its PNGs are removed again."""
+    from types import SimpleNamespace
+
+    from pigment.services.common.storage import ImageStorage
+    from pigment.services.render.core import RenderCore
+    from pigment.services.store.db import make_sessionmaker
+    from pigment.services.store.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    storage = ImageStorage(tmp_path / "images")
+    core = RenderCore(make_sessionmaker(url), storage, renderer_factory=None)
+    out = SimpleNamespace(images=[Image.new("RGB", (8, 8))] * 2, seeds=[1, 2])
+    assert core._store("gone-r1", {"num_inference_steps": 1, "method": "pmg"}, out, 1.0, 1) == "deleted"
+    assert not [p for p in (tmp_path / "images").rglob("*") if p.is_file()]

@@ -275,10 +275,7 @@ class HistoryCore:
         if self.index is None:
             raise InvalidInput("search needs an item index, which this deployment has not configured")
         if vector is not None:
-            query = np.asarray(vector, dtype=np.float32)[None]
-            if query.shape[1] != self.embedder.dim or not np.isfinite(query).all():
-                raise InvalidInput(f"vector must hold {self.embedder.dim} finite float32 numbers (the embedding's "
-                                   f"size), got {query.shape[1]}")
+            query = np.asarray(vector, dtype=np.float32)[None]  # the index checks its size and finiteness
         elif image_png:
             query = self.embedder.embed_images([lim.check_image("image_png", image_png, self.limits)])
         elif text:
