@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import math
+import os
 import struct
 import zlib
 
@@ -32,7 +33,9 @@ from pigment.v1 import (
 from PIL import Image
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+# Examples per property and backend; raise it for a longer hunt (PIGMENT_FUZZ_EXAMPLES=200 pytest tests/test_fuzz.py).
+EXAMPLES = int(os.environ.get("PIGMENT_FUZZ_EXAMPLES", "12"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -181,7 +184,7 @@ def test_generate(fz, request):
         assert all(i.png.startswith(b"\x89PNG") for i in resp.images)
 
 
-@settings(FUZZ, max_examples=6)
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 2))
 @given(request=generate_requests)
 def test_generate_stream(fz, request):
     def run():
@@ -235,7 +238,7 @@ def test_get_and_cancel_job(fz, job_id, size, token, cancel):
 json_values = st.one_of(st.none(), st.booleans(), floats, int64, texts, st.lists(texts, max_size=2))
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=EXAMPLES * 5 // 2)
 @given(body=st.one_of(
     st.fixed_dictionaries({"feedback_id": ids, "user_id": st.one_of(st.just("alice"), ids),
                            "generation_id": st.sampled_from(["g", "", "fz-seed"]), "kind": texts},

@@ -14,12 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.common import limits as lim
 from pigment.services.common.errors import InvalidInput, NotFound
-from pigment.services.common.ids import MAX_ID_LEN, check_id, check_tenant, show
+from pigment.services.common.ids import check_id, check_tenant, show
 from pigment.services.store.db import next_counter, transaction
 from pigment.services.store.tables import Feedback, Generation, Interaction, Item, Job, JobUser, RenderRequest, User
 
 log = logging.getLogger("pigment.history")
-__all__ = ["MAX_ID_LEN", "HistoryCore", "HistoryEntry", "InteractionRecord", "ItemRecord", "item_key"]
 
 
 @dataclass
@@ -44,10 +43,6 @@ class InteractionRecord:
 class HistoryEntry:
     item: ItemRecord
     interaction: InteractionRecord
-
-
-def _check_id(field_name: str, value: str) -> None:
-    check_id(field_name, value)
 
 
 def item_key(item_id: str) -> str:
@@ -101,20 +96,20 @@ class HistoryCore:
 
     # -- users & interactions -------------------------------------------------
     def ensure_user(self, user_id: str, tenant: str | None = None) -> None:
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         tenant = check_tenant("tenant", tenant)
         with transaction(self.sessions) as s:
             if s.get(User, user_id) is None:
                 s.add(User(user_id=user_id, tenant=tenant or None))
 
     def user_exists(self, user_id: str) -> bool:
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         with transaction(self.sessions) as s:
             return s.get(User, user_id) is not None
 
     def log_interactions(self, user_id: str, interactions: Sequence[InteractionRecord], create_user: bool = False,
                          tenant: str | None = None) -> int:
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         tenant = check_tenant("tenant", tenant)
         if not interactions and not create_user:
             raise InvalidInput("interactions must not be empty (or set create_user to only create the user)")
@@ -141,7 +136,7 @@ class HistoryCore:
 
     def get_history(self, user_id: str, limit: int = 20) -> list[HistoryEntry]:
         """The ``limit`` most recent interactions, oldest first. Unknown user -> NotFound."""
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         if limit < 1 or limit > 10_000:
             raise InvalidInput(f"limit={limit} is out of range: allowed 1..10000")
         with transaction(self.sessions) as s:
@@ -163,7 +158,7 @@ class HistoryCore:
         their generations (rows and stored PNGs), feedback (so no later training round sees the user), batch
         job results (and the id in the job's parameters), the private items of a tenant the user was the last
         of (rows tombstoned, vectors removed from the index), and cached preferences (``on_delete_user``)."""
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         with transaction(self.sessions) as s:
             user = s.get(User, user_id)
             if user is None:
@@ -223,7 +218,7 @@ class HistoryCore:
         out = []
         for n, it in enumerate(items):
             where = f"items[{n}]"
-            _check_id(f"{where}.item_id", it.item_id)
+            check_id(f"{where}.item_id", it.item_id)
             if it.item_id in seen:
                 raise InvalidInput(f"{where}.item_id={it.item_id!r} appears more than once in this call")
             seen.add(it.item_id)
@@ -284,7 +279,7 @@ class HistoryCore:
             raise InvalidInput("query must set one of text, image_png or vector")
         tenant, exclude = None, []
         if user_id:
-            _check_id("user_id", user_id)
+            check_id("user_id", user_id)
             with transaction(self.sessions) as s:
                 user = s.get(User, user_id)
                 if user is None:
