@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
 
+    # -- fault tolerance (services/gateway/reaper.py, services/render/liveness.py)
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker refreshes its heartbeat "
+                                        "row and the heartbeat of each request it renders.")
+    heartbeat_stale_s: float = Field(30.0, gt=0, description="A running request (or a worker) silent this long "
+                                     "is presumed dead: the reaper re-sends the request, readiness drops.")
+    requeue_queued_after_s: float = Field(60.0, gt=0, description="A request still queued this long after its "
+                                          "last send is sent again (the broker may have lost it; a duplicate "
+                                          "task is a no-op).")
+    max_render_attempts: int = Field(3, ge=1, description="Claims of one request by workers that died before "
+                                     "it finished; then it fails UNAVAILABLE instead of killing more workers.")
+    reaper_interval_s: float = Field(2.0, gt=0, description="How often the gateway looks for stranded requests.")
+    grpc_reserve_threads: int = Field(8, ge=1, description="gRPC threads beyond max_concurrent_rpcs, kept for "
+                                      "health checks and fast rejections while every slot renders.")
+
     # -- scheduled retraining (services/render/retrain.py) and exploration
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
                                    "(0 = off; `pigment` workers started by the stack then also run beat).")

@@ -5,7 +5,7 @@ module is only ever imported by the worker process itself.
 """
 
 from pigment.services.common.settings import Settings
-from pigment.services.render import batch_tasks, retrain, tasks  # noqa: F401 - registers the tasks
+from pigment.services.render import batch_tasks, liveness, retrain, tasks  # noqa: F401 - registers the tasks
 from pigment.services.render.celery_app import make_celery
 
 app = make_celery(Settings())
