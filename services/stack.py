@@ -226,8 +226,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class Worker:
     """A real Celery worker process consuming the render queue and the batch queue.
 
-    It dies with the process that started it (PR_SET_PDEATHSIG on Linux, and a parent watchdog in
-    services/render/liveness.py), and with ``supervise=True`` a monitor thread restarts it whenever it dies."""
+    It dies with the process that started it (PR_SET_PDEATHSIG on Linux and a parent watchdog, both in
+    services/render/liveness.py; not a preexec_fn, which would run gRPC's fork handlers in the child), and with ``supervise=True`` a monitor thread restarts it whenever it dies."""
 
     def __init__(self, settings: Settings, log_path: Path | None = None, concurrency: int = 1,
                  supervise: bool = False):
@@ -256,11 +256,9 @@ class Worker:
         self._log = open(self.log_path, "a")  # noqa: SIM115 - the child writes to it until stop()
         self._log_start = self.log_path.stat().st_size
         env = {**settings_env(self.settings), "PIGMENT_PARENT_PID": str(os.getpid())}
-        self.proc = subprocess.Popen(self._command(), env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     # only prctl runs between fork and exec: no lock is taken
-                                     preexec_fn=_die_with_parent())  # noqa: PLW1509
+        self.proc = subprocess.Popen(self._command(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def start(self, wait_ready_s: float = 120.0) -> "Worker":
+    def start(self, wait_ready_s: float = 120.0) -> Worker:
         if self.log_path.exists():
             self.log_path.unlink()
         self._spawn()
@@ -314,16 +312,3 @@ class Worker:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def _die_with_parent():
-    """For the child before exec: SIGTERM (warm shutdown) when the parent thread dies, e.g. on kill -9.
-
-    libc is loaded here, in the parent: after fork only the prctl call itself runs."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-    import signal
-
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

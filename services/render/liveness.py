@@ -7,8 +7,9 @@ a clean shutdown; a killed worker's row simply goes stale.
 
 A worker started by ``pigment serve`` (``PIGMENT_PARENT_PID`` set) stops itself
 (SIGTERM: warm shutdown, the current task finishes or is redelivered) when that
-parent is gone, so a killed server leaves no orphan consuming its queues. The
-stack also sets PR_SET_PDEATHSIG on Linux; this watchdog covers the rest.
+parent is gone, so a killed server leaves no orphan consuming its queues:
+PR_SET_PDEATHSIG on Linux (``die_with_parent``, at import of the worker app),
+and the heartbeat thread's watchdog on ``getppid()`` everywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 
 from celery.signals import worker_ready, worker_shutdown
@@ -24,6 +26,19 @@ from celery.signals import worker_ready, worker_shutdown
 log = logging.getLogger("pigment.liveness")
 _stop = threading.Event()
 _state: dict = {}
+
+
+def die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the starting process dies; stop now if it already has."""
+    parent = os.environ.get("PIGMENT_PARENT_PID")
+    if not parent:
+        return
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # died before the prctl above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def beat(sessions, worker_id: str, queues: list[str]) -> None:

@@ -8,4 +8,5 @@ from pigment.services.common.settings import Settings
 from pigment.services.render import batch_tasks, liveness, retrain, tasks  # noqa: F401 - registers the tasks
 from pigment.services.render.celery_app import make_celery
 
+liveness.die_with_parent()  # no orphan consuming after the server that started this worker is killed
 app = make_celery(Settings())
