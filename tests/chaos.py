@@ -52,14 +52,14 @@ class PrivateRedis:
                                       "--appendonly", "no", "--dir", str(self.folder)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
+            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False,
                               text=True).stdout.strip() == "PONG":
                 return
             time.sleep(0.1)
         raise RuntimeError("private redis did not start")
 
     def restart(self, down_s: float = 2.0) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True)
+        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True, check=False)
         self.proc.wait(10)
         time.sleep(down_s)
         self.start()
