@@ -75,6 +75,27 @@ class Settings(BaseSettings):
     grpc_reserve_threads: int = Field(8, ge=1, description="gRPC threads beyond max_concurrent_rpcs, kept for "
                                       "health checks and fast rejections while every slot renders.")
 
+    # -- identity and access (services/common/auth.py); README "Security"
+    auth_keys_file: Path | None = Field(None, description="YAML/JSON file mapping sha256(API key) -> {tenant, "
+                                        "scopes} (`pigment auth add-key` writes it). Set: every call needs "
+                                        "`authorization: Bearer <key>`. Unset: no auth, allowed only on loopback.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain): serve gRPC and HTTP "
+                                       "over TLS. Needs tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA: require client certificates signed by "
+                                            "it (mTLS), on top of the API key.")
+    api_key: str = Field("", description="Client side: the key that commands calling a server "
+                         "(`pigment ingest --address`) send as `authorization: Bearer`.")
+    rate_limit_storage: str = Field("memory://", description="`limits` storage URL for per-tenant limits: "
+                                    "memory:// (one process) or redis://host:6379/1 (shared by gateways).")
+    rate_limit_calls: str = Field("", description="Per-tenant limit on calls, e.g. \"20/second;1000/minute\" "
+                                  "(empty = none). Exceeded: RESOURCE_EXHAUSTED with RetryInfo.")
+    rate_limit_images: str = Field("", description="Per-tenant quota of images rendered (new requests; a batch "
+                                   "job counts users x images), e.g. \"120/minute;10000/day\" (empty = none).")
+    rate_limit_tenants: dict[str, dict[str, str]] = Field(default_factory=dict, description="Per-tenant "
+                                                          "overrides, e.g. {\"acme\": {\"images\": \"1000/day\"}} "
+                                                          "(\"\" = no limit for that tenant).")
+
     # -- scheduled retraining (services/render/retrain.py) and exploration
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
                                    "(0 = off; `pigment` workers started by the stack then also run beat).")
@@ -108,6 +129,10 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
         self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         return self
 
     @property

@@ -1,14 +1,14 @@
 """fault tolerance: request heartbeats, dispatch/claim counters, worker heartbeats, the admission counter
 
-Revision ID: 0003_fault
-Revises: 0002
+Revision ID: 0004_fault
+Revises: 0003_auth
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0003_fault'
-down_revision = '0002'
+revision = '0004_fault'
+down_revision = '0003_auth'
 branch_labels = None
 depends_on = None
 
