@@ -98,12 +98,15 @@ class RenderCore:
                 raise BackendNotReady(self.not_ready) from exc
         return self._renderer
 
-    def run(self, request_id: str) -> str:
-        return self.run_batch([request_id])[request_id]
+    def run(self, request_id: str, takeover: bool = False) -> str:
+        return self.run_batch([request_id], takeover)[request_id]
 
-    def run_batch(self, request_ids: list[str]) -> dict[str, str]:
-        """Render every request nobody else is rendering; compatible ones share one pipeline call."""
-        status, claimed = self._claim(request_ids)
+    def run_batch(self, request_ids: list[str], takeover: bool = False) -> dict[str, str]:
+        """Render every request nobody else is rendering; compatible ones share one pipeline call.
+
+        ``takeover``: also take running rows with a fresh heartbeat (the caller holds a lease proving their
+        renderer is gone: a batch chunk re-run after its worker died)."""
+        status, claimed = self._claim(request_ids, takeover)
         if not claimed:
             return status
         self._start_heartbeat()
@@ -187,16 +190,17 @@ class RenderCore:
         self._by_version.move_to_end(version)
         return version, self._by_version[version]
 
-    def _claim(self, request_ids: list[str]) -> tuple[dict[str, str], dict[str, tuple[dict, dict, dict]]]:
+    def _claim(self, request_ids: list[str],
+               takeover: bool = False) -> tuple[dict[str, str], dict[str, tuple[dict, dict, dict]]]:
         """Take each request with a compare-and-set: only if queued, or running under a silent worker.
 
         So a duplicate task (a redelivery, a re-send by the reaper or a replay) renders nothing while
         another worker is alive on the same request, and two workers never both claim it."""
         status, claimed = {}, {}
         now = utcnow()
-        orphaned = and_(RenderRequest.status == "running",
-                        or_(RenderRequest.heartbeat_at.is_(None),
-                            RenderRequest.heartbeat_at < now - timedelta(seconds=self.stale_s)))
+        orphaned = RenderRequest.status == "running" if takeover else and_(
+            RenderRequest.status == "running", or_(RenderRequest.heartbeat_at.is_(None),
+                                                   RenderRequest.heartbeat_at < now - timedelta(seconds=self.stale_s)))
         with transaction(self.sessions) as s:
             for rid in request_ids:
                 took = s.execute(
