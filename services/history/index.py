@@ -83,6 +83,7 @@ from pigment.services.history.index_files import (
 )
 from pigment.services.history.index_tuning import (
     RecallReport,
+    build_tuned,
     draw_sample,
     ivf_is_enough,
     tune,
@@ -562,16 +563,8 @@ class ItemIndex:
             mark = max_change_seq(session)
             pks, tenants, vectors = self._read_live(session)
         kind = self._desired_kind(len(pks), None)
-        index = build_index(vectors, pks, self.config, kind=kind)
         sample = draw_sample(vectors, pks, self.config.recall_sample, self.config.seed)
-        report = tune(index, sample, self.config)
-        if (
-            self.config.kind == "auto"
-            and report is not None
-            and kind == IVF
-            and not ivf_is_enough(report, index, self.config)
-        ):
-            index, report = self._try_hnsw(vectors, pks, sample, index, report)
+        index, report, _ = build_tuned(vectors, pks, self.config, kind, sample)
         vis = Visibility()
         vis.set_many(pks, tenants)
         with self._rw.write():
@@ -591,24 +584,6 @@ class ItemIndex:
         warn_if_below(report, str(self.directory))
         if not self.read_only:
             self._save_locked()
-
-    def _try_hnsw(
-        self, vectors: np.ndarray, pks: np.ndarray, sample: Any, ivf: Any, ivf_report: RecallReport
-    ) -> tuple[Any, RecallReport | None]:
-        """IVF missed the target within ``max_scan``: build HNSW and keep the better of the two."""
-        log.info(
-            "item index %s: IVF reaches recall@10 %.3f at nprobe %s (over max_scan or below "
-            "target %.2f); trying HNSW",
-            self.directory,
-            ivf_report.recall_at_10,
-            ivf_report.effort,
-            self.config.target_recall,
-        )
-        graph = build_index(vectors, pks, self.config, kind=HNSW)
-        report = tune(graph, sample, self.config)
-        if report is not None and (report.meets_target or report.recall_at_10 > ivf_report.recall_at_10):
-            return graph, report
-        return ivf, ivf_report
 
     def _set_report(self, report: RecallReport | None) -> None:
         self._report = report

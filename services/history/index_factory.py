@@ -43,6 +43,9 @@ class IndexConfig:
     """Catalog size from which ``auto`` builds an approximate index instead of exact search."""
     target_recall: float = 0.95
     """Recall@10 the tuner must reach on the catalog's own sample (settings: retrieval_target_recall)."""
+    tune_margin: float = 0.01
+    """The tuner aims this far above ``target_recall`` (about 2 standard errors of a 200-query
+    sample), so that recall on queries outside the sample still meets the target."""
     nlist: int | None = None
     """IVF lists; default about sqrt(n) (at most n/39, so k-means has enough points)."""
     nprobe: int | None = None

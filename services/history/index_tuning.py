@@ -23,6 +23,7 @@ from pigment.services.history.index_factory import (
     HNSW,
     IVF,
     IndexConfig,
+    build_index,
     effort_name,
     index_kind,
     max_effort,
@@ -135,8 +136,14 @@ def _smallest_effort(
     return best, best_r, curve
 
 
-def tune(index: Any, sample: Sample | None, config: IndexConfig) -> RecallReport | None:
-    """Measure recall@10 on ``sample`` and choose the search effort (unless the config fixes it)."""
+def tune(
+    index: Any, sample: Sample | None, config: IndexConfig, max_scan: int | None = None
+) -> RecallReport | None:
+    """Measure recall@10 on ``sample`` and choose the search effort (unless the config fixes it).
+
+    ``max_scan`` (IVF) stops the search for an effort once it would scan more vectors per query
+    than that: ``auto`` then tries HNSW instead of measuring hopeless nprobes.
+    """
     if sample is None:
         return None
     started = time.perf_counter()
@@ -149,10 +156,12 @@ def tune(index: Any, sample: Sample | None, config: IndexConfig) -> RecallReport
         effort = min(fixed, max_effort(index))
         recall = recall_at(index, sample, effort)
     else:
-        lo = 1 if kind == IVF else K
-        effort, recall, curve = _smallest_effort(
-            index, sample, config.target_recall, lo, max_effort(index)
-        )
+        lo, hi = (1 if kind == IVF else K), max_effort(index)
+        if kind == IVF and max_scan is not None:
+            per_list = max(1.0, index.ntotal / hi)
+            hi = max(1, min(hi, int(2 * max_scan / per_list)))  # one doubling past the bound
+        aim = min(1.0, config.target_recall + config.tune_margin)
+        effort, recall, curve = _smallest_effort(index, sample, aim, lo, hi)
     return RecallReport(
         kind=kind,
         effort_name=effort_name(kind),
@@ -191,3 +200,44 @@ def warn_if_below(report: RecallReport | None, where: str) -> None:
             report.sample,
             report.target,
         )
+
+
+@dataclass
+class Attempt:
+    kind: str
+    build_s: float
+    report: RecallReport | None
+
+
+def build_tuned(
+    vectors: np.ndarray, pks: np.ndarray, config: IndexConfig, kind: str, sample: Sample | None
+) -> tuple[Any, RecallReport | None, list[Attempt]]:
+    """Build ``kind`` and tune it; under ``auto``, an IVF that misses the target within
+    ``max_scan`` is replaced by HNSW when that measures better. What ItemIndex and the
+    benchmark both run."""
+    attempts: list[Attempt] = []
+
+    def attempt(kind: str, max_scan: int | None) -> tuple[Any, RecallReport | None]:
+        t0 = time.perf_counter()
+        index = build_index(vectors, pks, config, kind=kind)
+        built = time.perf_counter() - t0
+        report = tune(index, sample, config, max_scan)
+        attempts.append(Attempt(kind, built, report))
+        return index, report
+
+    auto = config.kind == "auto"
+    index, report = attempt(kind, config.max_scan if auto else None)
+    if auto and kind == IVF and report is not None and not ivf_is_enough(report, index, config):
+        log.info(
+            "IVF reaches recall@10 %.3f at nprobe %s (target %.2f within max_scan %d): trying HNSW",
+            report.recall_at_10,
+            report.effort,
+            config.target_recall,
+            config.max_scan,
+        )
+        graph, graph_report = attempt(HNSW, None)
+        if graph_report is not None and (
+            graph_report.meets_target or graph_report.recall_at_10 > report.recall_at_10
+        ):
+            index, report = graph, graph_report
+    return index, report, attempts
