@@ -552,3 +552,21 @@ def test_stack_close_saves_the_index(tmp_path, tiny_preset):
     stack.close()
     manifest = json.loads((settings.index_dir / MANIFEST).read_text())
     assert manifest["ntotal"] == 12 and manifest["high_water_mark"] > first["high_water_mark"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [IndexConfig(kind="ivf", nprobe=1), IndexConfig(kind="hnsw", ef_search=16)],
+    ids=["ivf", "hnsw"],
+)
+def test_selective_tenant_filter_still_gives_exact_full_pages(tmp_path, factory, config):
+    rng = np.random.default_rng(28)
+    small = unit(rng, 20)
+    small_pks = add_items(factory, small, tenant="small")
+    big = add_items(factory, unit(rng, 2000), tenant="big")  # no public items at all
+    with open_index(tmp_path / "ix", factory, config=config) as index:
+        queries = unit(rng, 5)
+        got, _ = index.search(queries, 10, tenant="small")
+        # An unfiltered graph walk or one IVF list holds almost none of tenant small's items.
+        np.testing.assert_array_equal(got, brute_force(small, small_pks, queries, 10))
+        assert not set(got.ravel()) & set(big)

@@ -445,7 +445,9 @@ class ItemIndex:
             raise InvalidInput(f"exclude_pks must be integer item pks: {exc}") from None
         with self._rw.read():
             sel, _keepalive = self._selector(tenant, exclude)
-            scores, pks = index_search(self._index, queries, k, self._effort, sel)
+            visible = self._vis.visible_count(tenant) - len(exclude)
+            exact = sel is not None and visible < self.config.filtered_exact_below * self.ntotal
+            scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
         return pks, scores
 
     def _check_queries(self, vectors: Any) -> np.ndarray:

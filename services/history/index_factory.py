@@ -57,6 +57,9 @@ class IndexConfig:
     512-d on 2 cores); beyond it HNSW is cheaper for the same recall."""
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
+    filtered_exact_below: float = 0.05
+    """A filter (tenant, seen items) leaving fewer than this fraction of the catalog visible is
+    searched exactly over the visible items: a graph or a few IVF lists hold too few of them."""
     compact_after: int = 10_000
     """HNSW: hidden (removed or superseded) + side-index vectors that trigger a compaction."""
     compact_max_age_s: float = 24 * 3600.0
@@ -188,8 +191,16 @@ class GraphIndex:
         return removed + len(newly)
 
     def search(
-        self, x: np.ndarray, k: int, params: Any = None, ef_search: int = 64, sel: Any = None
+        self,
+        x: np.ndarray,
+        k: int,
+        params: Any = None,
+        ef_search: int = 64,
+        sel: Any = None,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over live vectors; ``exact`` scans the stored vectors instead of the graph
+        (for selective filters, which strand a graph search among hidden nodes)."""
         keep: list[Any] = []
         graph_sel: Any = None
         if self.n_hidden:
@@ -201,9 +212,16 @@ class GraphIndex:
         if sel is not None:
             graph_sel = sel if graph_sel is None else faiss.IDSelectorAnd(sel, graph_sel)
             keep.append(graph_sel)
-        # efSearch below k would return fewer than k candidates.
-        gp = faiss.SearchParametersHNSW(sel=graph_sel, efSearch=max(ef_search, k))
-        scores, ids = self.graph.search(x, k, params=gp)
+        if exact:
+            storage = faiss.downcast_index(self.graph.index).storage
+            id_map = faiss.vector_to_array(self.graph.id_map)
+            translated = faiss.IDSelectorTranslated(self.graph.id_map, graph_sel) if graph_sel else None
+            scores, rows = storage.search(x, k, params=faiss.SearchParameters(sel=translated))
+            ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
+        else:
+            # efSearch below k would return fewer than k candidates.
+            gp = faiss.SearchParametersHNSW(sel=graph_sel, efSearch=max(ef_search, k))
+            scores, ids = self.graph.search(x, k, params=gp)
         if not self.side.ntotal:
             return scores, ids
         s2, i2 = self.side.search(x, k, params=faiss.SearchParameters(sel=sel))
@@ -381,11 +399,17 @@ def search_parameters(index: Any, effort: int | None, sel: Any = None) -> faiss.
 
 
 def search(
-    index: Any, x: np.ndarray, k: int, effort: int | None, sel: Any = None
+    index: Any, x: np.ndarray, k: int, effort: int | None, sel: Any = None, exact: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, ids)`` of the top ``k`` for each row, any kind, with an optional IDSelector."""
-    if index_kind(index) == HNSW:
-        return index.search(x, k, ef_search=int(effort or 64), sel=sel)
+    """``(scores, ids)`` of the top ``k`` for each row, any kind, with an optional IDSelector.
+
+    ``exact`` searches every (selected) vector: IVF probes all lists, HNSW scans its storage.
+    """
+    kind = index_kind(index)
+    if kind == HNSW:
+        return index.search(x, k, ef_search=int(effort or 64), sel=sel, exact=exact)
+    if exact and kind == IVF:
+        effort = max_effort(index)
     return index.search(x, k, params=search_parameters(index, effort, sel))
 
 
