@@ -253,11 +253,15 @@ def build_tuned(
             config.target_recall,
             config.max_scan,
         )
+        del index  # never two catalog-sized indexes in memory at once
         graph, graph_report = attempt(HNSW, None)
         if graph_report is not None and (
             graph_report.meets_target or graph_report.recall_at_10 > report.recall_at_10
         ):
             index, report = graph, graph_report
+        else:  # rare: the graph measured worse; rebuild the IVF (same seed, same index)
+            del graph
+            index, report = attempt(IVF, config.max_scan)
     if sample is not None:  # measured: now the held-out items join the catalog
         index.add_with_ids(vectors[sample.rows], pks[sample.rows])
         report.ntotal = int(index.ntotal)
