@@ -598,3 +598,35 @@ def test_cli_index_stats_and_measure_report_recall(tmp_path, tiny_preset, monkey
     assert stats["recall_below_target"] is (stats["recall_at_10"] < 0.99)
     assert main(["index", "stats"]) == 0
     assert json.loads(capsys.readouterr().out)["recall_at_10"] == stats["recall_at_10"]
+
+
+def test_serve_saves_the_index_on_sigterm(tmp_path, tiny_preset):
+    """Issue 16: after a clean stop the manifest held 64 items while SQL had 216."""
+    import os
+    import signal
+
+    import grpc
+    from pigment.v1 import history_pb2, history_pb2_grpc
+
+    env = {**os.environ, "PIGMENT_DATA_DIR": str(tmp_path / "data"), "PIGMENT_PRESET": str(tiny_preset)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pigment.services.cli", "serve", "--no-worker", "--port", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        while line and "pigment serving on" not in line:
+            line = proc.stdout.readline()
+        port = int(line.split(" on ")[1].split(" ")[0].rsplit(":", 1)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = history_pb2_grpc.HistoryServiceStub(channel)
+            for batch in range(3):
+                items = [history_pb2.Item(item_id=f"s{batch}-{i}", caption=f"thing {batch} {i}") for i in range(8)]
+                stub.UpsertItems(history_pb2.UpsertItemsRequest(items=items), timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    manifest = json.loads((tmp_path / "data" / "index" / MANIFEST).read_text())
+    assert manifest["ntotal"] == 24 and manifest["high_water_mark"] == 24
