@@ -573,12 +573,11 @@ def test_selective_tenant_filter_still_gives_exact_full_pages(tmp_path, factory,
 
 
 def test_cli_index_stats_and_measure_report_recall(tmp_path, tiny_preset, monkeypatch, capsys):
+    from conftest import make_settings
     from pigment.services.cli import main
     from pigment.services.history.core import ItemRecord
     from pigment.services.stack import Stack
     from pigment.services.store.migrate import upgrade
-
-    from conftest import make_settings
 
     monkeypatch.setenv("PIGMENT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("PIGMENT_PRESET", str(tiny_preset))
