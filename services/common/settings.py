@@ -64,11 +64,40 @@ class Settings(BaseSettings):
     max_steps: int = 150
     min_size: int = 16
     max_size: int = 1024
+    # -- input caps (services/common/limits.py): checked before anything is stored or decoded
+    max_caption_chars: int = Field(2000, ge=1, description="Longest item caption accepted.")
+    max_image_bytes: int = Field(10 << 20, ge=1, description="Largest image (PNG or JPEG) accepted, in bytes.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=89_478_485, description="Most pixels (width x "
+                                  "height, read from the header before decoding) of an accepted image; well "
+                                  "below Pillow's own decompression-bomb limit.")
+    ingest_root: Path | None = Field(None, description="`pigment ingest` reads image_path files only under "
+                                     "this folder (default: the items file's folder).")
     render_batch_window_ms: float = Field(0.0, ge=0, description="Gateway micro-batching window: requests "
                                           "arriving within it are sent to the worker as one batch (0 = off).")
     render_max_batch: int = Field(8, ge=1, description="Most requests in one render batch.")
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
+
+    # -- identity and access (services/common/auth.py); README "Security"
+    auth_keys_file: Path | None = Field(None, description="YAML/JSON file mapping sha256(API key) -> {tenant, "
+                                        "scopes} (`pigment auth add-key` writes it). Set: every call needs "
+                                        "`authorization: Bearer <key>`. Unset: no auth, allowed only on loopback.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain): serve gRPC and HTTP "
+                                       "over TLS. Needs tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA: require client certificates signed by "
+                                            "it (mTLS), on top of the API key.")
+    api_key: str = Field("", description="Client side: the key that commands calling a server "
+                         "(`pigment ingest --address`) send as `authorization: Bearer`.")
+    rate_limit_storage: str = Field("memory://", description="`limits` storage URL for per-tenant limits: "
+                                    "memory:// (one process) or redis://host:6379/1 (shared by gateways).")
+    rate_limit_calls: str = Field("", description="Per-tenant limit on calls, e.g. \"20/second;1000/minute\" "
+                                  "(empty = none). Exceeded: RESOURCE_EXHAUSTED with RetryInfo.")
+    rate_limit_images: str = Field("", description="Per-tenant quota of images rendered (new requests; a batch "
+                                   "job counts users x images), e.g. \"120/minute;10000/day\" (empty = none).")
+    rate_limit_tenants: dict[str, dict[str, str]] = Field(default_factory=dict, description="Per-tenant "
+                                                          "overrides, e.g. {\"acme\": {\"images\": \"1000/day\"}} "
+                                                          "(\"\" = no limit for that tenant).")
 
     # -- scheduled retraining (services/render/retrain.py) and exploration
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
@@ -103,6 +132,10 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
         self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         return self
 
     def index_config(self):

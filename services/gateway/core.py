@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -32,11 +31,13 @@ from pigment.services.common.errors import (
     Unavailable,
     check_range,
 )
+from pigment.services.common.ids import KEY_RE, check_id, check_key
+from pigment.services.common.limits import check_text
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Generation, RenderRequest
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
 METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
 RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
@@ -131,7 +132,7 @@ def derive_seed(request_id: str) -> int:
 class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
                  storage, defaults: dict, model_version: Callable[[], str], decider=None,
-                 adapters: Callable[[], dict] | None = None):
+                 adapters: Callable[[], dict] | None = None, charge_images: Callable | None = None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -142,17 +143,15 @@ class GatewayCore:
         self.model_version = model_version
         self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
         self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
+        self.charge_images = charge_images  # (principal, n) -> None or RateLimited: the tenant's image quota
 
     # -- validation -----------------------------------------------------------
     def resolve(self, p: GenerateParams) -> GenerateParams:
         """Fill defaults and check every field, naming it and its allowed range."""
         s, d = self.settings, self.defaults
-        if not REQUEST_ID_RE.match(p.request_id or ""):
-            raise InvalidInput(f"request_id={p.request_id!r} is malformed: allowed 1-64 characters of [A-Za-z0-9_-]")
-        if not p.user_id or len(p.user_id) > 128:
-            raise InvalidInput("user_id must be 1..128 characters")
-        if len(p.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidInput(f"prompt is {len(p.prompt)} characters: allowed at most {MAX_PROMPT_CHARS}")
+        check_key("request_id", p.request_id)
+        check_id("user_id", p.user_id)
+        check_text("prompt", p.prompt, MAX_PROMPT_CHARS)
         method = p.method or s.default_method
         if method not in METHODS:
             raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
@@ -185,13 +184,19 @@ class GatewayCore:
 
     # -- the request ------------------------------------------------------------
     def generate(self, params: GenerateParams, deadline: float | None = None,
-                 on_progress: Callable[[ProgressEvent], None] | None = None) -> GenerateResult:
+                 on_progress: Callable[[ProgressEvent], None] | None = None, principal=None) -> GenerateResult:
+        """``principal`` (None: a trusted internal caller, e.g. a batch chunk): the user must be of its tenant
+        (else NotFound, replays included), and a new request counts against its image quota."""
         started = time.perf_counter()
         p = self.resolve(params)
+        if principal is not None:
+            self.history.check_user(p.user_id, principal)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
         existing = self._existing(p.request_id, phash)
         timings: dict[str, float] = {}
         if existing is None:
+            if principal is not None and self.charge_images is not None:
+                self.charge_images(principal, p.num_images)
             row, timings = self._prepare(p, phash)
             existing = self._insert(row)
             flags = [] if existing is None else [REPLAYED]
@@ -351,7 +356,8 @@ class GatewayCore:
             flags=cond.get("flags", []) + flags, decision=decision, conditioning=report,
         )
 
-    def progress_stream(self, params: GenerateParams, deadline: float | None = None) -> Iterator[ProgressEvent | GenerateResult]:
+    def progress_stream(self, params: GenerateParams, deadline: float | None = None,
+                        principal=None) -> Iterator[ProgressEvent | GenerateResult]:
         """Runs ``generate`` in a thread and yields progress events, then the result."""
         import queue
         import threading
@@ -360,7 +366,7 @@ class GatewayCore:
 
         def run():
             try:
-                events.put(self.generate(params, deadline, on_progress=events.put))
+                events.put(self.generate(params, deadline, on_progress=events.put, principal=principal))
             except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 events.put(exc)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
+from pigment.services.common.ids import show
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
 from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.v1 import generation_pb2 as pb
@@ -58,10 +60,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.jobs = jobs
 
     def GeneratePersonalized(self, request, context):
-        return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context)))
+        return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context),
+                                              principal=current_principal()))
 
     def GeneratePersonalizedStream(self, request, context):
-        for event in self.core.progress_stream(params_from_pb(request), deadline_of(context)):
+        for event in self.core.progress_stream(params_from_pb(request), deadline_of(context),
+                                                principal=current_principal()):
             if isinstance(event, ProgressEvent):
                 yield pb.GenerateEvent(progress=pb.Progress(step=event.step, total_steps=event.total_steps,
                                                             status=event.status))
@@ -72,21 +76,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         duplicate = self.feedback.log(
             feedback_id=request.feedback_id, user_id=request.user_id, generation_id=request.generation_id,
             kind=FEEDBACK_KINDS.get(request.kind, ""), value=request.value,
-            other_generation_ids=list(request.other_generation_ids))
+            other_generation_ids=list(request.other_generation_ids), principal=current_principal())
         return pb.LogFeedbackResponse(duplicate=duplicate)
 
     def SubmitBatch(self, request, context):
         return pb.SubmitBatchResponse(job=job_to_pb(self.jobs.submit(BatchParams(
             job_id=request.job_id, user_ids=list(request.user_ids), segment=request.segment, prompt=request.prompt,
             images_per_user=request.images_per_user, num_inference_steps=request.num_inference_steps,
-            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size), JOB_PAGE_SIZE)))
+            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size), JOB_PAGE_SIZE,
+            principal=current_principal())))
 
     def GetJob(self, request, context):
         offset, limit = job_page(request.page_size, request.page_token)
-        return job_to_pb(self.jobs.get(request.job_id, offset, limit))
+        return job_to_pb(self.jobs.get(request.job_id, offset, limit, principal=current_principal()))
 
     def CancelJob(self, request, context):
-        return job_to_pb(self.jobs.cancel(request.job_id, JOB_PAGE_SIZE))
+        return job_to_pb(self.jobs.cancel(request.job_id, JOB_PAGE_SIZE, principal=current_principal()))
 
 
 JOB_PAGE_SIZE, JOB_MAX_PAGE_SIZE = 1000, 10000  # a page stays far below gRPC's 4 MB message limit
@@ -97,8 +102,9 @@ def job_page(page_size: int, page_token: str) -> tuple[int, int]:
     if not 0 <= page_size <= JOB_MAX_PAGE_SIZE:
         raise InvalidInput(f"page_size={page_size} is out of range: 0 (server default {JOB_PAGE_SIZE}) "
                            f"to {JOB_MAX_PAGE_SIZE}")
-    if page_token and not page_token.isdigit():
-        raise InvalidInput(f"page_token={page_token!r} is not one this server issued: pass a previous "
+    # isascii: str.isdigit() also accepts other scripts' digits; the length cap keeps OFFSET within SQL's range
+    if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 9):
+        raise InvalidInput(f"page_token={show(page_token)} is not one this server issued: pass a previous "
                            "GetJob's next_page_token, or \"\" for the first page")
     return int(page_token or 0), page_size or JOB_PAGE_SIZE
 
