@@ -45,6 +45,13 @@ class Stack:
         self.sessions = make_sessionmaker(settings.database_url)
         self.storage = ImageStorage(settings.storage_dir)
 
+    def close(self) -> None:
+        """Save and release what the stack opened (the item index), when the server stops."""
+        history = self.__dict__.get("history")
+        index = history._index if history is not None else None
+        if index is not None:
+            index.close()
+
     @cached_property
     def keys(self):
         """The operator's API keys, or None: no auth (refused off loopback, see ``check_exposure``)."""
@@ -101,7 +108,8 @@ class Stack:
             return None
         from pigment.services.history.index import ItemIndex
 
-        return ItemIndex.open(self.settings.index_dir, self.sessions, embedding_model=embedder.model_id, dim=embedder.dim)
+        return ItemIndex.open(self.settings.index_dir, self.sessions, embedding_model=embedder.model_id, dim=embedder.dim,
+                              config=self.settings.index_config())
 
     @cached_property
     def preference(self):

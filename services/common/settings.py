@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     retrieval_history_weight: float = Field(0.3, ge=0.0, le=1.0, description="Weight of the user's mean history "
                                             "image embedding in the retrieval query; the rest is the CLIP text "
                                             "embedding of prompt + keywords.")
+    retrieval_target_recall: float = Field(0.95, gt=0.0, le=1.0, description="Recall@10 the item index must "
+                                           "reach on held-out catalog items: the smallest search effort meeting "
+                                           "it is served; below it, `pigment index stats` flags the catalog.")
+    index_kind: str = Field("auto", pattern="^(auto|flat|ivf|hnsw)$", description="Item index kind: auto "
+                            "(flat below index_flat_threshold; above, IVF if it meets the target cheaply, else "
+                            "HNSW), flat, ivf or hnsw.")
+    index_flat_threshold: int = Field(50_000, ge=1, description="Catalog size from which auto leaves exact search.")
+    index_compact_after: int = Field(10_000, ge=1, description="HNSW: deleted/updated vectors hidden in the graph "
+                                     "(never served) before a compaction rebuild removes them physically.")
     decision_head: Path | None = Field(None, description="learned policy: directory written by "
                                        "`pigment train decision --out DIR` (manifest-checked).")
 
@@ -142,6 +151,13 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         return self
+
+    def index_config(self):
+        """The item index's IndexConfig (imported lazily: settings load without faiss)."""
+        from pigment.services.history.index_factory import IndexConfig
+
+        return IndexConfig(kind=self.index_kind, flat_threshold=self.index_flat_threshold,
+                           target_recall=self.retrieval_target_recall, compact_after=self.index_compact_after)
 
     @property
     def embedded(self) -> bool:
