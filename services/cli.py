@@ -37,6 +37,7 @@ def cmd_serve(args, settings: Settings) -> int:
     stop.wait()
     print("draining in-flight requests ...", flush=True)
     server.stop(grace=10).wait()
+    stack.close()  # saves the item index: manifest and SQL agree after a clean stop
     if http:
         http.stop()
     if worker:

@@ -9,9 +9,10 @@ serving code (the retrain job, with the trainers) are plug-ins named in
 import importlib
 
 from pigment.services.common.settings import Settings
-from pigment.services.render import batch_tasks, tasks  # noqa: F401 - registers the tasks
+from pigment.services.render import batch_tasks, liveness, tasks  # noqa: F401 - registers the tasks
 from pigment.services.render.celery_app import make_celery
 
+liveness.die_with_parent()  # no orphan consuming after the server that started this worker is killed
 settings = Settings()
 for _plugin in settings.worker_plugins:
     importlib.import_module(_plugin)
