@@ -3,40 +3,94 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pigment.services.common.errors import PigmentError
+from pigment.services.common.logs import configure_logging
 from pigment.services.common.settings import Settings
 
 
 def cmd_serve(args, settings: Settings) -> int:
+    from pigment.services.common.tracing import setup_tracing
     from pigment.services.stack import Stack, Worker
     from pigment.services.store.migrate import upgrade
 
+    setup_tracing(settings, "pigment-gateway")  # before the engines and the server exist
     stack = Stack(settings)
-    upgrade(settings.database_url)
+    if not args.no_migrate:
+        upgrade(settings.database_url)
     worker = Worker(settings).start() if not args.no_worker else None
     server, port = stack.server(port=args.port)
     server.start()
     http = stack.http_server(args.http_port).start() if args.http_port is not None else None
-    print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {settings.database_url}, "
-          f"broker {settings.broker_url}); Ctrl-C to stop", flush=True)
+    # URLs stay out of the output: they carry passwords (settings keeps them as SecretStr)
+    print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {redact(settings.database_url)}, "
+          f"broker {redact(settings.broker_url)}); Ctrl-C to stop", flush=True)
     if http:
-        print(f"HTTP feedback on http://{settings.host}:{http.port}/v1/feedback", flush=True)
+        print(f"HTTP on http://{settings.host}:{http.port} (/v1/feedback, /healthz, /metrics)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("draining in-flight requests ...", flush=True)
-    server.stop(grace=10).wait()
+    drain(server, stack.health, settings)
     if http:
         http.stop()
     if worker:
         worker.stop()
+    return 0
+
+
+def drain(server, health, settings: Settings) -> None:
+    """SIGTERM: NOT_SERVING first (load balancers stop routing), then refuse new calls and let those in flight
+    finish within the grace (default render timeout + 10 s, so a render in hand completes), then stop."""
+    health.enter_graceful_shutdown()
+    print(f"NOT_SERVING; draining in-flight calls (grace {settings.grace_s:.0f}s) ...", flush=True)
+    if settings.shutdown_delay_s:
+        time.sleep(settings.shutdown_delay_s)
+    server.stop(grace=settings.grace_s).wait()
+    print("drained", flush=True)
+
+
+def redact(url: str) -> str:
+    """A URL with its password masked (for the start-up line)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (a broker URL): mask user:password@ by hand
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    from pigment.services.topology import celery_worker_argv, exec_celery
+
+    exec_celery(celery_worker_argv(settings, args.role))
+    return 0
+
+
+def cmd_beat(args, settings: Settings) -> int:
+    from pigment.services.topology import celery_beat_argv, exec_celery
+
+    exec_celery(celery_beat_argv(settings))
+    return 0
+
+
+def cmd_stack(args, settings: Settings) -> int:
+    from pigment.services.topology import ProductionStack
+
+    prod = ProductionStack(settings, args.port, Path(args.log_dir), http_port=args.http_port).start()
+    print(f"pigment production stack: gateway on {settings.host}:{args.port}, processes "
+          f"{', '.join(prod.procs)}; logs in {args.log_dir}; Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print(f"exit codes: {prod.stop(timeout=settings.grace_s)}", flush=True)
     return 0
 
 
@@ -54,7 +108,7 @@ def cmd_db(args, settings: Settings) -> int:
         migrate.upgrade(settings.database_url, args.revision or "head")
     else:
         migrate.downgrade(settings.database_url, args.revision or "base")
-    print(f"database {settings.database_url}: {args.action} to {args.revision or ('head' if args.action == 'upgrade' else 'base')}")
+    print(f"database {redact(settings.database_url)}: {args.action} to {args.revision or ('head' if args.action == 'upgrade' else 'base')}")
     return 0
 
 
@@ -91,8 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="gRPC port (default from settings: 50051)")
     p.add_argument("--no-worker", action="store_true", help="do not start a render worker (one runs elsewhere)")
     p.add_argument("--http-port", type=int, default=None, help="also serve HTTP feedback (POST /v1/feedback) "
-                   "on this port (0 = a free one); off by default")
+                   "and Prometheus /metrics on this port (0 = a free one); off by default")
+    p.add_argument("--no-migrate", action="store_true", help="do not migrate at start (a one-shot job does)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one Celery worker role (exec's celery): render | batch | retrain")
+    p.add_argument("role", choices=["render", "batch", "retrain"])
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("beat", help="run Celery beat (the retrain schedule); exactly one per deployment")
+    p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("stack", help="run the production topology here: migrate once, gateway, a worker per "
+                       "queue and beat as separate processes (needs PostgreSQL and Redis/RabbitMQ)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--log-dir", default="pigment-stack-logs")
+    p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("demo", help="seed demo users, generate for each over gRPC, write demo-output/")
     p.add_argument("--out", default="demo-output")
@@ -137,9 +206,10 @@ def _extensions():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args, Settings())
+        settings = Settings()
+        configure_logging(args.log_level, settings.log_format)
+        return args.func(args, settings)
     except PigmentError as exc:
         print(f"pigment {args.command}: {exc.status}: {exc}", file=sys.stderr)
         return 2

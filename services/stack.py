@@ -105,7 +105,15 @@ class Stack:
             defaults.update({k: cfg[k] for k in ("keyword_weight", "soft_weight", "soft_weight_alone") if k in cfg})
         return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
-                           decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)))
+                           decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)),
+                           notifier=self.notifier)
+
+    @cached_property
+    def notifier(self):
+        """How waiting calls learn a render finished: LISTEN/NOTIFY on PostgreSQL, else SQL polling."""
+        from pigment.services.store.notify import make_notifier
+
+        return make_notifier(self.settings)
 
     def _stamped_adapters(self, registry):
         """Active adapter versions to stamp on a request; the preference kinds are those that wrote its keywords."""
@@ -169,8 +177,11 @@ class Stack:
              GenerationServicer(self.gateway, self.feedback, self.jobs), "pigment.v1.GenerationService"),
         ]
         port = self.settings.port if port is None else port
-        server, bound, _ = create_server(registrations, f"{self.settings.host}:{port}",
-                                         max_concurrent_rpcs=self.settings.max_concurrent_rpcs)
+        server, bound, self.health = create_server(registrations, f"{self.settings.host}:{port}",
+                                                   max_concurrent_rpcs=self.settings.max_concurrent_rpcs)
+        from pigment.services.common.metrics import watch_queue_depth
+
+        watch_queue_depth(self.sessions)
         return server, bound
 
 
@@ -180,8 +191,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name in ("data_dir", "database_url", "broker_url", "storage_dir", "index_dir", "preset", "render_backend",
                  "render_device", "render_queue", "render_timeout_s", "worker_max_tasks_per_child",
                  "retrain_every_s", "retrain_kind", "retrain_queue", "retrain_timeout_s", "retrain_max_pairs_per_user",
-                 "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop"):
+                 "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop",
+                 "log_format", "trace_exporter", "render_notify"):
         env[f"PIGMENT_{name.upper()}"] = str(getattr(settings, name))
+    for name in ("trace_file", "worker_metrics_port"):  # optional: unset stays unset
+        if getattr(settings, name) is not None:
+            env[f"PIGMENT_{name.upper()}"] = str(getattr(settings, name))
     env["PIGMENT_PRESET"] = str(settings.preset_dir)
     if settings.retrain_config:
         env["PIGMENT_RETRAIN_CONFIG"] = str(settings.retrain_config)

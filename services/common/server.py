@@ -11,6 +11,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pigment.services.common.errors import PigmentError
+from pigment.services.common.metrics import metrics_interceptor
+from pigment.services.common.tracing import server_interceptors
 
 log = logging.getLogger("pigment.grpc")
 
@@ -66,7 +68,8 @@ def create_server(
     """Register ``(add_fn, servicer, full_service_name)`` triples; returns (server, bound port, health)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        # outermost first: the trace span, then metrics (see the mapped status), then domain-error mapping
+        interceptors=[*server_interceptors(), metrics_interceptor(), ErrorInterceptor()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
     )

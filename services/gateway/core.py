@@ -34,6 +34,7 @@ from pigment.services.common.errors import (
 )
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
+from pigment.services.store.notify import PollingNotifier
 from pigment.services.store.tables import Generation, RenderRequest
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -131,7 +132,7 @@ def derive_seed(request_id: str) -> int:
 class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
                  storage, defaults: dict, model_version: Callable[[], str], decider=None,
-                 adapters: Callable[[], dict] | None = None):
+                 adapters: Callable[[], dict] | None = None, notifier=None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -142,6 +143,7 @@ class GatewayCore:
         self.model_version = model_version
         self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
         self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
+        self.notifier = notifier or PollingNotifier()  # services/store/notify.py: wait(request_id, timeout)
 
     # -- validation -----------------------------------------------------------
     def resolve(self, p: GenerateParams) -> GenerateParams:
@@ -245,6 +247,7 @@ class GatewayCore:
             "decision": asdict(decision),
             "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000,
                            "decision_ms": (t3 - t2) * 1000},
+            "queued_at": time.time(),  # the worker's claim time minus this is the queue wait
         }
         row = RenderRequest(
             request_id=p.request_id, user_id=p.user_id, params_hash=phash, params=asdict(p),
@@ -329,7 +332,7 @@ class GatewayCore:
             if time.monotonic() > limit:
                 raise DeadlineExceeded(f"render of {request_id!r} not finished in time (status {row.status}, "
                                        f"step {row.step}/{row.total_steps}); it continues: replay the same request_id")
-            time.sleep(0.05)
+            self.notifier.wait(request_id, max(0.0, limit - time.monotonic()))  # woken by NOTIFY, or polls
 
     def _result(self, row: RenderRequest, flags: list[str]) -> GenerateResult:
         with transaction(self.sessions) as s:

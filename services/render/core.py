@@ -21,9 +21,11 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from pigment.services.common import metrics
 from pigment.services.common.errors import ModelNotReady, PigmentError
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
+from pigment.services.store.notify import publish
 from pigment.services.store.tables import Generation, RenderRequest
 
 log = logging.getLogger("pigment.render")
@@ -114,6 +116,9 @@ class RenderCore:
                 for rid in ids:
                     self._fail(rid, f"INTERNAL: {type(exc).__name__}: {exc}")
                 raise
+            labels = (getattr(renderer, "backend", "?"), getattr(renderer, "device", "?"))
+            metrics.RENDER_SECONDS.labels(*labels).observe(render_ms / 1000)
+            metrics.RENDER_BATCH_SIZE.labels(labels[1]).observe(len(group))
             for (rid, params, _), out in zip(group, outs):
                 status[rid] = self._store(rid, params, out, render_ms, batch_size=len(group))
         return status
@@ -159,6 +164,7 @@ class RenderCore:
                     status[rid] = "done"
                 else:
                     row.status, row.step = "running", 0
+                    row.conditioning = {**row.conditioning, "claimed_at": time.time()}  # queue wait ends here
                     claimed[rid] = (dict(row.params), dict(row.conditioning), dict(row.adapters or {}))
         return status, claimed
 
@@ -190,15 +196,22 @@ class RenderCore:
                                      method=params["method"], adapter_version=adapter_version_label(row.adapters)))
             row.status, row.step = "done", params["num_inference_steps"]
             timings = {**row.conditioning.get("timings_ms", {}), "worker_render_ms": render_ms}
+            queued_at, claimed_at = row.conditioning.get("queued_at"), row.conditioning.get("claimed_at")
+            if queued_at and claimed_at:  # wall clocks of gateway and worker hosts (NTP-synced)
+                timings["queue_wait_ms"] = max(0.0, claimed_at - queued_at) * 1000
+                metrics.QUEUE_WAIT_SECONDS.observe(timings["queue_wait_ms"] / 1000)
+            metrics.RENDERS.labels("done").inc()
             row.conditioning = {**row.conditioning, "timings_ms": timings, "render_batch_size": batch_size}
         return "done"
 
     def _progress(self, request_ids: list[str], step: int) -> None:
         with transaction(self.sessions) as s:
             s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids)).values(step=step))
+            publish(s, request_ids)  # a bulk UPDATE skips the ORM flush hook
 
     def _fail(self, request_id: str, error: str) -> str:
         log.error("render %s failed: %s", request_id, error)
+        metrics.RENDERS.labels("failed").inc()
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
             if row is not None:

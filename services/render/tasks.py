@@ -32,5 +32,8 @@ def render_core():
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def render(self, request_ids: list[str] | str) -> dict[str, str]:
+    from pigment.services.common.logs import request_context
+
     ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-    return render_core().run_batch(ids)
+    with request_context(",".join(ids)):  # the worker's log lines carry the request ids they serve
+        return render_core().run_batch(ids)
