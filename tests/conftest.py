@@ -72,6 +72,8 @@ def running_stack(settings, worker: bool = True):
     finally:
         channel.close()
         server.stop(grace=1).wait()
+        if "notifier" in stack.__dict__:  # the LISTEN connection (PostgreSQL stacks)
+            stack.notifier.close()
         if proc:
             proc.stop()
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 from celery import shared_task
 
 from pigment.services.render.celery_app import RENDER_TASK
+
+log = logging.getLogger("pigment.render")
 
 
 @lru_cache(maxsize=1)
@@ -36,4 +39,6 @@ def render(self, request_ids: list[str] | str) -> dict[str, str]:
 
     ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
     with request_context(",".join(ids)):  # the worker's log lines carry the request ids they serve
-        return render_core().run_batch(ids)
+        status = render_core().run_batch(ids)
+        log.info("render batch of %d: %s", len(ids), status)
+        return status

@@ -120,6 +120,7 @@ class PgNotifier:
     def _run(self) -> None:
         import psycopg
 
+        backoff = 1.0
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
@@ -128,11 +129,14 @@ class PgNotifier:
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             self._deliver(note.payload)
-            except Exception as exc:  # noqa: BLE001 - reconnect; waiters poll meanwhile
+            except Exception as exc:  # noqa: BLE001 - reconnect with backoff; waiters poll meanwhile
+                was_listening = self._listening.is_set()
                 self._listening.clear()
                 if not self._stop.is_set():
-                    log.warning("LISTEN %s lost (%s); polling until it is back", CHANNEL, type(exc).__name__)
-                    self._stop.wait(1.0)
+                    if was_listening:
+                        log.warning("LISTEN %s lost (%s); polling until it is back", CHANNEL, type(exc).__name__)
+                    backoff = min(30.0, backoff * 2) if not was_listening else 1.0
+                    self._stop.wait(backoff)
         self._listening.clear()
 
     def close(self) -> None:

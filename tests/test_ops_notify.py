@@ -1,0 +1,87 @@
+"""Render completion by notification: the gateway's wait wakes on PostgreSQL NOTIFY, not a 50 ms SQL poll."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import event
+
+from pigment.services.store.db import make_sessionmaker, transaction
+from pigment.services.store.migrate import upgrade
+from pigment.services.store.notify import PgNotifier, PollingNotifier, make_notifier, publish
+from pigment.services.store.tables import RenderRequest, User
+
+
+@pytest.fixture
+def pg(pg_database):
+    url = pg_database()
+    upgrade(url)
+    sessions = make_sessionmaker(url)
+    with transaction(sessions) as s:
+        s.add(User(user_id="u"))
+    notifier = PgNotifier(url)
+    yield url, sessions, notifier
+    notifier.close()
+
+
+def add_request(sessions, rid: str) -> None:
+    with transaction(sessions) as s:
+        s.add(RenderRequest(request_id=rid, user_id="u", params_hash="h", params={"method": "pmg"},
+                            conditioning={}, model_version="v", status="queued", total_steps=2))
+
+
+def test_wait_wakes_on_an_orm_change_and_remembers_an_early_one(pg):
+    url, sessions, notifier = pg
+    add_request(sessions, "r1")  # the insert notifies too; nobody waits yet: remembered
+    assert notifier.wait("r1", 0.5) is True
+    assert notifier.wait("r1", 0.2) is False  # consumed: no change since
+
+    def finish():
+        time.sleep(0.3)
+        with transaction(sessions) as s:
+            s.get(RenderRequest, "r1").status = "done"
+
+    threading.Thread(target=finish).start()
+    t0 = time.monotonic()
+    assert notifier.wait("r1", 5.0) is True
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    with transaction(sessions) as s:  # a bulk UPDATE notifies through publish()
+        publish(s, ["r2"])
+    assert notifier.wait("r2", 1.0) is True
+
+
+def test_gateway_wait_reads_sql_on_notifications_not_every_50ms(pg, tmp_path):
+    """Before: _wait re-read the row every 50 ms (~20 reads a second per waiting call)."""
+    from pigment.services.common.settings import Settings
+    from pigment.services.gateway.core import GatewayCore
+
+    url, sessions, notifier = pg
+    add_request(sessions, "r3")
+    settings = Settings(data_dir=tmp_path, database_url=url)
+    gateway = GatewayCore(settings, sessions, None, None, None, None, {}, lambda: "v", notifier=notifier)
+    reads = []
+    event.listen(sessions.kw["bind"], "before_cursor_execute",
+                 lambda conn, cur, stmt, *a: reads.append(stmt) if "FROM render_requests" in stmt else None)
+
+    def finish():
+        time.sleep(1.5)
+        with transaction(sessions) as s:
+            s.get(RenderRequest, "r3").status = "done"
+
+    threading.Thread(target=finish).start()
+    t0 = time.monotonic()
+    row = gateway._wait("r3", None, None)
+    waited = time.monotonic() - t0
+    assert row.status == "done" and 1.4 < waited < 2.5
+    finish_read = 1  # the finisher's own get()
+    assert len(reads) - finish_read <= 4, f"{len(reads)} reads of render_requests in {waited:.1f}s"
+
+
+def test_embedded_sqlite_falls_back_to_polling(tmp_path):
+    from pigment.services.common.settings import Settings
+
+    assert isinstance(make_notifier(Settings(data_dir=tmp_path)), PollingNotifier)
+    assert make_notifier(Settings(data_dir=tmp_path, database_url="postgresql+psycopg://x@127.0.0.1:1/none",
+                                  render_notify="poll")).kind == "poll"
