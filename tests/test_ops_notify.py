@@ -33,7 +33,7 @@ def add_request(sessions, rid: str) -> None:
 
 
 def test_wait_wakes_on_an_orm_change_and_remembers_an_early_one(pg):
-    url, sessions, notifier = pg
+    _url, sessions, notifier = pg
     add_request(sessions, "r1")  # the insert notifies too; nobody waits yet: remembered
     assert notifier.wait("r1", 0.5) is True
     assert notifier.wait("r1", 0.2) is False  # consumed: no change since

@@ -52,9 +52,9 @@ def test_sigterm_flips_health_then_drains_in_flight(tmp_path, tiny_preset, pg_da
     env = {**os.environ, "PIGMENT_DATA_DIR": str(tmp_path / "data"), "PIGMENT_PRESET": str(tiny_preset),
            "PIGMENT_DATABASE_URL": with_password(pg_database()), "PIGMENT_RENDER_QUEUE": f"render.sigterm.{port}",
            "PIGMENT_SHUTDOWN_DELAY_S": "3", "PIGMENT_RENDER_TIMEOUT_S": "120"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pigment.services.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pigment.services.cli", "serve", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while "pigment serving" not in (tmp_path / "serve.log").read_text():
@@ -91,7 +91,6 @@ def test_sigterm_flips_health_then_drains_in_flight(tmp_path, tiny_preset, pg_da
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
     out = (tmp_path / "serve.log").read_text()
     assert "NOT_SERVING; draining" in out and "drained" in out
     assert PASSWORD not in out
