@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -80,6 +81,36 @@ def cmd_beat(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_probe(args, settings: Settings) -> int:
+    """Container HEALTHCHECK: grpc = this host's gRPC health is SERVING; metrics = the worker's /metrics answers."""
+    target = args.target or os.environ.get("PIGMENT_PROBE", "grpc")
+    try:
+        if target == "grpc":
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            with grpc.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3).status
+            ok = status == health_pb2.HealthCheckResponse.SERVING
+        elif target == "metrics":
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics", timeout=3) as r:
+                ok = r.status == 200
+        elif target == "beat":  # beat syncs its schedule file every few minutes (celery beat_sync_every, 180 s)
+            files = list(Path(settings.data_dir).glob("celerybeat-schedule*"))
+            age = time.time() - max(f.stat().st_mtime for f in files) if files else float("inf")
+            ok = age < 900
+            if not ok:
+                print(f"probe beat: schedule file not written for {age:.0f}s", file=sys.stderr)
+        else:  # the one-shot migration job: its exit status is the check
+            ok = True
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", said in one line
+        print(f"probe {target}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
 def cmd_stack(args, settings: Settings) -> int:
     from pigment.services.topology import ProductionStack
 
@@ -155,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("beat", help="run Celery beat (the retrain schedule); exactly one per deployment")
     p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("probe", help="container health check: grpc (gateway) | metrics (worker) | beat (its "
+                       "schedule file is fresh) | none (migration job); default $PIGMENT_PROBE or grpc")
+    p.add_argument("target", nargs="?", choices=["grpc", "metrics", "beat", "none"])
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("stack", help="run the production topology here: migrate once, gateway, a worker per "
                        "queue and beat as separate processes (needs PostgreSQL and Redis/RabbitMQ)")

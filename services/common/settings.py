@@ -29,7 +29,9 @@ class Settings(BaseSettings):
                                        "database_url"), description="SQLAlchemy URL; default sqlite under data_dir.")
     broker_secret: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("PIGMENT_BROKER_URL", "broker_url"),
                                      description="Celery broker; default a filesystem broker under data_dir.")
-    storage_dir: Path | None = Field(None, description="Where PNGs are written; default data_dir/images.")
+    storage_dir: Path | str | None = Field(None, description="Where PNGs are written: a directory (default "
+                                          "data_dir/images; shared by every writer and reader) or any fsspec URL, "
+                                          "e.g. s3://bucket/pigment (install s3fs).")
     index_dir: Path | None = Field(None, description="FAISS index directory; default data_dir/index.")
 
     preset: str = Field("toy", description="Model preset name (models/presets/NAME) or a directory.")
@@ -114,7 +116,8 @@ class Settings(BaseSettings):
             self.database_secret = SecretStr(f"sqlite:///{self.data_dir / 'pigment.db'}")
         if not self.broker_url:
             self.broker_secret = SecretStr("filesystem://")
-        self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
+        if "://" not in str(self.storage_dir or ""):  # an object-store URL stays as given
+            self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
         self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
         return self
 
