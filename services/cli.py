@@ -220,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     for register in _extensions():
-        register(sub)
+        try:
+            register(sub)
+        except ModuleNotFoundError as exc:  # its extra is not installed (see _extensions)
+            if (exc.name or "pigment").split(".")[0] == "pigment":
+                raise
     return parser
 
 
