@@ -85,9 +85,23 @@ class ProductionStack:
             raise RuntimeError(f"migration failed: {migrate.stderr[-2000:]}")
         for name, cmd in self.commands().items():
             with open(self.log_dir / f"{name}.log", "w") as log:  # the child keeps its own descriptor
-                self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                self.procs[name] = subprocess.Popen(cmd, env=self.env_of(name), stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(ready_s)
         return self
+
+    def metrics_port(self, name: str) -> int | None:
+        """Pods each own port 9100; on one machine the workers take consecutive ports from the setting."""
+        base = self.settings.worker_metrics_port
+        if base is None or not name.startswith("worker-"):
+            return None
+        return base + WORKER_ROLES.index(name.removeprefix("worker-"))
+
+    def env_of(self, name: str) -> dict[str, str]:
+        env = dict(self.env)
+        env.pop("PIGMENT_WORKER_METRICS_PORT", None)
+        if self.metrics_port(name) is not None:
+            env["PIGMENT_WORKER_METRICS_PORT"] = str(self.metrics_port(name))
+        return env
 
     def _wait_ready(self, ready_s: float) -> None:
         deadline = time.monotonic() + ready_s
