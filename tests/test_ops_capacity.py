@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import capacity  # noqa: E402
+import capacity
 
 
 def test_plan_meets_its_slo_and_an_undersized_one_does_not(tmp_path):
