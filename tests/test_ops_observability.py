@@ -70,6 +70,7 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
     with running_stack(settings) as (stack, channel, _):
         http = stack.http_server(0).start()
         try:
+            before = scrape(http.port)  # this process's registry may hold other tests' calls
             history_pb2_grpc.HistoryServiceStub(channel).LogInteractions(
                 history_pb2.LogInteractionsRequest(user_id=USER, create_user=True))
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -91,9 +92,10 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
     assert 0 <= t["queue_wait_ms"] < t["render_ms"] and 0 < t["worker_render_ms"] < t["render_ms"]
 
     # gateway metrics: RPC latency by method and status; queue depth read from SQL; never a user id
-    assert sample(gateway_text, "pigment_rpc_seconds_count", method="GeneratePersonalized", code="OK") == 1
-    assert sample(gateway_text, "pigment_rpc_seconds_count", method="GeneratePersonalized",
-                  code="INVALID_ARGUMENT") == 1
+    for code in ("OK", "INVALID_ARGUMENT"):
+        calls = [sample(text, "pigment_rpc_seconds_count", method="GeneratePersonalized", code=code)
+                 for text in (before, gateway_text)]
+        assert calls[1] - calls[0] == 1, code
     assert "pigment_render_queue_depth" in gateway_text
     assert sample(gateway_text, "pigment_preference_cache_total", result="miss") >= 1
     assert USER not in gateway_text and USER not in worker_text and "ops-trace-1" not in gateway_text
@@ -120,3 +122,16 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     mine = [line for line in lines if line.get("request_id") == "ops-trace-1"]
     assert mine and any(line.get("trace_id") == trace_id for line in mine)
+
+
+def test_json_formatter_carries_request_id_and_extras(capsys):
+    import logging
+
+    from pigment.services.common.logs import JsonFormatter, request_context
+
+    record = logging.LogRecord("pigment.test", logging.INFO, __file__, 1, "rendered %d", (3,), None)
+    record.batch = 2
+    with request_context("req-42"):
+        line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "rendered 3" and line["request_id"] == "req-42" and line["batch"] == 2
+    assert line["level"] == "INFO" and line["ts"].endswith("Z")

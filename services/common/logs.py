@@ -48,13 +48,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str | int = "WARNING", fmt: str = "text") -> None:
-    """Root handler on stderr in the chosen format (replaces handlers set before)."""
+    """Root handler on stderr in the chosen format; like ``logging.basicConfig``, a no-op when someone else
+    (a test runner, an embedding application) already configured the root logger."""
     if fmt not in ("text", "json"):
         raise ValueError(f"log_format={fmt!r} is unknown: allowed text, json")
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if getattr(h, "_pigment", False)]:
         root.removeHandler(old)
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler._pigment = True
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
