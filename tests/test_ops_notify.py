@@ -85,3 +85,24 @@ def test_embedded_sqlite_falls_back_to_polling(tmp_path):
     assert isinstance(make_notifier(Settings(data_dir=tmp_path)), PollingNotifier)
     assert make_notifier(Settings(data_dir=tmp_path, database_url="postgresql+psycopg://x@127.0.0.1:1/none",
                                   render_notify="poll")).kind == "poll"
+
+
+def test_progress_writes_are_throttled_but_the_last_step_always_lands(tmp_path):
+    """Every step used to write (and NOTIFY): 100 fast steps were 100 UPDATEs, each waking every waiter."""
+    from pigment.services.render.core import RenderCore
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    upgrade(url)
+    sessions = make_sessionmaker(url)
+    with transaction(sessions) as s:
+        s.add(User(user_id="u"))
+    add_request(sessions, "r4")
+    core = RenderCore(sessions, None, None)
+    updates = []
+    event.listen(sessions.kw["bind"], "before_cursor_execute",
+                 lambda conn, cur, stmt, *a: updates.append(stmt) if stmt.startswith("UPDATE render_requests") else None)
+    for step in range(1, 101):
+        core._progress(["r4"], step, 100)
+    assert 1 <= len(updates) <= 3
+    with transaction(sessions) as s:
+        assert s.get(RenderRequest, "r4").step == 100

@@ -77,6 +77,10 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
             resp = stub.GeneratePersonalized(gpb.GenerateRequest(
                 request_id="ops-trace-1", user_id=USER, prompt="a star", num_images=1, num_inference_steps=2,
                 height=32, width=32), timeout=120)
+            events = list(stub.GeneratePersonalizedStream(gpb.GenerateRequest(
+                request_id="ops-trace-2", user_id=USER, prompt="a star", num_images=1, num_inference_steps=2,
+                height=32, width=32), timeout=120))
+            assert events[-1].HasField("result")
             with pytest.raises(grpc.RpcError) as bad:
                 stub.GeneratePersonalized(gpb.GenerateRequest(request_id="ops bad id", user_id=USER), timeout=30)
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -111,9 +115,13 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
            and s.attributes.get("rpc.grpc.status_code") == 0]
     assert len(rpc) == 1, [s.name for s in spans]
     trace_id = format(rpc[0].context.trace_id, "032x")
+    stream = [s for s in spans if s.name.endswith("GenerationService/GeneratePersonalizedStream")]
+    stream_trace = format(stream[0].context.trace_id, "032x")
+    published = {format(s.context.trace_id, "032x") for s in spans if s.name == "apply_async/pigment.render"}
+    assert published == {trace_id, stream_trace}, "each publish joins its call's trace (streams too)"
     worker_spans = [json.loads(line) for line in trace_file.read_text().splitlines()]
     run = [s for s in worker_spans if s["name"] == "run/pigment.render"]
-    assert run and {s["trace_id"] for s in run} == {trace_id}
+    assert run and {s["trace_id"] for s in run} == {trace_id, stream_trace}
     sql = [s for s in worker_spans if s["trace_id"] == trace_id and s["attributes"].get("db.system")]
     assert sql, "the worker's SQL spans join the request's trace"
 

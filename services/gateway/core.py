@@ -356,6 +356,7 @@ class GatewayCore:
 
     def progress_stream(self, params: GenerateParams, deadline: float | None = None) -> Iterator[ProgressEvent | GenerateResult]:
         """Runs ``generate`` in a thread and yields progress events, then the result."""
+        import contextvars
         import queue
         import threading
 
@@ -367,7 +368,8 @@ class GatewayCore:
             except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 events.put(exc)
 
-        threading.Thread(target=run, daemon=True).start()
+        # the caller's context (trace span, request id for logs) follows the work into the thread
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True).start()
         while True:
             item = events.get()
             if isinstance(item, Exception):

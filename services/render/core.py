@@ -59,6 +59,8 @@ class RenderCore:
         self.max_adapter_renderers = max_adapter_renderers
 
         self.not_ready: str | None = None  # why this worker cannot render (a GPU backend that did not load)
+        self.progress_every_s = 0.2
+        self._progress_at: dict[str, float] = {}
 
     @property
     def renderer(self):
@@ -110,7 +112,7 @@ class RenderCore:
             try:
                 t0 = time.perf_counter()
                 outs = renderer.render_batch([inputs for _, _, inputs in group],
-                                             on_step=lambda step, total: self._progress(ids, step))
+                                             on_step=lambda step, total: self._progress(ids, step, total))
                 render_ms = (time.perf_counter() - t0) * 1000
             except Exception as exc:
                 for rid in ids:
@@ -204,7 +206,15 @@ class RenderCore:
             row.conditioning = {**row.conditioning, "timings_ms": timings, "render_batch_size": batch_size}
         return "done"
 
-    def _progress(self, request_ids: list[str], step: int) -> None:
+    def _progress(self, request_ids: list[str], step: int, total: int | None = None) -> None:
+        # at most one write (and NOTIFY) per progress_every_s per batch, and always the last step: a GPU step
+        # takes tens of ms, and each write wakes every waiting gateway call (docs/SCALE.md, SQL writes)
+        now, key = time.monotonic(), request_ids[0]
+        if total is not None and step < total and now - self._progress_at.get(key, -1e9) < self.progress_every_s:
+            return
+        self._progress_at[key] = now
+        if total is not None and step >= total:
+            self._progress_at.pop(key, None)
         with transaction(self.sessions) as s:
             s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids)).values(step=step))
             publish(s, request_ids)  # a bulk UPDATE skips the ORM flush hook
