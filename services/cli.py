@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from pigment.services.common.errors import PigmentError
+from pigment.services.common.errors import FailedPrecondition, PigmentError
 from pigment.services.common.logs import configure_logging
 from pigment.services.common.settings import Settings
 
@@ -22,6 +22,7 @@ def cmd_serve(args, settings: Settings) -> int:
 
     setup_tracing(settings, "pigment-gateway")  # before the engines and the server exist
     stack = Stack(settings)
+    stack.check_exposure()  # before the worker starts: a refused start leaves nothing running
     if not args.no_migrate:
         upgrade(settings.database_url)
     worker = Worker(settings).start() if not args.no_worker else None
@@ -32,7 +33,8 @@ def cmd_serve(args, settings: Settings) -> int:
     print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {redact(settings.database_url)}, "
           f"broker {redact(settings.broker_url)}); Ctrl-C to stop", flush=True)
     if http:
-        print(f"HTTP on http://{settings.host}:{http.port} (/v1/feedback, /healthz, /metrics)", flush=True)
+        scheme = "https" if settings.tls_cert_file else "http"
+        print(f"HTTP on {scheme}://{settings.host}:{http.port} (/v1/feedback, /healthz, /metrics)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -167,6 +169,28 @@ def cmd_models(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_auth(args, settings: Settings) -> int:
+    from pigment.services.common import auth
+
+    path = args.file or settings.auth_keys_file
+    if path is None:
+        raise FailedPrecondition("no key file: pass --file PATH or set PIGMENT_AUTH_KEYS_FILE")
+    if args.action == "add-key":
+        if not args.tenant:
+            raise FailedPrecondition("add-key needs --tenant NAME ('*' with --admin: an operator key)")
+        key = auth.add_key(path, args.tenant, admin=args.admin, note=args.note)
+        print(f"# tenant {args.tenant}{' (admin)' if args.admin else ''}; sha256 {auth.hash_key(key)[:12]} "
+              f"stored in {path}. The key is shown only now:", file=sys.stderr)
+        print(key)
+    elif args.action == "list":
+        for digest, entry in auth.list_keys(path).items():
+            print(f"{digest[:12]}  tenant={entry['tenant']}  scopes={','.join(entry.get('scopes') or []) or '-'}"
+                  f"  {entry.get('created', '')}  {entry.get('note', '')}")
+    else:
+        print(f"revoked {auth.revoke_key(path, args.prefix or '')[:12]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pigment", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -218,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("components", nargs="*", help="for manifest: name[=kind] per sub-directory, e.g. unet vae llm; "
                    "list [KIND] | register KIND PATH | promote VERSION | rollback KIND")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("auth", help="API keys: add-key prints a new key once and stores only its sha256")
+    p.add_argument("action", choices=["add-key", "list", "revoke"])
+    p.add_argument("prefix", nargs="?", help="for revoke: the first 8+ characters of the key's hash (list)")
+    p.add_argument("--tenant", default=None, help="the tenant the key acts as ('*': every tenant, needs --admin)")
+    p.add_argument("--admin", action="store_true", help="admin scope: DeleteUser and segment batches")
+    p.add_argument("--note", default="", help="who or what the key is for")
+    p.add_argument("--file", type=Path, default=None, help="key file (default PIGMENT_AUTH_KEYS_FILE)")
+    p.set_defaults(func=cmd_auth)
 
     for register in _extensions():
         try:

@@ -45,6 +45,36 @@ class Stack:
         self.storage = ImageStorage(settings.storage_dir)
 
     @cached_property
+    def keys(self):
+        """The operator's API keys, or None: no auth (refused off loopback, see ``check_exposure``)."""
+        from pigment.services.common.auth import KeyStore
+
+        return KeyStore(self.settings.auth_keys_file) if self.settings.auth_keys_file else None
+
+    @cached_property
+    def limiter(self):
+        """Per-tenant call limits and image quotas, or None when none are configured."""
+        from pigment.services.common.auth import RateLimiter
+
+        s = self.settings
+        limiter = RateLimiter(s.rate_limit_storage, s.rate_limit_calls, s.rate_limit_images, s.rate_limit_tenants)
+        return limiter if limiter.enabled else None
+
+    def _charge_images(self, principal, n: int) -> None:
+        if self.limiter is not None:
+            self.limiter.charge(principal, "images", n)
+
+    def check_exposure(self) -> None:
+        """Refuse (FailedPrecondition) to serve without keys off loopback; call before starting anything."""
+        from pigment.services.common.auth import check_exposure, is_loopback
+
+        check_exposure(self.settings.host, self.keys is not None)
+        if not self.settings.tls_cert_file and not is_loopback(self.settings.host) and not self.__dict__.get("_warned"):
+            self._warned = True
+            log.warning("serving plaintext on %s: API keys cross the network in clear unless TLS terminates in "
+                        "front (set PIGMENT_TLS_CERT_FILE/PIGMENT_TLS_KEY_FILE otherwise)", self.settings.host)
+
+    @cached_property
     def history(self):
         from pigment.services.history.core import HistoryCore
 
@@ -106,7 +136,7 @@ class Stack:
         return GatewayCore(self.settings, self.sessions, self.history, self.preference, dispatch,
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
                            decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)),
-                           notifier=self.notifier)
+                           charge_images=self._charge_images, notifier=self.notifier)
 
     @cached_property
     def notifier(self):
@@ -152,13 +182,18 @@ class Stack:
         from pigment.services.gateway.jobs import JobsCore
         from pigment.services.render.batch_tasks import chunk_dispatcher
 
-        return JobsCore(self.settings, self.sessions, chunk_dispatcher(self.celery, self.settings))
+        return JobsCore(self.settings, self.sessions, chunk_dispatcher(self.celery, self.settings),
+                        charge_images=self._charge_images)
 
     def http_server(self, port: int = 0):
-        """The HTTP feedback endpoint (not started); port 0 binds a free one."""
+        """The HTTP feedback endpoint (not started); port 0 binds a free one. Same keys, limits and TLS as gRPC."""
         from pigment.services.gateway.http import FeedbackHTTPServer
 
-        return FeedbackHTTPServer(self.feedback, self.settings.host, port)
+        self.check_exposure()
+        s = self.settings
+        return FeedbackHTTPServer(self.feedback, s.host, port, keys=self.keys, limiter=self.limiter,
+                                  tls=(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) if s.tls_cert_file
+                                  else None)
 
     def server(self, port: int | None = None):
         """A gRPC server with all three services; returns (server, bound port)."""
@@ -176,11 +211,18 @@ class Stack:
             (generation_pb2_grpc.add_GenerationServiceServicer_to_server,
              GenerationServicer(self.gateway, self.feedback, self.jobs), "pigment.v1.GenerationService"),
         ]
-        port = self.settings.port if port is None else port
-        server, bound, self.health = create_server(registrations, f"{self.settings.host}:{port}",
-                                                   max_concurrent_rpcs=self.settings.max_concurrent_rpcs)
+        from pigment.services.common.grpc_auth import AuthInterceptor, server_credentials
         from pigment.services.common.metrics import watch_queue_depth
 
+        self.check_exposure()
+        s = self.settings
+        port = s.port if port is None else port
+        credentials = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) \
+            if s.tls_cert_file else None
+        server, bound, self.health = create_server(registrations, f"{s.host}:{port}",
+                                                   max_concurrent_rpcs=s.max_concurrent_rpcs,
+                                                   interceptors=[AuthInterceptor(self.keys, self.limiter)],
+                                                   credentials=credentials)
         watch_queue_depth(self.sessions)
         return server, bound
 

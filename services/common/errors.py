@@ -27,8 +27,20 @@ class PermissionDenied(PigmentError):
     status = "PERMISSION_DENIED"
 
 
+class Unauthenticated(PigmentError):
+    status = "UNAUTHENTICATED"
+
+
 class Overloaded(PigmentError):
     status = "RESOURCE_EXHAUSTED"
+
+
+class RateLimited(Overloaded):
+    """A tenant's rate limit or quota is spent; ``retry_after_s`` travels as google.rpc.RetryInfo."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(PigmentError):

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pigment.services.common.errors import PigmentError
+from pigment.services.common.errors import PigmentError, RateLimited
 from pigment.services.common.metrics import metrics_interceptor
 from pigment.services.common.tracing import server_interceptors
 
@@ -18,10 +18,26 @@ log = logging.getLogger("pigment.grpc")
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
+    if isinstance(exc, RateLimited):
+        context.abort_with_status(retry_status(exc))
     if isinstance(exc, PigmentError):
         context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
     log.exception("unhandled error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__} (logged)")
+
+
+def retry_status(exc: RateLimited):
+    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail (clients read it with grpc_status.rpc_status)."""
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromNanoseconds(int(max(0.0, exc.retry_after_s) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc),
+                                                  details=[detail]))
 
 
 def _wrap_unary(fn: Callable, method: str) -> Callable:
@@ -64,12 +80,18 @@ def create_server(
     address: str = "127.0.0.1:0",
     max_workers: int = 16,
     max_concurrent_rpcs: int | None = 64,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Register ``(add_fn, servicer, full_service_name)`` triples; returns (server, bound port, health)."""
+    """Register ``(add_fn, servicer, full_service_name)`` triples; returns (server, bound port, health).
+
+    ``interceptors`` run inside the error mapping (the auth interceptor); ``credentials``: TLS, else plaintext.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        # outermost first: the trace span, then metrics (see the mapped status), then domain-error mapping
-        interceptors=[*server_interceptors(), metrics_interceptor(), ErrorInterceptor()],
+        # outermost first: the trace span, then metrics (see the mapped status), then domain-error mapping,
+        # then the given ones (auth) inside it
+        interceptors=[*server_interceptors(), metrics_interceptor(), ErrorInterceptor(), *interceptors],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
     )
@@ -82,7 +104,7 @@ def create_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     return server, port, health_servicer

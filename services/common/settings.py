@@ -67,6 +67,29 @@ class Settings(BaseSettings):
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
 
+    # -- identity and access (services/common/auth.py); README "Security"
+    auth_keys_file: Path | None = Field(None, description="YAML/JSON file mapping sha256(API key) -> {tenant, "
+                                        "scopes} (`pigment auth add-key` writes it). Set: every call needs "
+                                        "`authorization: Bearer <key>`. Unset: no auth, allowed only on loopback.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain): serve gRPC and HTTP "
+                                       "over TLS. Needs tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA: require client certificates signed by "
+                                            "it (mTLS), on top of the API key.")
+    api_key_secret: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("PIGMENT_API_KEY", "api_key"),
+                                      description="Client side: the key that commands calling a server "
+                                      "(`pigment ingest --address`) send as `authorization: Bearer` (read as "
+                                      "settings.api_key; a SecretStr like the URLs).")
+    rate_limit_storage: str = Field("memory://", description="`limits` storage URL for per-tenant limits: "
+                                    "memory:// (one process) or redis://host:6379/1 (shared by gateways).")
+    rate_limit_calls: str = Field("", description="Per-tenant limit on calls, e.g. \"20/second;1000/minute\" "
+                                  "(empty = none). Exceeded: RESOURCE_EXHAUSTED with RetryInfo.")
+    rate_limit_images: str = Field("", description="Per-tenant quota of images rendered (new requests; a batch "
+                                   "job counts users x images), e.g. \"120/minute;10000/day\" (empty = none).")
+    rate_limit_tenants: dict[str, dict[str, str]] = Field(default_factory=dict, description="Per-tenant "
+                                                          "overrides, e.g. {\"acme\": {\"images\": \"1000/day\"}} "
+                                                          "(\"\" = no limit for that tenant).")
+
     # -- operations (deploy/, README "Operations")
     log_format: str = Field("text", pattern="^(text|json)$", description="text | json (one object per line "
                             "with request_id and trace_id; the images set json).")
@@ -119,6 +142,10 @@ class Settings(BaseSettings):
         if "://" not in str(self.storage_dir or ""):  # an object-store URL stays as given
             self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
         self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         return self
 
     @property
@@ -128,6 +155,10 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.broker_secret.get_secret_value()
+
+    @property
+    def api_key(self) -> str:
+        return self.api_key_secret.get_secret_value()
 
     @property
     def grace_s(self) -> float:

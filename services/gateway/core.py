@@ -132,7 +132,8 @@ def derive_seed(request_id: str) -> int:
 class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
                  storage, defaults: dict, model_version: Callable[[], str], decider=None,
-                 adapters: Callable[[], dict] | None = None, notifier=None):
+                 adapters: Callable[[], dict] | None = None, charge_images: Callable | None = None,
+                 notifier=None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -143,6 +144,7 @@ class GatewayCore:
         self.model_version = model_version
         self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
         self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
+        self.charge_images = charge_images  # (principal, n) -> None or RateLimited: the tenant's image quota
         self.notifier = notifier or PollingNotifier()  # services/store/notify.py: wait(request_id, timeout)
 
     # -- validation -----------------------------------------------------------
@@ -187,13 +189,19 @@ class GatewayCore:
 
     # -- the request ------------------------------------------------------------
     def generate(self, params: GenerateParams, deadline: float | None = None,
-                 on_progress: Callable[[ProgressEvent], None] | None = None) -> GenerateResult:
+                 on_progress: Callable[[ProgressEvent], None] | None = None, principal=None) -> GenerateResult:
+        """``principal`` (None: a trusted internal caller, e.g. a batch chunk): the user must be of its tenant
+        (else NotFound, replays included), and a new request counts against its image quota."""
         started = time.perf_counter()
         p = self.resolve(params)
+        if principal is not None:
+            self.history.check_user(p.user_id, principal)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
         existing = self._existing(p.request_id, phash)
         timings: dict[str, float] = {}
         if existing is None:
+            if principal is not None and self.charge_images is not None:
+                self.charge_images(principal, p.num_images)
             row, timings = self._prepare(p, phash)
             existing = self._insert(row)
             flags = [] if existing is None else [REPLAYED]
@@ -354,7 +362,8 @@ class GatewayCore:
             flags=cond.get("flags", []) + flags, decision=decision, conditioning=report,
         )
 
-    def progress_stream(self, params: GenerateParams, deadline: float | None = None) -> Iterator[ProgressEvent | GenerateResult]:
+    def progress_stream(self, params: GenerateParams, deadline: float | None = None,
+                        principal=None) -> Iterator[ProgressEvent | GenerateResult]:
         """Runs ``generate`` in a thread and yields progress events, then the result."""
         import contextvars
         import queue
@@ -364,7 +373,7 @@ class GatewayCore:
 
         def run():
             try:
-                events.put(self.generate(params, deadline, on_progress=events.put))
+                events.put(self.generate(params, deadline, on_progress=events.put, principal=principal))
             except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 events.put(exc)
 

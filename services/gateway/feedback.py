@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from pigment.services.common.errors import InvalidInput, NotFound, PermissionDenied
 from pigment.services.gateway.core import REQUEST_ID_RE
 from pigment.services.store.db import transaction
-from pigment.services.store.tables import Feedback, Generation
+from pigment.services.store.tables import Feedback, Generation, User
 
 KINDS = ("like", "dislike", "rating", "pick", "click")
 
@@ -18,16 +18,27 @@ class FeedbackCore:
         self.sessions = sessions
 
     def log(self, *, feedback_id: str, user_id: str, generation_id: str, kind: str, value: float = 0.0,
-            other_generation_ids: list[str] | None = None) -> bool:
-        """Store one signal; returns True if this ``feedback_id`` was already recorded (nothing changes)."""
+            other_generation_ids: list[str] | None = None, principal=None) -> bool:
+        """Store one signal; returns True if this ``feedback_id`` was already recorded (nothing changes).
+
+        ``principal`` (None: a trusted internal caller): the user and generations must be of its tenant;
+        another tenant's are NOT_FOUND, as if they did not exist."""
         others = list(other_generation_ids or [])
         self._validate(feedback_id, kind, value, others)
         try:
             with transaction(self.sessions) as s:
+                if principal is not None:
+                    user = s.get(User, user_id)
+                    if user is None or not principal.sees(user.tenant):
+                        raise NotFound(f"user {user_id!r} not found")
                 if s.get(Feedback, feedback_id) is not None:
                     return True
                 gens = {g.generation_id: g for g in s.scalars(
                     select(Generation).where(Generation.generation_id.in_([generation_id, *others])))}
+                if principal is not None:
+                    owners = dict(s.execute(select(User.user_id, User.tenant).where(
+                        User.user_id.in_({g.user_id for g in gens.values()}))).all())
+                    gens = {k: g for k, g in gens.items() if g.user_id in owners and principal.sees(owners[g.user_id])}
                 for gid in [generation_id, *others]:
                     if gid not in gens:
                         raise NotFound(f"generation {gid!r} not found")

@@ -35,6 +35,7 @@ from pigment.services.common.errors import (
     InvalidInput,
     NotFound,
     Overloaded,
+    PermissionDenied,
     PigmentError,
     Unavailable,
     check_range,
@@ -123,25 +124,37 @@ def is_stale(row: JobUser, now: datetime) -> bool:
 
 
 class JobsCore:
-    def __init__(self, settings, sessions, dispatch_chunk: Callable[[str, int, int], None]):
+    def __init__(self, settings, sessions, dispatch_chunk: Callable[[str, int, int], None],
+                 charge_images: Callable | None = None):
         self.settings = settings
         self.sessions = sessions
         self.dispatch_chunk = dispatch_chunk  # (job_id, chunk, chunk_size) -> queue one chunk task
+        self.charge_images = charge_images  # (principal, n) -> None or RateLimited: the tenant's image quota
 
     # -- SubmitBatch ----------------------------------------------------------
-    def submit(self, p: BatchParams, limit: int | None = None) -> JobView:
-        """Create (or replay) the job; the view holds the first ``limit`` per-user results."""
+    def submit(self, p: BatchParams, limit: int | None = None, principal=None) -> JobView:
+        """Create (or replay) the job; the view holds the first ``limit`` per-user results.
+
+        ``principal`` (None: trusted internal caller): users must be of its tenant (else NotFound, like unknown
+        ones); a segment needs the admin scope and names its own tenant ("*" = every user of it)."""
         p = self.resolve(p)
+        if principal is not None:
+            self._authorize(p, principal)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
         with transaction(self.sessions) as s:
             job = s.get(Job, p.job_id)
         if job is not None:
+            if principal is not None and not principal.sees(job.tenant):  # ids are global; whose is not told
+                raise AlreadyExists(f"job_id {p.job_id!r} was already used with different parameters")
             return self._replay(job, phash, limit)
-        users = self._users(p)
+        users = self._users(p, principal.tenant if principal is not None else None)
+        if principal is not None and self.charge_images is not None:
+            self.charge_images(principal, len(users) * p.images_per_user)
         try:
             with transaction(self.sessions) as s:
                 s.add(Job(job_id=p.job_id, status="queued", params_hash=phash, params=asdict(p), total=len(users),
-                          chunk_size=p.chunk_size, num_chunks=-(-len(users) // p.chunk_size)))
+                          chunk_size=p.chunk_size, num_chunks=-(-len(users) // p.chunk_size),
+                          tenant=principal.tenant if principal is not None else None))
                 s.flush()
                 s.add_all(JobUser(job_id=p.job_id, user_id=u, chunk=i // p.chunk_size,
                                   request_id=request_id_for(p.job_id, u), status="pending", generation_ids=[])
@@ -174,17 +187,30 @@ class JobsCore:
         check_range("user_ids", len(r.user_ids), 0, MAX_JOB_USERS)
         return r
 
-    def _users(self, p: BatchParams) -> list[str]:
+    @staticmethod
+    def _authorize(p: BatchParams, principal) -> None:
+        if not p.segment:
+            return
+        principal.require_admin(f"a segment batch (segment {p.segment!r})")
+        if principal.tenant is not None and p.segment not in ("*", principal.tenant):
+            raise PermissionDenied(f"segment {p.segment!r} is not the caller's tenant {principal.tenant!r}: "
+                                   f"use {principal.tenant!r} or \"*\" (every user of it)")
+
+    def _users(self, p: BatchParams, tenant: str | None = None) -> list[str]:
+        """The job's users; ``tenant`` (a tenant-bound caller's) limits them to that tenant."""
         with transaction(self.sessions) as s:
             if p.user_ids:
-                known = set(s.scalars(select(User.user_id).where(User.user_id.in_(p.user_ids))))
+                query = select(User.user_id).where(User.user_id.in_(p.user_ids))
+                if tenant is not None:
+                    query = query.where(User.tenant == tenant)
+                known = set(s.scalars(query))
                 missing = [u for u in p.user_ids if u not in known]
                 if missing:
                     raise NotFound(f"{len(missing)} unknown users, e.g. {missing[:5]}")
                 return p.user_ids
             query = select(User.user_id).order_by(User.user_id)
-            if p.segment != "*":
-                query = query.where(User.tenant == p.segment)
+            if p.segment != "*" or tenant is not None:
+                query = query.where(User.tenant == (tenant or p.segment))
             users = list(s.scalars(query.limit(MAX_JOB_USERS + 1)))
         if not users:
             raise InvalidInput(f"segment {p.segment!r} has no users")
@@ -213,11 +239,12 @@ class JobsCore:
                               f"replay SubmitBatch with job_id {job_id!r} to resume") from exc
 
     # -- GetJob / CancelJob -----------------------------------------------------
-    def get(self, job_id: str, offset: int = 0, limit: int | None = None) -> JobView:
-        """The job's counts over all users and its per-user results from ``offset`` (``limit`` of them)."""
+    def get(self, job_id: str, offset: int = 0, limit: int | None = None, principal=None) -> JobView:
+        """The job's counts over all users and its per-user results from ``offset`` (``limit`` of them).
+        Another tenant's job is NotFound."""
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
-            if job is None:
+            if job is None or (principal is not None and not principal.sees(job.tenant)):
                 raise NotFound(f"job {job_id!r} not found")
             counts = dict(s.execute(select(JobUser.status, func.count()).where(JobUser.job_id == job_id)
                                     .group_by(JobUser.status)).all())
@@ -230,11 +257,12 @@ class JobsCore:
         return JobView(job.job_id, job.status, job.total, counts.get("done", 0), counts.get("failed", 0), results,
                        dict(job.params), offset + len(results) if more else None)
 
-    def cancel(self, job_id: str, limit: int | None = None) -> JobView:
-        """Pending users are cancelled; a user already rendering finishes. A finished job is left as it is."""
+    def cancel(self, job_id: str, limit: int | None = None, principal=None) -> JobView:
+        """Pending users are cancelled; a user already rendering finishes. A finished job is left as it is.
+        Another tenant's job is NotFound."""
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
-            if job is None:
+            if job is None or (principal is not None and not principal.sees(job.tenant)):
                 raise NotFound(f"job {job_id!r} not found")
             if job.status in ACTIVE:
                 job.status = "cancelled"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
 from pigment.services.gateway.jobs import BatchParams, JobView
@@ -58,10 +59,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.jobs = jobs
 
     def GeneratePersonalized(self, request, context):
-        return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context)))
+        return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context),
+                                              principal=current_principal()))
 
     def GeneratePersonalizedStream(self, request, context):
-        for event in self.core.progress_stream(params_from_pb(request), deadline_of(context)):
+        for event in self.core.progress_stream(params_from_pb(request), deadline_of(context),
+                                                principal=current_principal()):
             if isinstance(event, ProgressEvent):
                 yield pb.GenerateEvent(progress=pb.Progress(step=event.step, total_steps=event.total_steps,
                                                             status=event.status))
@@ -72,21 +75,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         duplicate = self.feedback.log(
             feedback_id=request.feedback_id, user_id=request.user_id, generation_id=request.generation_id,
             kind=FEEDBACK_KINDS.get(request.kind, ""), value=request.value,
-            other_generation_ids=list(request.other_generation_ids))
+            other_generation_ids=list(request.other_generation_ids), principal=current_principal())
         return pb.LogFeedbackResponse(duplicate=duplicate)
 
     def SubmitBatch(self, request, context):
         return pb.SubmitBatchResponse(job=job_to_pb(self.jobs.submit(BatchParams(
             job_id=request.job_id, user_ids=list(request.user_ids), segment=request.segment, prompt=request.prompt,
             images_per_user=request.images_per_user, num_inference_steps=request.num_inference_steps,
-            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size), JOB_PAGE_SIZE)))
+            method=METHOD_NAMES.get(request.method, "?"), chunk_size=request.chunk_size), JOB_PAGE_SIZE,
+            principal=current_principal())))
 
     def GetJob(self, request, context):
         offset, limit = job_page(request.page_size, request.page_token)
-        return job_to_pb(self.jobs.get(request.job_id, offset, limit))
+        return job_to_pb(self.jobs.get(request.job_id, offset, limit, principal=current_principal()))
 
     def CancelJob(self, request, context):
-        return job_to_pb(self.jobs.cancel(request.job_id, JOB_PAGE_SIZE))
+        return job_to_pb(self.jobs.cancel(request.job_id, JOB_PAGE_SIZE, principal=current_principal()))
 
 
 JOB_PAGE_SIZE, JOB_MAX_PAGE_SIZE = 1000, 10000  # a page stays far below gRPC's 4 MB message limit

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pigment.services.common.errors import InvalidInput, NotFound
+from pigment.services.common.errors import InvalidInput, NotFound, PermissionDenied
 from pigment.services.store.db import next_counter, transaction
 from pigment.services.store.tables import Interaction, Item, User
 
@@ -46,8 +46,29 @@ def _check_id(field_name: str, value: str) -> None:
         raise InvalidInput(f"{field_name} must be 1..{MAX_ID_LEN} characters, got {len(value or '')}")
 
 
+def _visible_user(s: Session, user_id: str, principal) -> User:
+    """The user row, or NotFound when it is absent or of a tenant the principal may not see (same answer:
+    another tenant's users do not exist for the caller). ``principal`` None: a trusted internal caller."""
+    user = s.get(User, user_id)
+    if user is None or (principal is not None and not principal.sees(user.tenant)):
+        raise NotFound(f"user {user_id!r} not found")
+    return user
+
+
 def _record(item: Item) -> ItemRecord:
     return ItemRecord(item.item_id, item.caption, None, item.image_uri, item.tenant, dict(item.attributes or {}))
+
+
+def _caller_tenant(principal, tenant: str | None, what: str, required: bool = False) -> str | None:
+    """The tenant a write gets: a tenant-bound caller's own (a different one is refused); else as given."""
+    if principal is None or principal.tenant is None:
+        return tenant
+    if required and not tenant:
+        raise PermissionDenied(f"{what} is empty (the public catalog): a key of tenant {principal.tenant!r} "
+                               f"writes only its own items: set tenant={principal.tenant!r}")
+    if tenant and tenant != principal.tenant:
+        raise PermissionDenied(f"{what}={tenant!r} is not the caller's tenant {principal.tenant!r}")
+    return principal.tenant
 
 
 class HistoryCore:
@@ -87,19 +108,36 @@ class HistoryCore:
         with transaction(self.sessions) as s:
             return s.get(User, user_id) is not None
 
+    def check_user(self, user_id: str, principal) -> None:
+        """NotFound unless the user exists in a tenant ``principal`` may act on."""
+        _check_id("user_id", user_id)
+        with transaction(self.sessions) as s:
+            _visible_user(s, user_id, principal)
+
     def log_interactions(self, user_id: str, interactions: Sequence[InteractionRecord], create_user: bool = False,
-                         tenant: str | None = None) -> int:
+                         tenant: str | None = None, principal=None) -> int:
+        """``principal`` tenant-bound: a new user gets its tenant (``tenant`` must be empty or the same), an
+        existing one must be of it, and only public items and the tenant's own can be logged."""
         _check_id("user_id", user_id)
         if not interactions and not create_user:
             raise InvalidInput("interactions must not be empty (or set create_user to only create the user)")
+        tenant = _caller_tenant(principal, tenant, "tenant")
         with transaction(self.sessions) as s:
-            if s.get(User, user_id) is None:
+            existing = s.get(User, user_id)
+            if existing is None:
                 if not create_user:
                     raise NotFound(f"user {user_id!r} not found (set create_user to create it)")
                 s.add(User(user_id=user_id, tenant=tenant or None))
                 s.flush()
+            elif principal is not None and not principal.sees(existing.tenant):
+                if create_user:  # ids are global: the id is taken, but by whom is not told
+                    raise PermissionDenied(f"user_id {user_id!r} is not available: choose another id")
+                raise NotFound(f"user {user_id!r} not found (set create_user to create it)")
             ids = {i.item_id for i in interactions}
-            pks = dict(s.execute(select(Item.item_id, Item.pk).where(Item.item_id.in_(ids), Item.deleted.is_(False))).all())
+            visible = Item.deleted.is_(False)
+            if principal is not None and principal.tenant is not None:
+                visible = visible & (Item.tenant.is_(None) | (Item.tenant == principal.tenant))
+            pks = dict(s.execute(select(Item.item_id, Item.pk).where(Item.item_id.in_(ids), visible)).all())
             missing = sorted(ids - pks.keys())
             if missing:
                 raise NotFound(f"unknown item ids: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
@@ -109,14 +147,13 @@ class HistoryCore:
                 s.add(Interaction(user_id=user_id, item_pk=pks[i.item_id], kind=i.kind or "view", value=i.value, ts=ts))
         return len(interactions)
 
-    def get_history(self, user_id: str, limit: int = 20) -> list[HistoryEntry]:
+    def get_history(self, user_id: str, limit: int = 20, principal=None) -> list[HistoryEntry]:
         """The ``limit`` most recent interactions, oldest first. Unknown user -> NotFound."""
         _check_id("user_id", user_id)
         if limit < 1 or limit > 10_000:
             raise InvalidInput(f"limit={limit} is out of range: allowed 1..10000")
         with transaction(self.sessions) as s:
-            if s.get(User, user_id) is None:
-                raise NotFound(f"user {user_id!r} not found")
+            _visible_user(s, user_id, principal)
             rows = s.execute(
                 select(Interaction, Item).join(Item, Item.pk == Interaction.item_pk)
                 .where(Interaction.user_id == user_id, Item.deleted.is_(False))
@@ -128,12 +165,13 @@ class HistoryCore:
             for inter, item in reversed(rows)
         ]
 
-    def delete_user(self, user_id: str) -> tuple[int, int]:
-        """GDPR deletion: interactions, the user's private items (and their vectors), the user row."""
+    def delete_user(self, user_id: str, principal=None) -> tuple[int, int]:
+        """GDPR deletion: interactions, the user's private items (and their vectors), the user row.
+        A caller needs the admin scope, and the user must be of its tenant."""
+        if principal is not None:
+            principal.require_admin("DeleteUser")
         with transaction(self.sessions) as s:
-            user = s.get(User, user_id)
-            if user is None:
-                raise NotFound(f"user {user_id!r} not found")
+            user = _visible_user(s, user_id, principal)
             n_inter = s.execute(delete(Interaction).where(Interaction.user_id == user_id)).rowcount
             n_items = 0
             if user.tenant:
@@ -153,13 +191,22 @@ class HistoryCore:
         item.deleted, item.embedding, item.caption, item.image_uri = True, None, "", None
         item.change_seq = next_counter(s, "items")
 
-    def upsert_items(self, items: Sequence[ItemRecord], embed: bool = True) -> int:
+    def upsert_items(self, items: Sequence[ItemRecord], embed: bool = True, principal=None) -> int:
+        """``principal`` tenant-bound: every item must name its tenant (the public catalog is written by operator
+        keys, tenant "*"), and an item id owned by another tenant or the catalog cannot be taken over."""
         for it in items:
             _check_id("item_id", it.item_id)
+            if principal is not None and principal.tenant is not None:
+                _caller_tenant(principal, it.tenant, f"item {it.item_id!r}: tenant", required=True)
         vectors = self._embed(items) if embed and self.embedder is not None else None
         with transaction(self.sessions) as s:
             last = next_counter(s, "items", by=len(items))
             existing = {i.item_id: i for i in s.scalars(select(Item).where(Item.item_id.in_([r.item_id for r in items])))}
+            if principal is not None and principal.tenant is not None:
+                taken = sorted(i for i, row in existing.items() if row.tenant != principal.tenant and not row.deleted)
+                if taken:
+                    raise PermissionDenied(f"item ids {taken[:5]} belong to the public catalog or another tenant: "
+                                           "choose other ids")
             for n, rec in enumerate(items):
                 row = existing.get(rec.item_id) or Item(item_id=rec.item_id)
                 row.caption, row.tenant, row.attributes, row.deleted = rec.caption, rec.tenant or None, rec.attributes, False
@@ -187,7 +234,9 @@ class HistoryCore:
         return out
 
     def search(self, *, text: str | None = None, image_png: bytes | None = None, vector: Sequence[float] | None = None,
-               k: int = 10, user_id: str | None = None, include_seen: bool = False) -> list[tuple[ItemRecord, float]]:
+               k: int = 10, user_id: str | None = None, include_seen: bool = False,
+               principal=None) -> list[tuple[ItemRecord, float]]:
+        """Public items plus the user's tenant's (or, without a user, the caller's tenant's)."""
         if not 1 <= k <= 1000:
             raise InvalidInput(f"k={k} is out of range: allowed 1..1000")
         if self.index is None:
@@ -200,12 +249,10 @@ class HistoryCore:
             query = self.embedder.embed_texts([text])
         else:
             raise InvalidInput("query must set one of text, image_png or vector")
-        tenant, exclude = None, []
+        tenant, exclude = (principal.tenant if principal is not None else None), []
         if user_id:
             with transaction(self.sessions) as s:
-                user = s.get(User, user_id)
-                if user is None:
-                    raise NotFound(f"user {user_id!r} not found")
+                user = _visible_user(s, user_id, principal)
                 tenant = user.tenant
                 if not include_seen:
                     exclude = list(s.scalars(select(Interaction.item_pk).where(Interaction.user_id == user_id).distinct()))

@@ -365,9 +365,10 @@ def _batches(
 def cmd_ingest(args, settings) -> int:
     if args.address:
         import grpc
+        from pigment.services.common.grpc_auth import bearer_channel
 
         with grpc.insecure_channel(args.address) as channel:
-            report = ingest(args.items, GrpcSink(channel), args.batch, args.restart)
+            report = ingest(args.items, GrpcSink(bearer_channel(channel, settings.api_key)), args.batch, args.restart)
     else:
         from pigment.services.stack import Stack
         from pigment.services.store.migrate import upgrade

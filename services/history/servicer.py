@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pigment.services.common.auth import current_principal
 from pigment.services.history.core import HistoryCore, InteractionRecord, ItemRecord
 from pigment.v1 import history_pb2 as pb
 from pigment.v1 import history_pb2_grpc
@@ -18,11 +19,12 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
 
     def LogInteractions(self, request, context):
         records = [InteractionRecord(i.item_id, i.kind, i.value, i.timestamp_ms) for i in request.interactions]
-        n = self.core.log_interactions(request.user_id, records, request.create_user, request.tenant or None)
+        n = self.core.log_interactions(request.user_id, records, request.create_user, request.tenant or None,
+                                         principal=current_principal())
         return pb.LogInteractionsResponse(logged=n)
 
     def GetHistory(self, request, context):
-        entries = self.core.get_history(request.user_id, request.limit or 20)
+        entries = self.core.get_history(request.user_id, request.limit or 20, principal=current_principal())
         return pb.GetHistoryResponse(entries=[
             pb.HistoryEntry(item=item_to_pb(e.item), interaction=pb.Interaction(
                 item_id=e.item.item_id, kind=e.interaction.kind, value=e.interaction.value,
@@ -31,7 +33,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     def UpsertItems(self, request, context):
         items = [ItemRecord(i.item_id, i.caption, i.image_png or None, i.image_uri or None, i.tenant or None,
                             dict(i.attributes)) for i in request.items]
-        n = self.core.upsert_items(items)
+        n = self.core.upsert_items(items, principal=current_principal())
         embedder = self.core.embedder
         return pb.UpsertItemsResponse(upserted=n, embedding_model=embedder.model_id if embedder else "")
 
@@ -41,9 +43,10 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
             text=request.text if which == "text" else None,
             image_png=request.image_png if which == "image_png" else None,
             vector=list(request.vector.values) if which == "vector" else None,
-            k=request.k or 10, user_id=request.user_id or None, include_seen=request.include_seen)
+            k=request.k or 10, user_id=request.user_id or None, include_seen=request.include_seen,
+            principal=current_principal())
         return pb.SearchItemsResponse(results=[pb.ScoredItem(item=item_to_pb(i), score=s) for i, s in hits])
 
     def DeleteUser(self, request, context):
-        n_inter, n_items = self.core.delete_user(request.user_id)
+        n_inter, n_items = self.core.delete_user(request.user_id, principal=current_principal())
         return pb.DeleteUserResponse(interactions_deleted=n_inter, items_deleted=n_items)

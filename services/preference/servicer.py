@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
 from pigment.v1 import preference_pb2 as pb
 from pigment.v1 import preference_pb2_grpc
@@ -17,7 +18,7 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         if not captions:
             if not request.user_id:
                 raise InvalidInput("set history_captions or user_id")
-            captions = [e.item.caption for e in self.history.get_history(request.user_id)]
+            captions = [e.item.caption for e in self.history.get_history(request.user_id, principal=current_principal())]
         pref = self.core.encode(captions, target=request.target, method=request.method or "pmg")
         soft = None
         if pref.soft_tokens is not None:

@@ -139,6 +139,8 @@ class Job(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     chunk_size: Mapped[int] = mapped_column(Integer, default=1)
     num_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    # The submitting key's tenant: only its keys see the job; None = an every-tenant caller (operator, embedded).
+    tenant: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
