@@ -106,3 +106,30 @@ def test_progress_writes_are_throttled_but_the_last_step_always_lands(tmp_path):
     assert 1 <= len(updates) <= 3
     with transaction(sessions) as s:
         assert s.get(RenderRequest, "r4").step == 100
+
+
+def test_concurrent_migrations_are_serialized_by_the_advisory_lock(pg_database):
+    """Two migrators at once (a Job re-run beside a hand-started one): both succeed, the schema lands once.
+    Without the lock the two transactional DDL runs block each other (seen: no progress in 10 minutes)."""
+    from sqlalchemy import create_engine, text
+
+    url = pg_database()
+    results: list = []
+
+    def migrate():
+        try:
+            upgrade(url)
+            results.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            results.append(exc)
+
+    threads = [threading.Thread(target=migrate, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [None, None], results
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+    engine.dispose()
