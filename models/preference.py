@@ -32,6 +32,10 @@ FREE_KEYWORD_RE = re.compile(r"^[a-z][a-z\-]*( [a-z][a-z\-]*){0,2}$")
 # Without a vocabulary, words that only make sense as instructions to a model never pass.
 INSTRUCTION_WORDS = frozenset("ignore disregard instruction instructions system prompt assistant user override".split())
 MARKUP_RE = re.compile(r"<[^>]{0,40}>|\[[A-Z_]{2,12}\]")
+# The prompt's own structure, which a caption must not imitate: numbered entries ("1. purple", the format of
+# both history lines and the keyword answer) and the template's labels ("keywords:" up to the sentence end).
+ENUMERATION_RE = re.compile(r"(?<![\w.])\d+\s*[.)]\s*[^\W\d_][^\d.\n]*", re.UNICODE)
+TEMPLATE_LABEL_RE = re.compile(r"\b([A-Za-z_]+)\s*:")
 
 # Flags reported back to the caller.
 EMPTY_HISTORY = "EMPTY_HISTORY"
@@ -82,12 +86,23 @@ class KeywordVocabulary:
         return {a for v, a in self.attribute_of.items() if f" {v} " in words}
 
 
-def sanitize_caption(caption: str, max_chars: int, special_tokens: Sequence[str]) -> str:
+def sanitize_caption(caption: str, max_chars: int, special_tokens: Sequence[str], labels: Sequence[str] = ()) -> str:
+    """A caption as plain data: no special tokens or markup, no numbered entries, none of the template's
+    ``labels`` (with what follows them up to the sentence end), one line, at most ``max_chars``."""
     for tok in special_tokens:
         caption = caption.replace(tok, " ")
     caption = MARKUP_RE.sub(" ", caption)
-    caption = " ".join(caption.split())
+    caption = ENUMERATION_RE.sub(" ", caption)
+    if labels:
+        names = "|".join(re.escape(label) for label in labels)
+        caption = re.sub(rf"\b(?:{names})\s*:[^.\n]*", " ", caption, flags=re.IGNORECASE)
+    caption = " ".join(caption.split()).strip(" .,;:-)")
     return caption[:max_chars]
+
+
+def template_labels(template: str) -> list[str]:
+    """The ``word:`` labels of a prompt template ("history", "keywords"), which captions may not contain."""
+    return sorted(set(TEMPLATE_LABEL_RE.findall(template.replace("{history}", ""))))
 
 
 def parse_keywords(text: str) -> list[str]:
@@ -130,7 +145,8 @@ class PreferenceEncoder:
     def build_prompt(self, captions: Sequence[str]) -> tuple[str, int, bool]:
         """The keyword prompt over the newest captions that fit; (prompt, n_used, truncated)."""
         special = [t for t in self.tokenizer.all_special_tokens if t]
-        clean = [sanitize_caption(c, self.cfg["max_caption_chars"], special) for c in captions]
+        labels = template_labels(self.cfg["keyword_template"])
+        clean = [sanitize_caption(c, self.cfg["max_caption_chars"], special, labels) for c in captions]
         clean = [c for c in clean if c]
         budget = self.context - int(self.cfg["max_new_tokens"]) - 8
         if self.head is not None:

@@ -76,9 +76,18 @@ class Stack:
 
     @cached_property
     def history(self):
+        from pigment.services.common.limits import InputLimits
         from pigment.services.history.core import HistoryCore
 
-        return HistoryCore(self.sessions, self.storage, self._embedder, self._index)
+        core = HistoryCore(self.sessions, self.storage, self._embedder, self._index,
+                           limits=InputLimits.from_settings(self.settings))
+        core.on_delete_user.append(self._forget_user)
+        return core
+
+    def _forget_user(self, user_id: str) -> None:
+        """After a GDPR deletion: drop cached preferences (keyed by history, not user, so all of them)."""
+        if "preference" in self.__dict__:  # built: it may hold keywords computed from the user's history
+            self.preference.clear_cache()
 
     def _embedder(self):
         from pigment.models.clip_embedder import ClipEmbedder

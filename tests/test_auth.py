@@ -118,6 +118,9 @@ def test_keys_file_holds_hashes_only_and_reloads(tmp_path):
         store.authenticate(f"Bearer {key}")
     with pytest.raises(FailedPrecondition, match="needs --admin"):
         auth.add_key(path, "*")
+    for tenant in ("Acme Corp", "../t", "t\n"):  # a key's tenant follows the one id pattern requests follow
+        with pytest.raises(FailedPrecondition, match="tenant must be"):
+            auth.add_key(path, tenant)
     path.write_text(f"{key}: {{tenant: t1}}\n")  # a plain key where a hash belongs is refused
     with pytest.raises(FailedPrecondition, match="not a sha256"):
         auth.KeyStore(path)

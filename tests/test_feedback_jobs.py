@@ -84,7 +84,9 @@ def test_http_feedback_end_to_end_and_pairs_from_it(loop):
     pick = {"feedback_id": "fb-pick-1", "user_id": "alice", "generation_id": a, "kind": "pick",
             "other_generation_ids": [b]}
     assert post(loop, pick) == (201, {"duplicate": False})
-    assert post(loop, {**pick, "generation_id": b, "other_generation_ids": [a]}) == (200, {"duplicate": True})
+    assert post(loop, pick) == (200, {"duplicate": True})  # the same content again: a replay
+    status, err = post(loop, {**pick, "generation_id": b, "other_generation_ids": [a]})  # the id, other content
+    assert status == 409 and err["error"] == "ALREADY_EXISTS" and "different content" in err["message"]
     assert post(loop, {"feedback_id": "fb-r1", "user_id": "alice", "generation_id": a, "kind": "rating",
                        "value": 5})[0] == 201
     assert post(loop, {"feedback_id": "fb-r2", "user_id": "alice", "generation_id": b, "kind": "dislike"})[0] == 201

@@ -38,6 +38,7 @@ from pigment.services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pigment.services.common.ids import is_id
 
 ADMIN = "admin"
 ALL_TENANTS = "*"
@@ -124,9 +125,10 @@ def _check_entries(data, path: Path) -> dict[str, dict]:
                                      "(the file holds hashes of keys, never keys)")
         if not isinstance(entry, dict) or not isinstance(entry.get("tenant"), str) or not entry["tenant"]:
             raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]} needs a tenant")
-        if len(entry["tenant"]) > 128 or not entry["tenant"].isprintable() or entry["tenant"].strip() != entry["tenant"]:
-            raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]}: tenant must be 1..128 printable "
-                                     "characters without surrounding spaces (it is stored in users.tenant)")
+        if entry["tenant"] != ALL_TENANTS and not is_id(entry["tenant"]):
+            # the one id pattern (services/common/ids.py): a tenant a key names must be one a request may name
+            raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]}: tenant must be 1..128 "
+                                     "characters of [A-Za-z0-9_.:@-], starting with a letter or digit")
         unknown = set(entry.get("scopes") or []) - set(SCOPES)
         if unknown:
             raise FailedPrecondition(f"auth keys file {path}: entry {digest[:12]} has unknown scopes "

@@ -15,13 +15,15 @@ from pigment.services.common.metrics import metrics_interceptor
 from pigment.services.common.tracing import server_interceptors
 
 log = logging.getLogger("pigment.grpc")
+MAX_DETAILS = 1000
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
     if isinstance(exc, RateLimited):
         context.abort_with_status(retry_status(exc))
     if isinstance(exc, PigmentError):
-        context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+        # Capped: a message echoing a caller's huge value must not push the reply over header limits.
+        context.abort(getattr(grpc.StatusCode, exc.status), str(exc)[:MAX_DETAILS])
     log.exception("unhandled error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__} (logged)")
 

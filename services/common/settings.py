@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     max_steps: int = 150
     min_size: int = 16
     max_size: int = 1024
+    # -- input caps (services/common/limits.py): checked before anything is stored or decoded
+    max_caption_chars: int = Field(2000, ge=1, description="Longest item caption accepted.")
+    max_image_bytes: int = Field(10 << 20, ge=1, description="Largest image (PNG or JPEG) accepted, in bytes.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=89_478_485, description="Most pixels (width x "
+                                  "height, read from the header before decoding) of an accepted image; well "
+                                  "below Pillow's own decompression-bomb limit.")
+    ingest_root: Path | None = Field(None, description="`pigment ingest` reads image_path files only under "
+                                     "this folder (default: the items file's folder).")
     render_batch_window_ms: float = Field(0.0, ge=0, description="Gateway micro-batching window: requests "
                                           "arriving within it are sent to the worker as one batch (0 = off).")
     render_max_batch: int = Field(8, ge=1, description="Most requests in one render batch.")

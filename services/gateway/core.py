@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -32,12 +31,14 @@ from pigment.services.common.errors import (
     Unavailable,
     check_range,
 )
+from pigment.services.common.ids import KEY_RE, check_id, check_key
+from pigment.services.common.limits import check_text
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import PollingNotifier
 from pigment.services.store.tables import Generation, RenderRequest
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
 METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
 RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
@@ -151,12 +152,9 @@ class GatewayCore:
     def resolve(self, p: GenerateParams) -> GenerateParams:
         """Fill defaults and check every field, naming it and its allowed range."""
         s, d = self.settings, self.defaults
-        if not REQUEST_ID_RE.match(p.request_id or ""):
-            raise InvalidInput(f"request_id={p.request_id!r} is malformed: allowed 1-64 characters of [A-Za-z0-9_-]")
-        if not p.user_id or len(p.user_id) > 128:
-            raise InvalidInput("user_id must be 1..128 characters")
-        if len(p.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidInput(f"prompt is {len(p.prompt)} characters: allowed at most {MAX_PROMPT_CHARS}")
+        check_key("request_id", p.request_id)
+        check_id("user_id", p.user_id)
+        check_text("prompt", p.prompt, MAX_PROMPT_CHARS)
         method = p.method or s.default_method
         if method not in METHODS:
             raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")

@@ -1,16 +1,23 @@
-"""Feedback core: validated, idempotent by ``feedback_id``, tied to a generation of the same user."""
+"""Feedback core: validated, idempotent by ``feedback_id``, tied to a generation of the same user.
+
+Idempotency is honest: replaying a ``feedback_id`` with the same content answers ``duplicate``; with other
+content it is ALREADY_EXISTS, and ``duplicate`` is only ever answered for a row that is really stored.
+"""
 
 from __future__ import annotations
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from pigment.services.common.errors import InvalidInput, NotFound, PermissionDenied
-from pigment.services.gateway.core import REQUEST_ID_RE
+from pigment.services.common.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied
+from pigment.services.common.ids import check_id, check_key
+from pigment.services.common.limits import check_finite
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Feedback, Generation, User
 
 KINDS = ("like", "dislike", "rating", "pick", "click")
+MAX_OTHERS = 64
+MAX_VALUE = 1e6
 
 
 class FeedbackCore:
@@ -19,20 +26,22 @@ class FeedbackCore:
 
     def log(self, *, feedback_id: str, user_id: str, generation_id: str, kind: str, value: float = 0.0,
             other_generation_ids: list[str] | None = None, principal=None) -> bool:
-        """Store one signal; returns True if this ``feedback_id`` was already recorded (nothing changes).
+        """Store one signal; returns True if this ``feedback_id`` was already recorded with the same content
+        (nothing changes). The same id with other content: AlreadyExists.
 
         ``principal`` (None: a trusted internal caller): the user and generations must be of its tenant;
         another tenant's are NOT_FOUND, as if they did not exist."""
         others = list(other_generation_ids or [])
-        self._validate(feedback_id, kind, value, others)
+        self._validate(feedback_id, user_id, generation_id, kind, value, others)
+        content = (user_id, generation_id, kind, float(value), others)
         try:
             with transaction(self.sessions) as s:
                 if principal is not None:
                     user = s.get(User, user_id)
                     if user is None or not principal.sees(user.tenant):
                         raise NotFound(f"user {user_id!r} not found")
-                if s.get(Feedback, feedback_id) is not None:
-                    return True
+                if (row := s.get(Feedback, feedback_id)) is not None:
+                    return self._same(row, content)
                 gens = {g.generation_id: g for g in s.scalars(
                     select(Generation).where(Generation.generation_id.in_([generation_id, *others])))}
                 if principal is not None:
@@ -47,16 +56,34 @@ class FeedbackCore:
                 s.add(Feedback(feedback_id=feedback_id, generation_id=generation_id, user_id=user_id, kind=kind,
                                value=float(value), other_generation_ids=others))
             return False
-        except IntegrityError:  # a concurrent replay of the same id won the race
-            return True
+        except IntegrityError:  # a concurrent call with the same id won the race: compare with what it stored
+            with transaction(self.sessions) as s:
+                row = s.get(Feedback, feedback_id)
+            if row is None:
+                raise
+            return self._same(row, content)
 
     @staticmethod
-    def _validate(feedback_id: str, kind: str, value: float, others: list[str]) -> None:
-        if not REQUEST_ID_RE.match(feedback_id or ""):
-            raise InvalidInput(f"feedback_id={feedback_id!r} is malformed: allowed 1-64 characters of [A-Za-z0-9_-]")
+    def _same(row: Feedback, content: tuple) -> bool:
+        stored = (row.user_id, row.generation_id, row.kind, float(row.value), list(row.other_generation_ids or []))
+        if stored != content:
+            raise AlreadyExists(f"feedback_id {row.feedback_id!r} was already used with different content")
+        return True
+
+    @staticmethod
+    def _validate(feedback_id: str, user_id: str, generation_id: str, kind: str, value: float,
+                  others: list[str]) -> None:
+        check_key("feedback_id", feedback_id)
+        check_id("user_id", user_id)
+        check_key("generation_id", generation_id)
         if kind not in KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(KINDS)}")
+        check_finite("value", value, MAX_VALUE)
         if kind == "rating" and not (1 <= value <= 5):
             raise InvalidInput(f"value={value} is out of range for a rating: allowed 1..5")
         if kind == "pick" and not others:
             raise InvalidInput("a pick needs other_generation_ids (the images not chosen)")
+        if len(others) > MAX_OTHERS:
+            raise InvalidInput(f"{len(others)} other_generation_ids: allowed at most {MAX_OTHERS}")
+        for n, gid in enumerate(others):
+            check_key(f"other_generation_ids[{n}]", gid)

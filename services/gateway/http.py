@@ -21,6 +21,7 @@ from sqlalchemy import text
 
 from pigment.services.common.auth import LOCAL_ADMIN
 from pigment.services.common.errors import InvalidInput, PigmentError
+from pigment.services.common.ids import show
 from pigment.services.store.db import transaction
 
 log = logging.getLogger("pigment.http")
@@ -38,7 +39,7 @@ def parse_feedback(body: bytes) -> dict:
     """The keyword arguments of ``FeedbackCore.log`` from a JSON body; InvalidInput names what is wrong."""
     try:
         data = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object")
@@ -54,7 +55,11 @@ def parse_feedback(body: bytes) -> dict:
     others = data.get("other_generation_ids", [])
     if not all(isinstance(o, str) for o in others):
         raise InvalidInput("other_generation_ids must be a list of strings")
-    return {**data, "value": float(data.get("value", 0.0)), "other_generation_ids": others}
+    try:
+        value = float(data.get("value", 0.0))
+    except OverflowError:  # an integer too large for a float
+        raise InvalidInput("value is out of range: allowed a finite number") from None
+    return {**data, "value": value, "other_generation_ids": others}
 
 
 class FeedbackHandler(BaseHTTPRequestHandler):
@@ -64,7 +69,19 @@ class FeedbackHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         if self.path.rstrip("/") != "/v1/feedback":
             return self._reply(404, {"error": "NOT_FOUND", "message": f"no such path {self.path}"})
-        length = int(self.headers.get("Content-Length") or 0)
+        # Only JSON: a cross-site HTML form can post text/plain or form bodies without a CORS preflight.
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            self.close_connection = True
+            return self._reply(415, {"error": "INVALID_ARGUMENT",
+                                     "message": f"Content-Type must be application/json, got {show(ctype, 40)}"})
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            return self._reply(400, {"error": "INVALID_ARGUMENT", "message": "Content-Length is malformed"})
         if length > MAX_BODY:
             self.close_connection = True
             return self._reply(413, {"error": "INVALID_ARGUMENT", "message": f"body over {MAX_BODY} bytes"})
@@ -73,7 +90,7 @@ class FeedbackHandler(BaseHTTPRequestHandler):
             principal = self._principal()
             duplicate = self.server.feedback.log(**parse_feedback(body), principal=principal)
         except PigmentError as exc:
-            return self._reply(HTTP_STATUS.get(exc.status, 500), {"error": exc.status, "message": str(exc)},
+            return self._reply(HTTP_STATUS.get(exc.status, 500), {"error": exc.status, "message": str(exc)[:1000]},
                                self._error_headers(exc))
         except Exception as exc:
             log.exception("POST /v1/feedback failed")

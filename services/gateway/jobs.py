@@ -40,6 +40,8 @@ from pigment.services.common.errors import (
     Unavailable,
     check_range,
 )
+from pigment.services.common.ids import check_id, check_key
+from pigment.services.common.limits import check_text
 from pigment.services.gateway.core import MAX_PROMPT_CHARS, METHODS, REQUEST_ID_RE, GenerateParams
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Job, JobUser, User
@@ -167,12 +169,15 @@ class JobsCore:
 
     def resolve(self, p: BatchParams) -> BatchParams:
         """Fill defaults and check every field, naming it and the allowed values."""
-        if not REQUEST_ID_RE.match(p.job_id or "") or len(p.job_id) > 40:
-            raise InvalidInput(f"job_id={p.job_id!r} is malformed: allowed 1-40 characters of [A-Za-z0-9_-]")
+        check_key("job_id", p.job_id, 40)
         if bool(p.user_ids) == bool(p.segment):
             raise InvalidInput("give either user_ids or a segment (a tenant name, or \"*\" for every user)")
-        if len(p.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidInput(f"prompt is {len(p.prompt)} characters: allowed at most {MAX_PROMPT_CHARS}")
+        if p.segment and p.segment != "*":
+            check_id("segment", p.segment)
+        check_range("user_ids", len(p.user_ids), 0, MAX_JOB_USERS)
+        for n, user_id in enumerate(p.user_ids):
+            check_id(f"user_ids[{n}]", user_id)
+        check_text("prompt", p.prompt, MAX_PROMPT_CHARS)
         method = p.method or self.settings.default_method
         if method not in METHODS:
             raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
@@ -242,6 +247,7 @@ class JobsCore:
     def get(self, job_id: str, offset: int = 0, limit: int | None = None, principal=None) -> JobView:
         """The job's counts over all users and its per-user results from ``offset`` (``limit`` of them).
         Another tenant's job is NotFound."""
+        check_key("job_id", job_id)
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
             if job is None or (principal is not None and not principal.sees(job.tenant)):
@@ -260,6 +266,7 @@ class JobsCore:
     def cancel(self, job_id: str, limit: int | None = None, principal=None) -> JobView:
         """Pending users are cancelled; a user already rendering finishes. A finished job is left as it is.
         Another tenant's job is NotFound."""
+        check_key("job_id", job_id)
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
             if job is None or (principal is not None and not principal.sees(job.tenant)):

@@ -6,6 +6,7 @@ import time
 
 from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
+from pigment.services.common.ids import show
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
 from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.v1 import generation_pb2 as pb
@@ -101,8 +102,9 @@ def job_page(page_size: int, page_token: str) -> tuple[int, int]:
     if not 0 <= page_size <= JOB_MAX_PAGE_SIZE:
         raise InvalidInput(f"page_size={page_size} is out of range: 0 (server default {JOB_PAGE_SIZE}) "
                            f"to {JOB_MAX_PAGE_SIZE}")
-    if page_token and not page_token.isdigit():
-        raise InvalidInput(f"page_token={page_token!r} is not one this server issued: pass a previous "
+    # isascii: str.isdigit() also accepts other scripts' digits; the length cap keeps OFFSET within SQL's range
+    if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 9):
+        raise InvalidInput(f"page_token={show(page_token)} is not one this server issued: pass a previous "
                            "GetJob's next_page_token, or \"\" for the first page")
     return int(page_token or 0), page_size or JOB_PAGE_SIZE
 

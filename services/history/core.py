@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pigment.services.common import limits as lim
 from pigment.services.common.errors import InvalidInput, NotFound, PermissionDenied
+from pigment.services.common.ids import check_id, check_tenant, show
 from pigment.services.store.db import next_counter, transaction
-from pigment.services.store.tables import Interaction, Item, User
+from pigment.services.store.tables import Feedback, Generation, Interaction, Item, Job, JobUser, RenderRequest, User
 
-MAX_ID_LEN = 128
+log = logging.getLogger("pigment.history")
 
 
 @dataclass
@@ -41,9 +45,20 @@ class HistoryEntry:
     interaction: InteractionRecord
 
 
-def _check_id(field_name: str, value: str) -> None:
-    if not value or len(value) > MAX_ID_LEN:
-        raise InvalidInput(f"{field_name} must be 1..{MAX_ID_LEN} characters, got {len(value or '')}")
+def item_key(item_id: str) -> str:
+    """The storage key of an item's image: a hash, so no caller string ever becomes a path."""
+    return f"items/{hashlib.sha256(item_id.encode()).hexdigest()[:40]}.png"
+
+
+def _check_interaction(n: int, i: InteractionRecord) -> None:
+    where = f"interactions[{n}]"
+    check_id(f"{where}.item_id", i.item_id)
+    if i.kind:
+        lim.check_kind(f"{where}.kind", i.kind)
+    lim.check_finite(f"{where}.value", i.value)
+    if not 0 <= i.timestamp_ms <= lim.MAX_TIMESTAMP_MS:
+        raise InvalidInput(f"{where}.timestamp_ms={i.timestamp_ms} is out of range: allowed 0 (now) to "
+                           f"{lim.MAX_TIMESTAMP_MS} (milliseconds since 1970, up to the year 9999)")
 
 
 def _visible_user(s: Session, user_id: str, principal) -> User:
@@ -76,8 +91,11 @@ class HistoryCore:
     ``index`` (optional) has ``sync()`` and ``search(vectors, k, tenant, exclude_pks)``."""
 
     def __init__(self, sessions: sessionmaker[Session], storage, embedder_factory: Callable | None = None,
-                 index_factory: Callable | None = None):
+                 index_factory: Callable | None = None, limits: lim.InputLimits | None = None):
         self.sessions = sessions
+        self.limits = limits or lim.InputLimits()
+        # Called with the user id after a GDPR deletion commits (e.g. to drop cached preferences).
+        self.on_delete_user: list[Callable[[str], None]] = []
         self.storage = storage
         self._embedder_factory = embedder_factory
         self._index_factory = index_factory
@@ -99,18 +117,20 @@ class HistoryCore:
 
     # -- users & interactions -------------------------------------------------
     def ensure_user(self, user_id: str, tenant: str | None = None) -> None:
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
+        tenant = check_tenant("tenant", tenant)
         with transaction(self.sessions) as s:
             if s.get(User, user_id) is None:
                 s.add(User(user_id=user_id, tenant=tenant or None))
 
     def user_exists(self, user_id: str) -> bool:
+        check_id("user_id", user_id)
         with transaction(self.sessions) as s:
             return s.get(User, user_id) is not None
 
     def check_user(self, user_id: str, principal) -> None:
         """NotFound unless the user exists in a tenant ``principal`` may act on."""
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         with transaction(self.sessions) as s:
             _visible_user(s, user_id, principal)
 
@@ -118,9 +138,14 @@ class HistoryCore:
                          tenant: str | None = None, principal=None) -> int:
         """``principal`` tenant-bound: a new user gets its tenant (``tenant`` must be empty or the same), an
         existing one must be of it, and only public items and the tenant's own can be logged."""
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
+        tenant = check_tenant("tenant", tenant)
         if not interactions and not create_user:
             raise InvalidInput("interactions must not be empty (or set create_user to only create the user)")
+        if len(interactions) > lim.MAX_INTERACTIONS:
+            raise InvalidInput(f"{len(interactions)} interactions in one call: allowed at most {lim.MAX_INTERACTIONS}")
+        for n, i in enumerate(interactions):
+            _check_interaction(n, i)
         tenant = _caller_tenant(principal, tenant, "tenant")
         with transaction(self.sessions) as s:
             existing = s.get(User, user_id)
@@ -149,7 +174,7 @@ class HistoryCore:
 
     def get_history(self, user_id: str, limit: int = 20, principal=None) -> list[HistoryEntry]:
         """The ``limit`` most recent interactions, oldest first. Unknown user -> NotFound."""
-        _check_id("user_id", user_id)
+        check_id("user_id", user_id)
         if limit < 1 or limit > 10_000:
             raise InvalidInput(f"limit={limit} is out of range: allowed 1..10000")
         with transaction(self.sessions) as s:
@@ -166,24 +191,56 @@ class HistoryCore:
         ]
 
     def delete_user(self, user_id: str, principal=None) -> tuple[int, int]:
-        """GDPR deletion: interactions, the user's private items (and their vectors), the user row.
+        """GDPR deletion, everywhere pigment keeps something of the user: interactions, render requests and
+        their generations (rows and stored PNGs), feedback (so no later training round sees the user), batch
+        job results (and the id in the job's parameters), the private items of a tenant the user was the last
+        of (rows tombstoned, vectors removed from the index), and cached preferences (``on_delete_user``).
         A caller needs the admin scope, and the user must be of its tenant."""
+        check_id("user_id", user_id)
         if principal is not None:
             principal.require_admin("DeleteUser")
         with transaction(self.sessions) as s:
             user = _visible_user(s, user_id, principal)
             n_inter = s.execute(delete(Interaction).where(Interaction.user_id == user_id)).rowcount
+            gens = select(Generation.generation_id).where(Generation.user_id == user_id)
+            # A retrieved result points at the catalog item's image, which is not the user's to delete.
+            uris = list(s.scalars(select(Generation.storage_uri).where(
+                Generation.user_id == user_id, Generation.retrieved_item_id.is_(None),
+                Generation.storage_uri.is_not(None))))
+            s.execute(delete(Feedback).where(or_(Feedback.user_id == user_id, Feedback.generation_id.in_(gens))),
+                      execution_options={"synchronize_session": False})
+            s.execute(delete(Generation).where(or_(Generation.user_id == user_id, Generation.request_id.in_(
+                select(RenderRequest.request_id).where(RenderRequest.user_id == user_id)))),
+                execution_options={"synchronize_session": False})
+            s.execute(delete(RenderRequest).where(RenderRequest.user_id == user_id))
+            job_ids = list(s.scalars(select(JobUser.job_id).where(JobUser.user_id == user_id)))
+            s.execute(delete(JobUser).where(JobUser.user_id == user_id))
+            for job in s.scalars(select(Job).where(Job.job_id.in_(job_ids))):
+                if user_id in (job.params or {}).get("user_ids", []):
+                    job.params = {**job.params, "user_ids": [u for u in job.params["user_ids"] if u != user_id]}
             n_items = 0
             if user.tenant:
                 others = s.scalar(select(func.count()).select_from(User).where(User.tenant == user.tenant, User.user_id != user_id))
                 if not others:  # last user of a private tenant: its items go too
                     for item in s.scalars(select(Item).where(Item.tenant == user.tenant, Item.deleted.is_(False))):
+                        if item.image_uri:
+                            uris.append(item.image_uri)
                         self._tombstone(s, item)
                         n_items += 1
             s.delete(user)
+        for uri in uris:
+            self._delete_file(uri)
         if n_items and self.index is not None:
             self.index.sync()
+        for hook in self.on_delete_user:
+            hook(user_id)
         return n_inter, n_items
+
+    def _delete_file(self, uri: str) -> None:
+        try:
+            self.storage.delete(uri)
+        except InvalidInput:  # a URI outside our storage (a row from before image_uri was read-only): not ours
+            log.warning("not deleting %s: outside the image storage", show(uri))
 
     # -- items ------------------------------------------------------------------
     @staticmethod
@@ -191,12 +248,35 @@ class HistoryCore:
         item.deleted, item.embedding, item.caption, item.image_uri = True, None, "", None
         item.change_seq = next_counter(s, "items")
 
+    def _check_items(self, items: Sequence[ItemRecord]) -> list[ItemRecord]:
+        """Every field checked before anything is stored; images come back as checked PNG bytes."""
+        if len(items) > lim.MAX_ITEMS:
+            raise InvalidInput(f"{len(items)} items in one call: allowed at most {lim.MAX_ITEMS}")
+        seen: set[str] = set()
+        out = []
+        for n, it in enumerate(items):
+            where = f"items[{n}]"
+            check_id(f"{where}.item_id", it.item_id)
+            if it.item_id in seen:
+                raise InvalidInput(f"{where}.item_id={it.item_id!r} appears more than once in this call")
+            seen.add(it.item_id)
+            if it.image_uri:
+                raise InvalidInput(f"{where}.image_uri is read-only (the server stores images itself): "
+                                   "send the image bytes in image_png")
+            lim.check_text(f"{where}.caption", it.caption, self.limits.max_caption_chars)
+            png = lim.check_image(f"{where}.image_png", it.image_png, self.limits) if it.image_png else None
+            out.append(ItemRecord(it.item_id, it.caption, png, None, check_tenant(f"{where}.tenant", it.tenant),
+                                  lim.check_attributes(f"{where}.attributes", dict(it.attributes or {}))))
+        return out
+
     def upsert_items(self, items: Sequence[ItemRecord], embed: bool = True, principal=None) -> int:
         """``principal`` tenant-bound: every item must name its tenant (the public catalog is written by operator
         keys, tenant "*"), and an item id owned by another tenant or the catalog cannot be taken over."""
-        for it in items:
-            _check_id("item_id", it.item_id)
-            if principal is not None and principal.tenant is not None:
+        items = self._check_items(items)
+        if not items:
+            return 0
+        if principal is not None and principal.tenant is not None:
+            for it in items:
                 _caller_tenant(principal, it.tenant, f"item {it.item_id!r}: tenant", required=True)
         vectors = self._embed(items) if embed and self.embedder is not None else None
         with transaction(self.sessions) as s:
@@ -211,9 +291,7 @@ class HistoryCore:
                 row = existing.get(rec.item_id) or Item(item_id=rec.item_id)
                 row.caption, row.tenant, row.attributes, row.deleted = rec.caption, rec.tenant or None, rec.attributes, False
                 if rec.image_png:
-                    row.image_uri = self.storage.put(f"items/{rec.item_id}.png", rec.image_png)
-                elif rec.image_uri:
-                    row.image_uri = rec.image_uri
+                    row.image_uri = self.storage.put(item_key(rec.item_id), rec.image_png)
                 if vectors is not None:
                     row.embedding, row.embedding_model = vectors[n].tobytes(), self.embedder.model_id
                 row.change_seq = last - len(items) + n + 1
@@ -242,15 +320,16 @@ class HistoryCore:
         if self.index is None:
             raise InvalidInput("search needs an item index, which this deployment has not configured")
         if vector is not None:
-            query = np.asarray(vector, dtype=np.float32)[None]
+            query = np.asarray(vector, dtype=np.float32)[None]  # the index checks its size and finiteness
         elif image_png:
-            query = self.embedder.embed_images([image_png])
+            query = self.embedder.embed_images([lim.check_image("image_png", image_png, self.limits)])
         elif text:
-            query = self.embedder.embed_texts([text])
+            query = self.embedder.embed_texts([lim.check_text("text", text, lim.MAX_QUERY_CHARS)])
         else:
             raise InvalidInput("query must set one of text, image_png or vector")
         tenant, exclude = (principal.tenant if principal is not None else None), []
         if user_id:
+            check_id("user_id", user_id)
             with transaction(self.sessions) as s:
                 user = _visible_user(s, user_id, principal)
                 tenant = user.tenant

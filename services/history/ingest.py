@@ -5,8 +5,11 @@ One JSON object per line::
     {"item_id": "sku-1", "caption": "a red star", "image_path": "images/sku-1.png",
      "tenant": "acme", "attributes": {"colour": "red"}}
 
-``image_path`` is relative to the JSONL file (``image_b64`` carries the bytes
-inline instead; an item with neither is embedded from its caption). Items go
+``image_path`` is relative to the JSONL file and must lie under the ingest root
+(``ingest_root``, default the JSONL file's folder; absolute or ``../`` paths that
+leave it are refused, so a catalog file cannot publish other files of the server).
+``image_b64`` carries the bytes inline instead; an item with neither is embedded
+from its caption. Items go
 to the history service in batches (``UpsertItems``: CLIP-embedded, written to
 SQL with the embedding model's id, then the FAISS index catches up), either
 in-process (default; needs the index's writer lock, so no server may be
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Protocol
 
 from pigment.services.common.errors import InvalidInput, PigmentError, Unavailable
+from pigment.services.common.ids import check_id, show
+from pigment.services.common.limits import InputLimits
 from pigment.services.history.core import ItemRecord
 
 log = logging.getLogger(__name__)
@@ -140,7 +145,8 @@ def _error_classes():
 # --------------------------------------------------------------------------- reading
 
 
-def parse_line(obj: object, base_dir: Path, where: str) -> ItemRecord:
+def parse_line(obj: object, base_dir: Path, where: str, root: Path | None = None,
+               limits: InputLimits | None = None) -> ItemRecord:
     """One JSONL object -> ItemRecord (image as PNG bytes); InvalidInput names the line and field."""
     if not isinstance(obj, dict):
         raise InvalidInput(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -151,10 +157,7 @@ def parse_line(obj: object, base_dir: Path, where: str) -> ItemRecord:
             "image_b64, tenant, attributes"
         )
     item_id, caption = obj.get("item_id"), obj.get("caption", "")
-    if not isinstance(item_id, str) or not 1 <= len(item_id) <= 128:
-        raise InvalidInput(
-            f"{where}: item_id must be a string of 1..128 characters, got {item_id!r}"
-        )
+    check_id(f"{where}: item_id", item_id)
     if not isinstance(caption, str):
         raise InvalidInput(f"{where}: caption must be a string")
     attributes = obj.get("attributes") or {}
@@ -163,36 +166,52 @@ def parse_line(obj: object, base_dir: Path, where: str) -> ItemRecord:
     return ItemRecord(
         item_id,
         caption,
-        _image(obj, base_dir, where),
+        _image(obj, base_dir, where, root or base_dir, limits or InputLimits()),
         None,
         obj.get("tenant") or None,
         {str(k): str(v) for k, v in attributes.items()},
     )
 
 
-def _image(obj: dict, base_dir: Path, where: str) -> bytes | None:
+def _image_file(image_path: object, base_dir: Path, root: Path, where: str, limits: InputLimits) -> bytes:
+    """The bytes of ``image_path`` if it resolves (links followed) under ``root``; InvalidInput otherwise."""
+    if not isinstance(image_path, str) or "\x00" in image_path:
+        raise InvalidInput(f"{where}: image_path must be a path string")
+    path = (base_dir / image_path).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InvalidInput(f"{where}: image_path {show(image_path)} is outside the ingest root {root} "
+                           "(set PIGMENT_INGEST_ROOT to allow another folder)")
+    if path.is_file() and path.stat().st_size > limits.max_image_bytes:
+        raise InvalidInput(f"{where}: image {show(image_path)} is over {limits.max_image_bytes} bytes")
+    return path.read_bytes()
+
+
+def _image(obj: dict, base_dir: Path, where: str, root: Path, limits: InputLimits) -> bytes | None:
     if obj.get("image_path") and obj.get("image_b64"):
         raise InvalidInput(f"{where}: give image_path or image_b64, not both")
     try:
         if obj.get("image_path"):
-            data = (base_dir / obj["image_path"]).read_bytes()
+            data = _image_file(obj["image_path"], base_dir, root, where, limits)
         elif obj.get("image_b64"):
             data = base64.b64decode(obj["image_b64"], validate=True)
         else:
             return None
     except (OSError, binascii.Error) as exc:
         raise InvalidInput(f"{where}: image cannot be read: {exc}") from None
-    return data if data.startswith(PNG_MAGIC) else _to_png(data, where)
+    return data if data.startswith(PNG_MAGIC) else _to_png(data, where, limits)
 
 
-def _to_png(data: bytes, where: str) -> bytes:
+def _to_png(data: bytes, where: str, limits: InputLimits) -> bytes:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > limits.max_image_pixels:
+            raise InvalidInput(f"{where}: image is {image.width}x{image.height}: allowed at most "
+                               f"{limits.max_image_pixels} pixels")
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InvalidInput(f"{where}: not a readable image: {exc}") from None
     return buf.getvalue()
 
@@ -282,8 +301,12 @@ def ingest(
     restart: bool = False,
     show_progress: bool = True,
     max_batch_bytes: int = MAX_BATCH_BYTES,
+    root: str | Path | None = None,
+    limits: InputLimits | None = None,
 ) -> IngestReport:
-    """Upsert every item of ``items`` (JSONL) through ``sink`` in batches; resumes where a previous run stopped."""
+    """Upsert every item of ``items`` (JSONL) through ``sink`` in batches; resumes where a previous run stopped.
+
+    ``root``: image_path files are read only under it (default: the items file's folder)."""
     from tqdm import tqdm
 
     items = Path(items)
@@ -305,7 +328,7 @@ def ingest(
         disable=not show_progress,
     )
     try:
-        for last_line, records in _batches(items, prog.lines_done, batch, max_batch_bytes):
+        for last_line, records in _batches(items, prog.lines_done, batch, max_batch_bytes, root, limits):
             done = sink.embedded([r.item_id for r in records])
             todo = [r for r in records if r.item_id not in done]
             model = sink.upsert(todo) if todo else (prog.embedding_model or sink.current_model())
@@ -316,7 +339,7 @@ def ingest(
                     model,
                 )
                 bar.close()
-                return ingest(items, sink, batch, True, show_progress, max_batch_bytes)
+                return ingest(items, sink, batch, True, show_progress, max_batch_bytes, root, limits)
             prog.embedding_model, prog.lines_done = model, last_line
             prog.upserted += len(todo)
             prog.skipped += len(records) - len(todo)
@@ -341,13 +364,14 @@ def ingest(
 
 
 def _batches(
-    items: Path, start: int, size: int, max_bytes: int
+    items: Path, start: int, size: int, max_bytes: int, root: str | Path | None = None,
+    limits: InputLimits | None = None,
 ) -> Iterator[tuple[int, list[ItemRecord]]]:
     """(last line number consumed, records) in batches of at most ``size`` items and about ``max_bytes``."""
     records: list[ItemRecord] = []
     nbytes, last = 0, start
     for number, obj in _lines(items, start):
-        rec = parse_line(obj, items.parent, f"{items}:{number}")
+        rec = parse_line(obj, items.parent, f"{items}:{number}", Path(root) if root else None, limits)
         size_of = len(rec.image_png or b"") + len(rec.caption) + 64
         if records and (len(records) >= size or nbytes + size_of > max_bytes):
             yield last, records
@@ -368,7 +392,8 @@ def cmd_ingest(args, settings) -> int:
         from pigment.services.common.grpc_auth import bearer_channel
 
         with grpc.insecure_channel(args.address) as channel:
-            report = ingest(args.items, GrpcSink(bearer_channel(channel, settings.api_key)), args.batch, args.restart)
+            report = ingest(args.items, GrpcSink(bearer_channel(channel, settings.api_key)), args.batch, args.restart,
+                            root=settings.ingest_root, limits=InputLimits.from_settings(settings))
     else:
         from pigment.services.stack import Stack
         from pigment.services.store.migrate import upgrade
@@ -379,7 +404,8 @@ def cmd_ingest(args, settings) -> int:
             stack.history.index
         )  # load the CLIP and open the index (writer lock) before the clock starts
         try:
-            report = ingest(args.items, LocalSink(stack.history), args.batch, args.restart)
+            report = ingest(args.items, LocalSink(stack.history), args.batch, args.restart,
+                            root=settings.ingest_root, limits=InputLimits.from_settings(settings))
         finally:
             if stack.history.index is not None:
                 stack.history.index.close()

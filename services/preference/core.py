@@ -82,6 +82,14 @@ class PreferenceCore:
                 pref = explore(pref, encoder.vocab, target, self._rng, captions)
         return pref
 
+    def clear_cache(self) -> None:
+        """Forget every cached preference (GDPR deletion: a cached entry may come from the deleted history)."""
+        with self._build_lock, self._lock:
+            for encoder in self._encoders.values():
+                cache = getattr(encoder, "_cache", None)
+                if cache is not None:
+                    cache.clear()
+
     def used_versions(self) -> dict[str, str] | None:
         """{kind: version} of the preference adapters the calling thread's last ``encode`` used, read once
         (None when this thread has not encoded since the last read, e.g. a non-personalized request)."""

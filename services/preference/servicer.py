@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
+from pigment.services.common.ids import show
+from pigment.services.common.limits import MAX_QUERY_CHARS, check_text
 from pigment.v1 import preference_pb2 as pb
 from pigment.v1 import preference_pb2_grpc
+
+MAX_CAPTIONS = 1000
+METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")  # the gateway's methods
 
 
 class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
@@ -15,11 +20,19 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
 
     def EncodePreferences(self, request, context):
         captions = list(request.history_captions)
+        if len(captions) > MAX_CAPTIONS:
+            raise InvalidInput(f"{len(captions)} history_captions: allowed at most {MAX_CAPTIONS}")
+        for n, caption in enumerate(captions):
+            check_text(f"history_captions[{n}]", caption, self.history.limits.max_caption_chars)
+        check_text("target", request.target, MAX_QUERY_CHARS)
+        method = request.method or "pmg"
+        if method not in METHODS:
+            raise InvalidInput(f"method={show(method)} is unknown: allowed {', '.join(METHODS)}")
         if not captions:
             if not request.user_id:
                 raise InvalidInput("set history_captions or user_id")
             captions = [e.item.caption for e in self.history.get_history(request.user_id, principal=current_principal())]
-        pref = self.core.encode(captions, target=request.target, method=request.method or "pmg")
+        pref = self.core.encode(captions, target=request.target, method=method)
         soft = None
         if pref.soft_tokens is not None:
             soft = pb.SoftTokens(shape=list(pref.soft_tokens.shape), float16=pref.soft_tokens.astype("<f2").tobytes())

@@ -190,6 +190,10 @@ class RenderCore:
             uris.append(self.storage.put(f"generations/{request_id}/{i}.png", buf.getvalue()))
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
+            if row is None:  # deleted mid-render (GDPR DeleteUser): keep none of its images
+                for uri in uris:
+                    self.storage.delete(uri)
+                return "deleted"
             have = set(s.scalars(select(Generation.image_index).where(Generation.request_id == request_id)))
             for i, (seed, uri) in enumerate(zip(out.seeds, uris)):
                 if i not in have:
