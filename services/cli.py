@@ -40,6 +40,7 @@ def cmd_serve(args, settings: Settings) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     drain(server, stack.health, settings)
+    stack.close()  # saves the item index: manifest and SQL agree after a clean stop
     if http:
         http.stop()
     if worker:

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,15 @@ class Stack:
         self.preset_dir = ensure_preset(settings)
         self.sessions = make_sessionmaker(settings.database_url)
         self.storage = ImageStorage(settings.storage_dir)
+
+    def close(self) -> None:
+        """Save and release what the stack opened (the item index), when the server stops."""
+        history = self.__dict__.get("history")
+        index = history._index if history is not None else None
+        if index is not None:
+            index.close()
+        if "notifier" in self.__dict__:  # the LISTEN connection (PostgreSQL)
+            self.notifier.close()
 
     @cached_property
     def keys(self):
@@ -100,7 +110,8 @@ class Stack:
             return None
         from pigment.services.history.index import ItemIndex
 
-        return ItemIndex.open(self.settings.index_dir, self.sessions, embedding_model=embedder.model_id, dim=embedder.dim)
+        return ItemIndex.open(self.settings.index_dir, self.sessions, embedding_model=embedder.model_id, dim=embedder.dim,
+                              config=self.settings.index_config())
 
     @cached_property
     def preference(self):
@@ -230,10 +241,43 @@ class Stack:
             if s.tls_cert_file else None
         server, bound, self.health = create_server(registrations, f"{s.host}:{port}",
                                                    max_concurrent_rpcs=s.max_concurrent_rpcs,
+                                                   reserve=s.grpc_reserve_threads,
                                                    interceptors=[AuthInterceptor(self.keys, self.limiter)],
                                                    credentials=credentials)
+        self._start_background(server, self.health, [name for _, _, name in registrations])
         watch_queue_depth(self.sessions)
         return server, bound
+
+    def readiness(self):
+        from pigment.services.common.readiness import Readiness
+
+        return Readiness(self.sessions, self.settings.render_queue, self.settings.heartbeat_stale_s,
+                         broker_check=None if self.settings.broker_url.startswith("filesystem") else self._broker_ping)
+
+    def _broker_ping(self) -> None:
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=3)
+
+    def _start_background(self, server, health, names: list[str]) -> None:
+        """Readiness into the health service, and the reaper of stranded requests; both stop with the server."""
+        import threading
+
+        from pigment.services.common.readiness import Periodic
+        from pigment.services.common.server import set_readiness
+
+        readiness, interval = self.readiness(), self.settings.heartbeat_interval_s
+        loops = [Periodic("readiness", lambda: set_readiness(health, names, readiness.problems()), interval),
+                 Periodic("reaper", self.gateway.reaper.sweep, self.settings.reaper_interval_s)]
+        set_readiness(health, names, ["starting: readiness not checked yet"])
+
+        def run() -> None:
+            for loop in loops:
+                loop.start()
+            server.wait_for_termination()
+            for loop in loops:
+                loop.stop()
+
+        threading.Thread(target=run, name="stack-background", daemon=True).start()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -241,6 +285,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("data_dir", "database_url", "broker_url", "storage_dir", "index_dir", "preset", "render_backend",
                  "render_device", "render_queue", "render_timeout_s", "worker_max_tasks_per_child",
+                 "heartbeat_interval_s", "heartbeat_stale_s", "max_render_attempts",
                  "retrain_every_s", "retrain_kind", "retrain_queue", "retrain_timeout_s", "retrain_max_pairs_per_user",
                  "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop",
                  "log_format", "trace_exporter", "render_notify"):
@@ -255,17 +300,22 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class Worker:
-    """A real Celery worker process consuming the render queue and the batch queue."""
+    """A real Celery worker process consuming the render queue and the batch queue.
 
-    def __init__(self, settings: Settings, log_path: Path | None = None, concurrency: int = 1):
+    It dies with the process that started it (PR_SET_PDEATHSIG on Linux and a parent watchdog, both in
+    services/render/liveness.py; not a preexec_fn, which would run gRPC's fork handlers in the child), and with ``supervise=True`` a monitor thread restarts it whenever it dies."""
+
+    def __init__(self, settings: Settings, log_path: Path | None = None, concurrency: int = 1,
+                 supervise: bool = False):
         self.settings = settings
         self.log_path = log_path or settings.data_dir / "worker.log"
         self.concurrency = concurrency
+        self.supervise = supervise
         self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
 
-    def start(self, wait_ready_s: float = 120.0) -> "Worker":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
+    def _command(self) -> list[str]:
         from pigment.services.render.batch_tasks import batch_queue
 
         queues = [self.settings.render_queue, batch_queue(self.settings), self.settings.retrain_queue]
@@ -275,17 +325,54 @@ class Worker:
                "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{os.getpid()}@%h"]
         if self.settings.retrain_every_s > 0:  # embedded: this worker also runs beat (the retrain schedule)
             cmd += ["-B", "--schedule", str(self.settings.data_dir / "celerybeat-schedule")]
-        self.proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT)
+        return cmd
+
+    def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a")  # noqa: SIM115 - the child writes to it until stop()
+        self._log_start = self.log_path.stat().st_size
+        env = {**settings_env(self.settings), "PIGMENT_PARENT_PID": str(os.getpid())}
+        self.proc = subprocess.Popen(self._command(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def start(self, wait_ready_s: float = 120.0) -> Worker:
+        if self.log_path.exists():
+            self.log_path.unlink()
+        self._spawn()
+        self.wait_ready(wait_ready_s)
+        if self.supervise:
+            threading.Thread(target=self._monitor, name="worker-supervisor", daemon=True).start()
+        return self
+
+    def wait_ready(self, wait_ready_s: float = 120.0) -> None:
         deadline = time.monotonic() + wait_ready_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"render worker exited with {self.proc.returncode}; see {self.log_path}")
-            if "ready." in self.log_path.read_text():
-                return self
+            with open(self.log_path) as f:
+                f.seek(self._log_start)
+                if "ready." in f.read():
+                    return
             time.sleep(0.2)
         raise RuntimeError(f"render worker not ready after {wait_ready_s}s; see {self.log_path}")
 
+    def _monitor(self) -> None:
+        """Restart the worker when it dies; back off (up to 30 s) while it keeps dying at once."""
+        backoff = 1.0
+        while not self._stopping.wait(0.5):
+            if self.proc.poll() is None:
+                continue
+            log.error("render worker (pid %d) exited with %s; restarting it in %.0f s", self.proc.pid,
+                      self.proc.returncode, backoff)
+            if self._stopping.wait(backoff):
+                return
+            started = time.monotonic()
+            self._log.close()
+            self._spawn()
+            self.restarts += 1
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+
     def stop(self, timeout: float = 20.0) -> None:
+        self._stopping.set()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -297,7 +384,7 @@ class Worker:
             self._log.close()
 
     def kill(self) -> None:
-        """Simulate a worker loss (tests)."""
+        """Simulate a worker loss (tests): kill -9; a supervised worker is restarted."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

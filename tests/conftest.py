@@ -51,19 +51,19 @@ def pg_database():
 def make_settings(tmp_path: Path, preset: Path, **overrides):
     from pigment.services.common.settings import Settings
 
-    return Settings(data_dir=tmp_path / "data", preset=str(preset), render_timeout_s=120,
-                    render_queue=f"render.test.{uuid.uuid4().hex[:8]}", **overrides)
+    return Settings(**{"data_dir": tmp_path / "data", "preset": str(preset), "render_timeout_s": 120,
+                       "render_queue": f"render.test.{uuid.uuid4().hex[:8]}", **overrides})
 
 
 @contextmanager
-def running_stack(settings, worker: bool = True):
+def running_stack(settings, worker: bool = True, supervise: bool = False):
     """Migrate, start a worker process and a gRPC server; yields (stack, channel, worker)."""
     from pigment.services.stack import Stack, Worker
     from pigment.services.store.migrate import upgrade
 
     upgrade(settings.database_url)
     stack = Stack(settings)
-    proc = Worker(settings).start() if worker else None
+    proc = Worker(settings, supervise=supervise).start() if worker else None
     server, port = stack.server(port=0)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -72,8 +72,7 @@ def running_stack(settings, worker: bool = True):
     finally:
         channel.close()
         server.stop(grace=1).wait()
-        if "notifier" in stack.__dict__:  # the LISTEN connection (PostgreSQL stacks)
-            stack.notifier.close()
+        stack.close()  # the item index and the LISTEN connection
         if proc:
             proc.stop()
 

@@ -84,11 +84,19 @@ def test_onnxruntime_matches_torch(unet, ort_runner, batch, hw, seq):
 
 
 def test_torch_runner_is_the_reference(unet, cache_dir):
+    """The runner over ``unet`` equals an independently built UNet with the same weights, and really
+    depends on its weights and its conditioning (so the comparison can fail)."""
     runner = load_unet_backend("torch", unet, cache_dir=cache_dir, profile=PROFILE)
     sample, t, ehs = inputs(2, (8, 8), 16)
+    reference, other = tiny_unet(seed=0), tiny_unet(seed=1)  # separate modules, not the runner's
     with torch.no_grad():
-        want = unet(sample, t, encoder_hidden_states=ehs).sample
-    assert torch.equal(runner(sample, t, encoder_hidden_states=ehs).sample, want)
+        want = reference(sample, t, encoder_hidden_states=ehs).sample
+        unlike = other(sample, t, encoder_hidden_states=ehs).sample
+    got = runner(sample, t, encoder_hidden_states=ehs).sample
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, unlike, atol=1e-3)
+    assert not torch.allclose(runner(sample, t, encoder_hidden_states=-ehs).sample, got, atol=1e-3)
 
 
 def test_pipeline_with_onnxruntime_unet_matches_torch(unet, ort_runner):

@@ -4,6 +4,7 @@ on the embedded default (SQLite + filesystem broker) and on PostgreSQL + Redis."
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import numpy as np
@@ -120,10 +121,14 @@ def test_redelivered_render_adds_no_rows(embedded):
     seed(channel)
     first = stub.GeneratePersonalized(gpb.GenerateRequest(
         request_id="e2e-redeliver", user_id="alice", num_images=2, num_inference_steps=2), timeout=120)
-    with stack.sessions.begin() as s:  # as if the worker died before acking
-        s.get(RenderRequest, "e2e-redeliver").status = "running"
+    with stack.sessions.begin() as s:  # as if a worker were rendering it right now
+        row = s.get(RenderRequest, "e2e-redeliver")
+        row.status, row.heartbeat_at = "running", datetime.now(UTC)
     core = RenderCore(stack.sessions, stack.storage, lambda: __import__(
         "pigment.models.pipeline", fromlist=["Renderer"]).Renderer(stack.preset_dir))
+    assert core.run("e2e-redeliver") == "running"  # a live worker holds it: the duplicate renders nothing
+    with stack.sessions.begin() as s:  # as if that worker died before acking: its heartbeat went stale
+        s.get(RenderRequest, "e2e-redeliver").heartbeat_at = datetime.now(UTC) - timedelta(minutes=5)
     assert core.run("e2e-redeliver") == "done"
     rows = generation_rows(stack, "e2e-redeliver")
     assert [r.generation_id for r in rows] == [i.generation_id for i in first.images]

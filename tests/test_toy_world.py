@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,16 +183,15 @@ def test_llm_augmentation_keeps_what_the_history_says(world):
 
 
 @needs_preset
-def test_renderer_renders_four_images_quickly():
+def test_renderer_renders_four_images():
     from pigment.models.loader import load_component, read_manifest
     from pigment.training.train_renderer import build_pipeline, render
     parts = {n: load_component(PRESET, n) for n in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     pipe = build_pipeline(**parts)
     defaults = read_manifest(PRESET)["defaults"]
-    t0 = time.perf_counter()
     images = render(pipe, [["a star", "red, dark background, large"]] * 4, seed=0, **defaults)
     assert images.shape == (4, 32, 32, 3)
-    assert time.perf_counter() - t0 < 15  # budget is 5 s on an idle 2-core CPU; slack for a shared one
+    assert np.isfinite(images).all() and images.std() > 0  # rendered, not blank (speed: bench/, not a test)
 
 
 # --------------------------------------------------------------------------- trainers, tiny

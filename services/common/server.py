@@ -1,8 +1,15 @@
-"""``create_server``: interceptors, health, reflection and graceful stop in one place."""
+"""``create_server``: interceptors, health, reflection and graceful stop in one place.
+
+Capacity: at most ``max_concurrent_rpcs`` application RPCs run at once (more are
+answered RESOURCE_EXHAUSTED at once by ``SlotInterceptor``), on a thread pool
+``reserve`` threads larger, so health checks and fast rejections always find a
+thread even while every slot waits on a render.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 from typing import Callable, Iterable
 
@@ -62,6 +69,52 @@ def _wrap_stream(fn: Callable, method: str) -> Callable:
     return handler
 
 
+UNLIMITED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # never counted against the RPC slots
+LIVENESS = "liveness"  # a health service name that stays SERVING while the process answers (liveness probes)
+
+
+class SlotInterceptor(grpc.ServerInterceptor):
+    """At most ``limit`` application RPCs at once; the next is RESOURCE_EXHAUSTED without waiting."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.slots = threading.BoundedSemaphore(limit)
+
+    def _exhausted(self, context):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"server busy: {self.limit} calls in flight (max_concurrent_rpcs); retry later")
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(UNLIMITED):
+            return handler
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary(request, context):
+                if not self.slots.acquire(blocking=False):
+                    self._exhausted(context)
+                try:
+                    return inner(request, context)
+                finally:
+                    self.slots.release()
+
+            return handler._replace(unary_unary=unary)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            def stream(request, context):
+                if not self.slots.acquire(blocking=False):
+                    self._exhausted(context)
+                try:
+                    yield from inner_stream(request, context)
+                finally:
+                    self.slots.release()
+
+            return handler._replace(unary_stream=stream)
+        return handler
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors (``services/common/errors.py``) to gRPC status codes."""
 
@@ -82,6 +135,7 @@ def create_server(
     address: str = "127.0.0.1:0",
     max_workers: int = 16,
     max_concurrent_rpcs: int | None = 64,
+    reserve: int = 8,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -89,12 +143,16 @@ def create_server(
 
     ``interceptors`` run inside the error mapping (the auth interceptor); ``credentials``: TLS, else plaintext.
     """
+    # the trace span and metrics outermost (metrics see the mapped status), then errors, then auth
+    chain: list[grpc.ServerInterceptor] = [ErrorInterceptor(), *interceptors]
+    if max_concurrent_rpcs is not None:
+        chain.insert(0, SlotInterceptor(max_concurrent_rpcs))
+        max_workers = max_concurrent_rpcs
+    chain = [*server_interceptors(), metrics_interceptor(), *chain]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        # outermost first: the trace span, then metrics (see the mapped status), then domain-error mapping,
-        # then the given ones (auth) inside it
-        interceptors=[*server_interceptors(), metrics_interceptor(), ErrorInterceptor(), *interceptors],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        futures.ThreadPoolExecutor(max_workers=max_workers + reserve, thread_name_prefix="grpc"),
+        interceptors=chain,
+        maximum_concurrent_rpcs=max_workers + reserve,
         options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
     )
     health_servicer = health.HealthServicer()
@@ -104,9 +162,21 @@ def create_server(
         names.append(name)
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(names, server)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     return server, port, health_servicer
+
+
+def set_readiness(health_servicer: health.HealthServicer, names: Iterable[str], problems: list[str]) -> None:
+    """SERVING for the server ("") and each service when ``problems`` is empty, else NOT_SERVING (logged)."""
+    status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
+    changed = False
+    for name in ["", *names]:
+        changed |= health_servicer._server_status.get(name) != status  # log changes only
+        health_servicer.set(name, status)
+    if changed:
+        log.warning("readiness: %s", "; ".join(problems) if problems else "SERVING")

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     retrieval_history_weight: float = Field(0.3, ge=0.0, le=1.0, description="Weight of the user's mean history "
                                             "image embedding in the retrieval query; the rest is the CLIP text "
                                             "embedding of prompt + keywords.")
+    retrieval_target_recall: float = Field(0.95, gt=0.0, le=1.0, description="Recall@10 the item index must "
+                                           "reach on held-out catalog items: the smallest search effort meeting "
+                                           "it is served; below it, `pigment index stats` flags the catalog.")
+    index_kind: str = Field("auto", pattern="^(auto|flat|ivf|hnsw)$", description="Item index kind: auto "
+                            "(flat below index_flat_threshold; above, IVF if it meets the target cheaply, else "
+                            "HNSW), flat, ivf or hnsw.")
+    index_flat_threshold: int = Field(50_000, ge=1, description="Catalog size from which auto leaves exact search.")
+    index_compact_after: int = Field(10_000, ge=1, description="HNSW: deleted/updated vectors hidden in the graph "
+                                     "(never served) before a compaction rebuild removes them physically.")
     decision_head: Path | None = Field(None, description="learned policy: directory written by "
                                        "`pigment train decision --out DIR` (manifest-checked).")
 
@@ -74,6 +83,20 @@ class Settings(BaseSettings):
     render_max_batch: int = Field(8, ge=1, description="Most requests in one render batch.")
     render_queue: str = Field("render.cpu", description="Celery queue for this device class.")
     worker_max_tasks_per_child: int = 200
+
+    # -- fault tolerance (services/gateway/reaper.py, services/render/liveness.py)
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a worker refreshes its heartbeat "
+                                        "row and the heartbeat of each request it renders.")
+    heartbeat_stale_s: float = Field(30.0, gt=0, description="A running request (or a worker) silent this long "
+                                     "is presumed dead: the reaper re-sends the request, readiness drops.")
+    requeue_queued_after_s: float = Field(60.0, gt=0, description="A request still queued this long after its "
+                                          "last send is sent again (the broker may have lost it; a duplicate "
+                                          "task is a no-op).")
+    max_render_attempts: int = Field(3, ge=1, description="Claims of one request by workers that died before "
+                                     "it finished; then it fails UNAVAILABLE instead of killing more workers.")
+    reaper_interval_s: float = Field(2.0, gt=0, description="How often the gateway looks for stranded requests.")
+    grpc_reserve_threads: int = Field(8, ge=1, description="gRPC threads beyond max_concurrent_rpcs, kept for "
+                                      "health checks and fast rejections while every slot renders.")
 
     # -- identity and access (services/common/auth.py); README "Security"
     auth_keys_file: Path | None = Field(None, description="YAML/JSON file mapping sha256(API key) -> {tenant, "
@@ -155,6 +178,13 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         return self
+
+    def index_config(self):
+        """The item index's IndexConfig (imported lazily: settings load without faiss)."""
+        from pigment.services.history.index_factory import IndexConfig
+
+        return IndexConfig(kind=self.index_kind, flat_threshold=self.index_flat_threshold,
+                           target_recall=self.retrieval_target_recall, compact_after=self.index_compact_after)
 
     @property
     def database_url(self) -> str:

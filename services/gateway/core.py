@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,10 +33,11 @@ from pigment.services.common.errors import (
 )
 from pigment.services.common.ids import KEY_RE, check_id, check_key
 from pigment.services.common.limits import check_text
+from pigment.services.gateway.reaper import Reaper
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import PollingNotifier
-from pigment.services.store.tables import Generation, RenderRequest
+from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
 METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
@@ -44,6 +45,7 @@ RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
 REPLAYED = "REPLAYED"
 MAX_PROMPT_CHARS = 500
+ADMISSION_LOCK = "render_admission"  # the counter row every admission writes first (a lock on any database)
 
 
 @dataclass
@@ -145,6 +147,7 @@ class GatewayCore:
         self.model_version = model_version
         self.decider = decider  # has decide(user_id, params, history, preference) -> Decision
         self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
+        self.reaper = Reaper(settings, sessions, dispatch)  # replays revive stalled rows through it
         self.charge_images = charge_images  # (principal, n) -> None or RateLimited: the tenant's image quota
         self.notifier = notifier or PollingNotifier()  # services/store/notify.py: wait(request_id, timeout)
 
@@ -198,6 +201,7 @@ class GatewayCore:
         existing = self._existing(p.request_id, phash)
         timings: dict[str, float] = {}
         if existing is None:
+            self._check_depth()  # fail fast, before history and preference work; _insert enforces it exactly
             if principal is not None and self.charge_images is not None:
                 self.charge_images(principal, p.num_images)
             row, timings = self._prepare(p, phash)
@@ -209,6 +213,9 @@ class GatewayCore:
             flags = [REPLAYED]
             if existing.status == "failed" and existing.error and existing.error.startswith("UNAVAILABLE"):
                 self._requeue(p.request_id)
+            elif existing.status in ("queued", "running"):  # its task may be lost: re-send (running: if stale)
+                self.reaper.revive(existing.request_id, existing.status, existing.dispatches, existing.attempts,
+                                   force_queued=True)
         t0 = time.perf_counter()
         row = self._wait(p.request_id, deadline, on_progress)
         timings["render_ms"] = (time.perf_counter() - t0) * 1000
@@ -272,15 +279,45 @@ class GatewayCore:
             raise InvalidInput(f"retrieval={p.retrieval!r} needs an item index, which this deployment lacks")
         return self.decider.decide(p.user_id, p, history, preference)
 
+    def _depth(self, s: Session) -> int:
+        return s.scalar(select(func.count()).select_from(RenderRequest)
+                        .where(RenderRequest.status.in_(("queued", "running"))))
+
+    def _overloaded(self, depth: int) -> Overloaded:
+        return Overloaded(f"render queue is full ({depth} requests waiting, limit "
+                          f"{self.settings.max_queue_depth}): retry later")
+
+    def _check_depth(self) -> None:
+        with transaction(self.sessions) as s:
+            depth = self._depth(s)
+        if depth >= self.settings.max_queue_depth:
+            raise self._overloaded(depth)
+
+    @staticmethod
+    def _lock_admission(s: Session) -> None:
+        """Serialise admissions: write one counter row first, so count-then-insert cannot over-admit.
+
+        A row lock on PostgreSQL (held to commit); on SQLite the first write takes the database's write lock."""
+        bump = update(Counter).where(Counter.name == ADMISSION_LOCK).values(value=Counter.value + 1)
+        if s.execute(bump).rowcount:
+            return
+        try:
+            with s.begin_nested():
+                s.add(Counter(name=ADMISSION_LOCK, value=1))
+        except IntegrityError:  # created by a concurrent first admission: lock it now
+            s.execute(bump)
+
     def _insert(self, row: RenderRequest) -> RenderRequest | None:
-        """Insert the request; if a concurrent call with the same id won, return its row."""
+        """Insert the request under the admission lock; if a concurrent call with the same id won, return its row."""
         try:
             with transaction(self.sessions) as s:
-                depth = s.scalar(select(func.count()).select_from(RenderRequest)
-                                 .where(RenderRequest.status.in_(("queued", "running"))))
+                self._lock_admission(s)
+                if s.get(RenderRequest, row.request_id) is not None:
+                    raise IntegrityError("render request exists", None, Exception(row.request_id))
+                depth = self._depth(s)
                 if depth >= self.settings.max_queue_depth:
-                    raise Overloaded(f"render queue is full ({depth} requests waiting, limit "
-                                     f"{self.settings.max_queue_depth}): retry later")
+                    raise self._overloaded(depth)
+                row.heartbeat_at, row.dispatches = utcnow(), 1
                 s.add(row)
                 s.flush()
                 for i, item in enumerate(row.conditioning["decision"]["items"]):
@@ -308,6 +345,7 @@ class GatewayCore:
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
             row.status, row.error, row.step = "queued", None, 0
+            row.heartbeat_at, row.dispatches = utcnow(), row.dispatches + 1
         self._send(request_id)
 
     def _mark_failed(self, request_id: str, error: str) -> None:

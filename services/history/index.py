@@ -4,7 +4,10 @@ SQL (``items``) is the source of truth; this index is a cache of it that can
 always be rebuilt. The contract (DESIGN.md, "Storage"):
 
 * **IDs** are ``Item.pk``. Updates remove then add; tombstoned items
-  (``deleted``) are removed with ``remove_ids``, so they are really gone.
+  (``deleted``) are removed, so they are really gone: flat and IVF drop the
+  vectors at once; HNSW (which cannot remove from its graph) hides them inside
+  the search at once and drops them at the next compaction, at most
+  ``IndexConfig.compact_after`` hidden vectors (or ``compact_max_age_s``) later.
 * **Single writer**: an exclusive ``fcntl`` lock on ``<dir>/index.lock``. A
   second writer gets ``FailedPrecondition`` naming the holder.
 * **Atomic save**: the index goes to a temp file, is fsynced and renamed to a
@@ -12,16 +15,22 @@ always be rebuilt. The contract (DESIGN.md, "Storage"):
   fsynced. The manifest is the commit point: a crash anywhere leaves either the
   old or the new (index, manifest) pair. It records the SQL high-water mark (the
   largest ``change_seq`` applied), the embedding model and its hash, dim,
-  index kind and ntotal.
+  index kind, ntotal, the index file's **sha256**, the tuned search effort and
+  the last recall measurement.
 * **Catch-up**: ``open()`` applies every row with ``change_seq`` above the mark,
   so rows committed after the last save (or before a crash) are never lost.
   Applying a row is idempotent (remove, then add its current state).
-* **Rebuild**: a missing, truncated, corrupt or foreign (other model / dim /
-  kind) index is rebuilt from SQL, with the reason logged.
+* **Rebuild**: a missing, truncated, corrupt (sha256 mismatch) or foreign (other
+  model / dim / format) index is rebuilt from SQL, with the reason logged.
+* **Recall on the catalog** (``index_tuning``): at build and after
+  ``remeasure_fraction`` of the catalog changed, held-out items are searched and
+  compared with brute force; the smallest effort meeting ``target_recall`` is
+  served, and a catalog below target is flagged (log + ``stats()``).
 * **Tenant isolation inside the search**: a FAISS ``IDSelector`` (a bitmap
   over pks of public items plus that tenant's items, kept in memory) is passed
   in the search parameters, so other tenants' items are never candidates; the
-  user's exclude list is a second selector combined with it.
+  user's exclude list is a second selector combined with it. Every kind
+  (flat, IVF, HNSW) takes the same selectors.
 
 Ordering assumption: writers allocate ``change_seq`` from the ``items`` counter
 under a row lock held until commit (``store.db.next_counter``), so sequence
@@ -30,379 +39,75 @@ numbers become visible in increasing order and a reader never skips one.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import math
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Self
 
 import faiss
 import numpy as np
-from pigment.services.common.errors import FailedPrecondition, InvalidInput, ModelNotReady
-from pigment.services.store.tables import Item
-from sqlalchemy import and_, func, or_, select
+from pigment.services.common.errors import FailedPrecondition, InvalidInput
+from pigment.services.history.index_factory import (  # noqa: F401  (re-exported)
+    FLAT,
+    HNSW,
+    IVF,
+    IndexConfig,
+    build_index,
+    check_gpu,
+    choose_kind,
+    default_nlist,
+    effort_name,
+    index_ids,
+    index_kind,
+    index_nbytes,
+    new_index,
+    read_index,
+    remove_ids,
+    search_parameters,
+    write_index,
+)
+from pigment.services.history.index_factory import search as index_search
+from pigment.services.history.index_files import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    Manifest,
+    WriterLock,
+    sha256_file,
+    write_atomic,
+)
+from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
+    PAGE_ROWS,
+    ItemRow,
+    Visibility,
+    _live_rows,
+    _visibility_of,
+    changed_items_since,
+    max_change_seq,
+)
+from pigment.services.history.index_tuning import (
+    RecallReport,
+    build_tuned,
+    draw_sample,
+    ivf_is_enough,
+    tune,
+    warn_if_below,
+)
 from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-LOCK_FILE = "index.lock"
-MANIFEST_FORMAT = 1
 MAX_K = 1000
-PAGE_ROWS = 10_000
-
-FLAT, IVF = "flat", "ivf"
 _AFTER_ALL_PKS = 2**31 - 1  # above any Item.pk (INTEGER in SQL); must fit the column type on PostgreSQL
 
 
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How the item index is built and searched."""
-
-    kind: str = "auto"
-    """``auto`` (flat below ``flat_threshold`` items, IVF above), ``flat`` or ``ivf``."""
-    flat_threshold: int = 50_000
-    """Catalog size from which ``auto`` builds an IVF index instead of exact search."""
-    nlist: int | None = None
-    """IVF lists; default about sqrt(n) (at most n/39, so k-means has enough points)."""
-    nprobe: int = 2
-    """IVF lists scanned per query: the recall/latency knob. 2 gives recall@10 1.0 at 1M
-    clustered vectors on 2 CPUs (bench/RESULTS.md); raise it for less clustered catalogs."""
-    ivf_codec: str = "Flat"
-    """How IVF stores vectors: ``Flat`` (float32), ``SQfp16`` or ``SQ8``."""
-    train_points_per_list: int = 64
-    """k-means sample size per list (n is subsampled to nlist * this)."""
-    kmeans_iters: int = 10
-    regrow_factor: float = 4.0
-    """Retrain an IVF index once it holds this many times the vectors it was trained on."""
-    use_gpu: bool = False
-    """Train the IVF coarse quantizer on GPU 0 (needs faiss-gpu); raises if absent."""
-    threads: int | None = None
-    """FAISS OpenMP threads for this process; None leaves FAISS's default."""
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("auto", FLAT, IVF):
-            raise InvalidInput(f"index kind={self.kind!r}: allowed 'auto', 'flat', 'ivf'")
-        if self.ivf_codec not in ("Flat", "SQfp16", "SQ8"):
-            raise InvalidInput(f"ivf_codec={self.ivf_codec!r}: allowed 'Flat', 'SQfp16', 'SQ8'")
-        if self.nprobe < 1 or self.flat_threshold < 1:
-            raise InvalidInput("nprobe and flat_threshold must be >= 1")
-
-
-# --------------------------------------------------------------------------- factory
-# The benchmark (bench/retrieval.py) builds through these functions, so it
-# measures exactly what production runs.
-
-
-def choose_kind(n: int, config: IndexConfig) -> str:
-    if config.kind != "auto":
-        return config.kind
-    return IVF if n >= config.flat_threshold else FLAT
-
-
-def default_nlist(n: int, config: IndexConfig) -> int:
-    if config.nlist:
-        return config.nlist
-    return max(1, min(round(math.sqrt(n)), n // 39))
-
-
-def check_gpu(config: IndexConfig) -> None:
-    """Raise ModelNotReady if a GPU was asked for but this FAISS build or host has none."""
-    if not config.use_gpu:
-        return
-    if not hasattr(faiss, "StandardGpuResources"):
-        raise ModelNotReady(
-            "use_gpu=True but the installed faiss has no GPU support (install faiss-gpu)"
-        )
-    if faiss.get_num_gpus() < 1:
-        raise ModelNotReady("use_gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0)")
-
-
-def new_index(kind: str, dim: int, n: int, config: IndexConfig) -> faiss.Index:
-    """An empty index of ``kind`` for about ``n`` vectors; ids are external (Item.pk)."""
-    if kind == FLAT:
-        return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
-    nlist = default_nlist(n, config)
-    index = faiss.index_factory(dim, f"IVF{nlist},{config.ivf_codec}", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.spherical = True  # unit vectors: centroids on the sphere suit inner product
-    ivf.cp.niter = config.kmeans_iters
-    ivf.cp.max_points_per_centroid = config.train_points_per_list
-    ivf.cp.seed = config.seed
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids in O(removed), not O(ntotal)
-    ivf.nprobe = config.nprobe
-    return index
-
-
-def train_index(index: faiss.Index, vectors: np.ndarray, config: IndexConfig) -> None:
-    """Train an IVF index on a seeded subsample (no-op for flat)."""
-    if index.is_trained:
-        return
-    ivf = faiss.extract_index_ivf(index)
-    want = ivf.nlist * config.train_points_per_list
-    if len(vectors) > want:
-        rows = np.random.default_rng(config.seed).choice(len(vectors), want, replace=False)
-        vectors = vectors[np.sort(rows)]
-    gpu_keepalive = _gpu_clustering_index(ivf, config)
-    index.train(np.ascontiguousarray(vectors, dtype=np.float32))
-    ivf.clustering_index = None
-    del gpu_keepalive
-
-
-def _gpu_clustering_index(ivf: Any, config: IndexConfig) -> Any:
-    if not config.use_gpu:
-        return None
-    check_gpu(config)
-    res = faiss.StandardGpuResources()
-    ivf.clustering_index = faiss.index_cpu_to_gpu(res, 0, faiss.IndexFlatIP(ivf.d))
-    return res, ivf.clustering_index
-
-
-def build_index(
-    vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, kind: str | None = None
-) -> faiss.Index:
-    """Choose the kind from the size (unless given), train and add ``vectors`` under ``ids``."""
-    n, dim = vectors.shape
-    index = new_index(kind or choose_kind(n, config), dim, n, config)
-    train_index(index, vectors, config)
-    for start in range(0, n, 100_000):
-        stop = start + 100_000
-        index.add_with_ids(
-            np.ascontiguousarray(vectors[start:stop], dtype=np.float32),
-            np.ascontiguousarray(ids[start:stop], dtype=np.int64),
-        )
-    return index
-
-
-def index_kind(index: faiss.Index) -> str:
-    return FLAT if isinstance(index, faiss.IndexIDMap) else IVF
-
-
-def index_nbytes(index: faiss.Index) -> int:
-    """Approximate memory held by the index: codes + ids (+ centroids)."""
-    if index_kind(index) == FLAT:
-        return index.ntotal * (index.d * 4 + 8)
-    ivf = faiss.extract_index_ivf(index)
-    return index.ntotal * (ivf.code_size + 8 + 16) + ivf.nlist * ivf.d * 4
-
-
-def search_parameters(index: faiss.Index, nprobe: int, sel: Any = None) -> faiss.SearchParameters:
-    if index_kind(index) == FLAT:
-        return faiss.SearchParameters(sel=sel)
-    return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
-
-
-# --------------------------------------------------------------------------- SQL
-
-
-@dataclass
-class ItemRow:
-    pk: int
-    tenant: str | None
-    embedding: bytes | None
-    embedding_model: str | None
-    deleted: bool
-    change_seq: int
-
-
-def changed_items_since(
-    session: Session, mark: int, after_pk: int = -1, limit: int = PAGE_ROWS
-) -> list[ItemRow]:
-    """Items with ``(change_seq, pk) > (mark, after_pk)``, in that order (keyset paging)."""
-    cols = (
-        Item.pk,
-        Item.tenant,
-        Item.embedding,
-        Item.embedding_model,
-        Item.deleted,
-        Item.change_seq,
-    )
-    after = or_(Item.change_seq > mark, and_(Item.change_seq == mark, Item.pk > after_pk))
-    stmt = select(*cols).where(after).order_by(Item.change_seq, Item.pk).limit(limit)
-    return [ItemRow(*row) for row in session.execute(stmt)]
-
-
-def max_change_seq(session: Session) -> int:
-    return int(session.execute(select(func.max(Item.change_seq))).scalar() or 0)
-
-
-def _live_rows(session: Session, embedding_model: str) -> Iterator[ItemRow]:
-    """Every indexable item (not deleted, embedded by ``embedding_model``), by pk."""
-    cols = (
-        Item.pk,
-        Item.tenant,
-        Item.embedding,
-        Item.embedding_model,
-        Item.deleted,
-        Item.change_seq,
-    )
-    after = -1
-    while True:
-        stmt = (
-            select(*cols)
-            .where(
-                Item.pk > after, Item.deleted.is_(False), Item.embedding_model == embedding_model
-            )
-            .order_by(Item.pk)
-            .limit(PAGE_ROWS)
-        )
-        rows = [ItemRow(*row) for row in session.execute(stmt)]
-        if not rows:
-            return
-        yield from rows
-        after = rows[-1].pk
-
-
-# --------------------------------------------------------------------------- visibility
-
-
-class Visibility:
-    """Who may see which indexed pk: public (code 0) or one tenant (code >= 1); -1 = nobody.
-
-    Selectors are bitmaps over pk (``IDSelectorBitmap``: bit ``pk`` of byte
-    ``pk >> 3``), cached per tenant and dropped on any change.
-    """
-
-    def __init__(self) -> None:
-        self.codes = np.full(1024, -1, dtype=np.int32)
-        self.tenant_codes: dict[str, int] = {}
-        self._counts: dict[int, int] = {}
-        self._bitmaps: dict[str | None, np.ndarray] = {}
-
-    def _code(self, tenant: str | None) -> int:
-        return (
-            0
-            if tenant is None
-            else self.tenant_codes.setdefault(tenant, len(self.tenant_codes) + 1)
-        )
-
-    def _grow(self, pk: int) -> None:
-        if pk >= len(self.codes):
-            grown = np.full(max(pk + 1, 2 * len(self.codes)), -1, dtype=np.int32)
-            grown[: len(self.codes)] = self.codes
-            self.codes = grown
-
-    def set(self, pk: int, tenant: str | None) -> None:
-        self._grow(pk)
-        code = self._code(tenant)
-        self._count(int(self.codes[pk]), -1)
-        self.codes[pk] = code
-        self._count(code, +1)
-        self._bitmaps.clear()
-
-    def set_many(self, pks: np.ndarray, tenants: Sequence[str | None]) -> None:
-        if len(pks):
-            self._grow(int(pks.max()))
-            self.codes[pks] = np.array([self._code(t) for t in tenants], dtype=np.int32)
-        counts = np.bincount(self.codes[self.codes >= 0])
-        self._counts = {code: int(c) for code, c in enumerate(counts) if c}
-        self._bitmaps.clear()
-
-    def clear(self, pk: int) -> None:
-        if pk < len(self.codes) and self.codes[pk] != -1:
-            self._count(int(self.codes[pk]), -1)
-            self.codes[pk] = -1
-            self._bitmaps.clear()
-
-    def _count(self, code: int, delta: int) -> None:
-        if code != -1:
-            self._counts[code] = self._counts.get(code, 0) + delta
-
-    def visible_count(self, tenant: str | None) -> int:
-        code = self.tenant_codes.get(tenant, -2) if tenant is not None else -2
-        return self._counts.get(0, 0) + self._counts.get(code, 0)
-
-    def bitmap(self, tenant: str | None) -> np.ndarray:
-        cached = self._bitmaps.get(tenant)
-        if cached is None:
-            allowed = self.codes == 0
-            code = self.tenant_codes.get(tenant) if tenant is not None else None
-            if code is not None:
-                allowed |= self.codes == code
-            cached = self._bitmaps[tenant] = np.packbits(allowed, bitorder="little")
-        return cached
-
-
-# --------------------------------------------------------------------------- manifest & files
-
-
-@dataclass
-class Manifest:
-    embedding_model: str
-    model_hash: str | None
-    dim: int
-    index_type: str
-    ntotal: int
-    high_water_mark: int
-    high_water_pk: int
-    index_file: str
-    index_bytes: int
-    trained_on: int
-    nlist: int | None = None
-    saved_at: float = field(default_factory=time.time)
-    format: int = MANIFEST_FORMAT
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via ``<path>.tmp``, fsync it, rename over ``path``, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-class _WriterLock:
-    """An exclusive, non-blocking fcntl lock on ``<dir>/index.lock`` (released on close/exit)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            raise FailedPrecondition(
-                f"item index {directory} is already open for writing by another process "
-                f"(pid {holder}); only one writer is allowed: open it with read_only=True"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+# --------------------------------------------------------------------------- locks
 
 
 class _RWLock:
@@ -438,19 +143,6 @@ class _RWLock:
                 self._cond.notify_all()
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The external ids (pks) stored in ``index``."""
-    if index_kind(index) == FLAT:
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    invlists = faiss.extract_index_ivf(index).invlists
-    parts = [
-        faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
-        for i in range(invlists.nlist)
-        if invlists.list_size(i)
-    ]
-    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-
-
 # --------------------------------------------------------------------------- the index
 
 
@@ -458,7 +150,7 @@ class ItemIndex:
     """Item embeddings of one embedding model, searchable by inner product, kept in step with SQL.
 
     Use :meth:`open`; then :meth:`sync` after SQL writes, :meth:`search`,
-    :meth:`save` now and then, :meth:`close` at shutdown.
+    :meth:`save` now and then, :meth:`close` at shutdown (it saves).
     """
 
     def __init__(
@@ -469,7 +161,7 @@ class ItemIndex:
         dim: int,
         config: IndexConfig,
         model_hash: str | None,
-        lock: _WriterLock | None,
+        lock: WriterLock | None,
     ) -> None:
         self.directory = directory
         self.embedding_model = embedding_model
@@ -479,10 +171,14 @@ class ItemIndex:
         self._session_factory = session_factory
         self._lock = lock
         self.read_only = lock is None
-        self._index: faiss.Index = new_index(FLAT, dim, 0, config)
+        self._index: Any = new_index(FLAT, dim, 0, config)
         self._vis = Visibility()
         self._mark = (0, -1)  # (change_seq, pk) of the last applied row
         self._trained_on = 0
+        self._effort: int | None = None  # nprobe / efSearch served
+        self._report: RecallReport | None = None
+        self._changed_since_measure = 0
+        self._sha256: str | None = None
         self._dirty = False
         self._rw = _RWLock()
         self._mutex = threading.Lock()  # one mutation (sync / rebuild / save) at a time
@@ -511,7 +207,7 @@ class ItemIndex:
             faiss.omp_set_num_threads(config.threads)
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        lock = None if read_only else _WriterLock(path)
+        lock = None if read_only else WriterLock(path)
         try:
             self = cls(path, session_factory, embedding_model, dim, config, model_hash, lock)
             reason = self._load()
@@ -526,7 +222,10 @@ class ItemIndex:
         return self
 
     def close(self) -> None:
-        """Save if anything changed since the last save, and release the writer lock."""
+        """Save if anything changed since the last save, and release the writer lock.
+
+        The stack calls this when the server stops, so manifest and SQL agree after a clean stop.
+        """
         if self._lock is None:
             return
         try:
@@ -554,16 +253,44 @@ class ItemIndex:
     def high_water_mark(self) -> int:
         return self._mark[0]
 
+    @property
+    def search_effort(self) -> int | None:
+        """nprobe (IVF) or efSearch (HNSW) being served; None for flat."""
+        return self._effort
+
+    @property
+    def recall_report(self) -> RecallReport | None:
+        """The last recall measurement on the catalog (None: nothing measured yet)."""
+        return self._report
+
+    def measured_recall(self) -> float | None:
+        """Recall@10 of the serving parameters on held-out catalog items (for a metric gauge)."""
+        return None if self._report is None else self._report.recall_at_10
+
+    @property
+    def recall_below_target(self) -> bool:
+        return self._report is not None and not self._report.meets_target
+
     def stats(self) -> dict[str, Any]:
-        nlist = None if self.kind == FLAT else faiss.extract_index_ivf(self._index).nlist
+        nlist = faiss.extract_index_ivf(self._index).nlist if self.kind == IVF else None
+        pending = self._index.pending if self.kind == HNSW else 0
         return {
             "kind": self.kind,
             "ntotal": self.ntotal,
             "nlist": nlist,
-            "nprobe": self.config.nprobe,
+            "search_effort": {"name": effort_name(self.kind), "value": self._effort},
+            "target_recall": self.config.target_recall,
+            "recall_at_10": self.measured_recall(),
+            "recall_below_target": self.recall_below_target,
+            "recall": self._report.as_dict() if self._report is not None else None,
+            "changed_since_measure": self._changed_since_measure,
+            "pending_compaction": pending,
+            "compact_after": self.config.compact_after if self.kind == HNSW else None,
+            "memory_bytes": index_nbytes(self._index),
             "high_water_mark": self.high_water_mark,
             "embedding_model": self.embedding_model,
             "dim": self.dim,
+            "index_sha256": self._sha256,
             "dirty": self._dirty,
             "gpu": "trains the IVF quantizer; search runs on CPU" if self.config.use_gpu else "off",
         }
@@ -592,8 +319,9 @@ class ItemIndex:
             raise InvalidInput(f"exclude_pks must be integer item pks: {exc}") from None
         with self._rw.read():
             sel, _keepalive = self._selector(tenant, exclude)
-            params = search_parameters(self._index, self.config.nprobe, sel)
-            scores, pks = self._index.search(queries, k, params=params)
+            visible = self._vis.visible_count(tenant) - len(exclude)
+            exact = sel is not None and visible < self.config.filtered_exact_below * self.ntotal
+            scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
         return pks, scores
 
     def _check_queries(self, vectors: Any) -> np.ndarray:
@@ -640,7 +368,8 @@ class ItemIndex:
     def sync(self) -> int:
         """Apply every SQL change after the high-water mark; returns how many rows were applied.
 
-        Rebuilds when the catalog has outgrown (or shrunk below) the index kind.
+        Rebuilds when the catalog has outgrown (or shrunk below) the index kind, or when an
+        HNSW graph is due for compaction; re-measures recall after large changes.
         """
         with self._mutex:
             applied = 0
@@ -648,9 +377,12 @@ class ItemIndex:
                 while rows := changed_items_since(session, *self._mark):
                     self._apply(rows)
                     applied += len(rows)
+            self._changed_since_measure += applied
             if reason := self._rebuild_reason():
                 log.info("rebuilding item index %s: %s", self.directory, reason)
                 self._rebuild_locked()
+            elif self._remeasure_due():
+                self._remeasure_locked()
         if applied:
             log.debug("item index applied %d changes, mark=%d", applied, self.high_water_mark)
         return applied
@@ -659,7 +391,7 @@ class ItemIndex:
         pks = np.array([r.pk for r in rows], dtype=np.int64)
         adds = [(r, v) for r in rows if (v := self._vector(r)) is not None]
         with self._rw.write():
-            self._remove(pks)
+            remove_ids(self._index, pks)
             for r in rows:
                 self._vis.clear(r.pk)
             if adds:
@@ -670,12 +402,6 @@ class ItemIndex:
                     self._vis.set(r.pk, r.tenant)
             self._mark = (rows[-1].change_seq, rows[-1].pk)
             self._dirty = True
-
-    def _remove(self, pks: np.ndarray) -> None:
-        if self.kind == FLAT:  # IndexIDMap tests membership per stored id: use a hash set
-            self._index.remove_ids(faiss.IDSelectorBatch(len(pks), faiss.swig_ptr(pks)))
-        else:  # IVF with a hashtable direct map removes exactly these ids
-            self._index.remove_ids(faiss.IDSelectorArray(len(pks), faiss.swig_ptr(pks)))
 
     def _vector(self, row: ItemRow) -> np.ndarray | None:
         """The row's embedding if it belongs here; None if deleted, another model's, or bad."""
@@ -693,12 +419,18 @@ class ItemIndex:
             return None
         return vec
 
-    # ---------------------------------------------------------------- rebuild
+    # ---------------------------------------------------------------- rebuild & tuning
 
     def rebuild(self) -> None:
-        """Rebuild the whole index from SQL (and save it, unless read-only)."""
+        """Rebuild the whole index from SQL, measure and tune it (and save, unless read-only)."""
         with self._mutex:
             self._rebuild_locked()
+
+    def measure(self) -> RecallReport | None:
+        """Measure recall on the catalog now and re-tune the search effort (``pigment index measure``)."""
+        with self._mutex:
+            self._remeasure_locked()
+        return self._report
 
     def _rebuild_locked(self) -> None:
         started = time.perf_counter()
@@ -707,23 +439,71 @@ class ItemIndex:
             mark = max_change_seq(session)
             pks, tenants, vectors = self._read_live(session)
         kind = self._desired_kind(len(pks), None)
-        index = build_index(vectors, pks, self.config, kind=kind)
+        sample = draw_sample(vectors, pks, self.config.recall_sample, self.config.seed)
+        index, report, _ = build_tuned(vectors, pks, self.config, kind, sample)
         vis = Visibility()
         vis.set_many(pks, tenants)
         with self._rw.write():
             self._index, self._vis, self._mark = index, vis, (mark, _AFTER_ALL_PKS)
             self._trained_on = len(pks)
+            self._set_report(report)
             self._dirty = True
         log.info(
-            "item index %s rebuilt: %s, %d items, mark=%d, %.1fs",
+            "item index %s rebuilt: %s, %d items, mark=%d, %.1fs, %s",
             self.directory,
-            kind,
+            self.kind,
             len(pks),
             mark,
             time.perf_counter() - started,
+            _describe(report),
         )
+        warn_if_below(report, str(self.directory))
         if not self.read_only:
             self._save_locked()
+
+    def _set_report(self, report: RecallReport | None) -> None:
+        self._report = report
+        self._effort = report.effort if report is not None else None
+        self._changed_since_measure = 0
+
+    def _remeasure_due(self) -> bool:
+        if self.kind == FLAT:  # exact: nothing to tune
+            return False
+        base = self._report.ntotal if self._report is not None else 0
+        return self._changed_since_measure > self.config.remeasure_fraction * max(base, 1)
+
+    def _remeasure_locked(self) -> None:
+        """Measure on SQL's live vectors (the truth), re-tune the effort; auto may switch kind.
+
+        HNSW is rebuilt instead: its sample must be held out of the graph to be measured
+        honestly. IVF is measured in place (a query's own vector sits in one of its lists,
+        which changes little).
+        """
+        if self.kind == HNSW:
+            log.info("item index %s: re-measuring HNSW recall by a rebuild", self.directory)
+            self._rebuild_locked()
+            return
+        with self._session_factory() as session:
+            pks, _, vectors = self._read_live(session)
+        sample = draw_sample(
+            vectors, pks, self.config.recall_sample, self.config.seed + 1, held_out=False
+        )
+        with self._rw.read():
+            report = tune(self._index, sample, self.config)
+        if (
+            self.config.kind == "auto"
+            and report is not None
+            and report.kind == IVF
+            and not ivf_is_enough(report, self._index, self.config)
+        ):
+            log.info("item index %s: IVF no longer meets the target cheaply: rebuilding", self.directory)
+            self._rebuild_locked()
+            return
+        with self._rw.write():
+            self._set_report(report)
+            self._dirty = True
+        log.info("item index %s re-measured: %s", self.directory, _describe(report))
+        warn_if_below(report, str(self.directory))
 
     def _read_live(self, session: Session) -> tuple[np.ndarray, list[str | None], np.ndarray]:
         pks: list[int] = []
@@ -739,12 +519,15 @@ class ItemIndex:
         return np.array(pks, dtype=np.int64), tenants, vectors
 
     def _desired_kind(self, n: int, current: str | None) -> str:
+        """By size and config; ``auto`` above the threshold starts at IVF (measurement may pick HNSW)."""
+        if self.config.kind == HNSW:
+            return HNSW
         if self.config.kind == FLAT or n < 39:  # IVF needs points to train on
             return FLAT
         if self.config.kind == IVF:
             return IVF
-        if current == IVF:  # hysteresis: keep IVF until the catalog halves below the threshold
-            return IVF if n >= self.config.flat_threshold // 2 else FLAT
+        if current in (IVF, HNSW):  # hysteresis: keep it until the catalog halves below the threshold
+            return current if n >= self.config.flat_threshold // 2 else FLAT
         return IVF if n >= self.config.flat_threshold else FLAT
 
     def _rebuild_reason(self) -> str | None:
@@ -753,6 +536,12 @@ class ItemIndex:
             return f"{self.ntotal} items call for a {want} index, not {self.kind}"
         if self.kind == IVF and self.ntotal > self.config.regrow_factor * max(self._trained_on, 1):
             return f"IVF trained on {self._trained_on} items now holds {self.ntotal}: retraining"
+        if self.kind == HNSW:
+            pending, since = self._index.pending, self._index.hidden_since
+            if pending >= self.config.compact_after:
+                return f"compaction: {pending} hidden or superseded HNSW vectors (bound {self.config.compact_after})"
+            if since is not None and time.time() - since > self.config.compact_max_age_s:
+                return f"compaction: hidden HNSW vectors older than {self.config.compact_max_age_s:.0f}s"
         return None
 
     # ---------------------------------------------------------------- persistence
@@ -770,7 +559,8 @@ class ItemIndex:
         name = f"items-{secrets.token_hex(6)}.faiss"
         path = self.directory / name
         with self._rw.read():
-            _write_atomic(path, lambda tmp: faiss.write_index(self._index, str(tmp)))
+            write_atomic(path, lambda tmp: write_index(self._index, str(tmp)))
+            digest = sha256_file(path)
             manifest = Manifest(
                 embedding_model=self.embedding_model,
                 model_hash=self.model_hash,
@@ -781,10 +571,15 @@ class ItemIndex:
                 high_water_pk=self._mark[1],
                 index_file=name,
                 index_bytes=path.stat().st_size,
+                index_sha256=digest,
                 trained_on=self._trained_on,
+                nlist=faiss.extract_index_ivf(self._index).nlist if self.kind == IVF else None,
+                search_effort=self._effort,
+                recall=self._report.as_dict() if self._report is not None else None,
             )
         text = json.dumps(asdict(manifest), indent=2)
-        _write_atomic(self.directory / MANIFEST, lambda tmp: tmp.write_text(text))
+        write_atomic(self.directory / MANIFEST, lambda tmp: tmp.write_text(text))
+        self._sha256 = digest
         self._dirty = False
         for stale in self.directory.glob("items-*.faiss*"):
             if stale.name != name:
@@ -796,11 +591,12 @@ class ItemIndex:
         if not manifest_path.exists():
             return "no manifest (first start, or the index was deleted)"
         try:
-            m = Manifest(**json.loads(manifest_path.read_text()))
-        except (ValueError, TypeError) as exc:
+            raw = json.loads(manifest_path.read_text())
+            if raw.get("format") != MANIFEST_FORMAT:
+                return f"manifest format {raw.get('format')}, this code writes {MANIFEST_FORMAT}"
+            m = Manifest(**raw)
+        except (ValueError, TypeError, AttributeError) as exc:
             return f"manifest unreadable: {exc}"
-        if m.format != MANIFEST_FORMAT:
-            return f"manifest format {m.format}, this code writes {MANIFEST_FORMAT}"
         built = (m.embedding_model, m.model_hash, m.dim)
         wanted = (self.embedding_model, self.model_hash, self.dim)
         if built != wanted:
@@ -812,22 +608,27 @@ class ItemIndex:
             vis, orphans = _visibility_of(session, index_ids(index))
         self._index, self._vis, self._trained_on = index, vis, m.trained_on
         self._mark = (m.high_water_mark, m.high_water_pk)
+        self._sha256 = m.index_sha256
+        self._report = RecallReport(**m.recall) if m.recall else None
+        self._effort = m.search_effort
         if len(orphans):  # rows deleted outright (not tombstoned) leave no change to catch up on
             log.warning(
                 "item index: removing %d vectors with no live item row in SQL", len(orphans)
             )
-            self._remove(orphans)
+            remove_ids(self._index, orphans)
             self._dirty = True
         log.info(
-            "item index %s loaded: %s, %d items, mark=%d",
+            "item index %s loaded: %s, %d items, mark=%d, %s",
             self.directory,
             m.index_type,
             self.ntotal,
             m.high_water_mark,
+            _describe(self._report),
         )
+        warn_if_below(self._report, str(self.directory))
         return None
 
-    def _read_index_file(self, m: Manifest) -> tuple[faiss.Index | None, str]:
+    def _read_index_file(self, m: Manifest) -> tuple[Any, str]:
         path = self.directory / m.index_file
         if not path.exists():
             return None, f"index file {m.index_file} is missing"
@@ -837,9 +638,20 @@ class ItemIndex:
                 f"index file {m.index_file} has {size} bytes, "
                 f"the manifest says {m.index_bytes} (truncated?)"
             )
+        digest = sha256_file(path)
+        if digest != m.index_sha256:
+            # Loud: same size, other bytes means corruption in place (disk, copy, tampering).
+            log.error(
+                "item index file %s is CORRUPT: sha256 %s, the manifest says %s; "
+                "it will not be served (rebuilding from SQL)",
+                path,
+                digest,
+                m.index_sha256,
+            )
+            return None, f"index file {m.index_file} fails its sha256 check (corrupt in place)"
         try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as exc:
+            index = read_index(str(path), m.index_type)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
             return None, f"index file {m.index_file} unreadable: {str(exc).splitlines()[0]}"
         if index.d != m.dim or index.ntotal != m.ntotal or index_kind(index) != m.index_type:
             return None, (
@@ -849,21 +661,11 @@ class ItemIndex:
         return index, ""
 
 
-def _visibility_of(session: Session, pks: np.ndarray) -> tuple[Visibility, np.ndarray]:
-    """Tenants of the indexed ``pks`` from SQL, and the pks without a live row (orphans)."""
-    vis = Visibility()
-    if not len(pks):
-        return vis, pks
-    present = np.zeros(int(pks.max()) + 1, dtype=bool)
-    present[pks] = True
-    found_pks: list[int] = []
-    tenants: list[str | None] = []
-    stmt = select(Item.pk, Item.tenant).where(Item.deleted.is_(False), Item.pk <= int(pks.max()))
-    for pk, tenant in session.execute(stmt.execution_options(yield_per=PAGE_ROWS)):
-        if present[pk]:
-            found_pks.append(pk)
-            tenants.append(tenant)
-    found = np.array(found_pks, dtype=np.int64)
-    vis.set_many(found, tenants)
-    present[found] = False
-    return vis, np.flatnonzero(present).astype(np.int64)
+def _describe(report: RecallReport | None) -> str:
+    if report is None:
+        return "recall not measured (empty catalog)"
+    return (
+        f"recall@10 {report.recall_at_10:.3f} at {report.effort_name or 'exact'}="
+        f"{report.effort} on {report.sample} held-out items (target {report.target:.2f}), "
+        f"p50 {report.p50_ms:.2f} ms"
+    )

@@ -429,6 +429,8 @@ def cmd_index(args, settings) -> int:
     try:
         if args.action == "rebuild":
             index.rebuild()
+        elif args.action == "measure":
+            index.measure()
         print(json.dumps(index.stats(), indent=2))
     finally:
         index.close()
@@ -455,6 +457,10 @@ def register(sub) -> None:
     p.add_argument("--restart", action="store_true", help="ignore the progress file and start over")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("index", help="the FAISS item index: stats, or rebuild it from SQL")
-    p.add_argument("action", choices=["stats", "rebuild"])
+    p = sub.add_parser(
+        "index",
+        help="the FAISS item index: stats (kind, tuned effort, measured recall@10), "
+        "rebuild it from SQL, or measure recall on the catalog now",
+    )
+    p.add_argument("action", choices=["stats", "rebuild", "measure"])
     p.set_defaults(func=cmd_index)

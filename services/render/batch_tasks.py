@@ -66,8 +66,8 @@ def chunk_runner():
     core = render_core()
 
     def render_here(request_id: str) -> None:
-        try:
-            core.run(request_id)
+        try:  # takeover: this chunk holds the user's lease, so a running row's renderer is gone
+            core.run(request_id, takeover=True)
         except Exception:
             log.exception("render %s failed", request_id)
 

@@ -39,7 +39,11 @@ def make_celery(settings: Settings) -> Celery:
                                               "store_processed": False},
                     worker_enable_remote_control=False)
     else:
-        conf.update(broker_transport_options={"max_retries": 1, "socket_connect_timeout": 3, "socket_timeout": 5})
+        # Redis redelivers an unacked (late-ack) task after visibility_timeout: longer than any task's hard
+        # limit, or a slow render would run twice; a dead worker's render is re-sent sooner by the reaper.
+        visibility = max(settings.render_timeout_s + 30, settings.retrain_timeout_s + 60) + 60
+        conf.update(broker_transport_options={"max_retries": 1, "socket_connect_timeout": 3, "socket_timeout": 5,
+                                              "visibility_timeout": visibility})
     app.conf.update(conf)
     return app
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
+import socket
+import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict
+from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.common import metrics
@@ -26,7 +30,7 @@ from pigment.services.common.errors import ModelNotReady, PigmentError
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import publish
-from pigment.services.store.tables import Generation, RenderRequest
+from pigment.services.store.tables import Generation, RenderRequest, utcnow
 
 log = logging.getLogger("pigment.render")
 GENERATION_NS = uuid.UUID("6f1c1c52-3d4e-4a7f-9a59-0d6c9f6b2a10")
@@ -47,9 +51,20 @@ def decode_soft_tokens(cond: dict) -> np.ndarray | None:
     return np.frombuffer(base64.b64decode(soft["float16_b64"]), dtype=np.float16).reshape(soft["shape"])
 
 
+def load_failure(exc: Exception) -> str:
+    """The "STATUS: reason" a request fails with when this worker cannot load its model."""
+    what = f"render model failed to load on this worker: {type(exc).__name__}: {str(exc)[:500]}"
+    if isinstance(exc, PigmentError):
+        return f"{exc.status}: {what}"
+    if type(exc).__name__ == "ModelIntegrityError":  # sha256 or manifest mismatch: an operator must fix the files
+        return f"FAILED_PRECONDITION: {what}"
+    return f"UNAVAILABLE: {what}"
+
+
 class RenderCore:
     def __init__(self, sessions: sessionmaker[Session], storage, renderer_factory, registry=None,
-                 max_adapter_renderers: int = 2):
+                 max_adapter_renderers: int = 2, heartbeat_s: float = 2.0, stale_s: float = 30.0,
+                 max_attempts: int = 3):
         self.sessions = sessions
         self.registry = registry  # model registry: render-side adapters are loaded by version, sha256-checked
         self.storage = storage
@@ -61,6 +76,16 @@ class RenderCore:
         self.not_ready: str | None = None  # why this worker cannot render (a GPU backend that did not load)
         self.progress_every_s = 0.2
         self._progress_at: dict[str, float] = {}
+        # Liveness: while a request renders here, a thread refreshes its heartbeat_at; a request whose
+        # heartbeat is older than stale_s is presumed orphaned (claimable again, re-sent by the reaper).
+        self.heartbeat_s, self.stale_s, self.max_attempts = heartbeat_s, stale_s, max_attempts
+        self._inflight: set[str] = set()
+        self._inflight_lock = threading.Lock()
+        self._beat: threading.Thread | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"  # per process: prefork children differ
 
     @property
     def renderer(self):
@@ -77,19 +102,37 @@ class RenderCore:
                 raise BackendNotReady(self.not_ready) from exc
         return self._renderer
 
-    def run(self, request_id: str) -> str:
-        return self.run_batch([request_id])[request_id]
+    def run(self, request_id: str, takeover: bool = False) -> str:
+        return self.run_batch([request_id], takeover)[request_id]
 
-    def run_batch(self, request_ids: list[str]) -> dict[str, str]:
-        """Render every not-yet-done request; compatible ones share one pipeline call."""
-        status, claimed = self._claim(request_ids)
+    def run_batch(self, request_ids: list[str], takeover: bool = False) -> dict[str, str]:
+        """Render every request nobody else is rendering; compatible ones share one pipeline call.
+
+        ``takeover``: also take running rows with a fresh heartbeat (the caller holds a lease proving their
+        renderer is gone: a batch chunk re-run after its worker died)."""
+        status, claimed = self._claim(request_ids, takeover)
         if not claimed:
             return status
+        self._start_heartbeat()
+        with self._inflight_lock:
+            self._inflight.update(claimed)
+        try:
+            return self._render_claimed(status, claimed)
+        finally:
+            with self._inflight_lock:
+                self._inflight.difference_update(claimed)
+
+    def _render_claimed(self, status: dict[str, str], claimed: dict) -> dict[str, str]:
         try:
             renderer = self.renderer
         except BackendNotReady as exc:  # never a quiet CPU fallback: the caller sees why
             for rid in claimed:
                 status[rid] = self._fail(rid, f"UNAVAILABLE: {exc}")
+            return status
+        except Exception as exc:  # noqa: BLE001 - a model that fails to load fails its requests now, with why
+            reason = load_failure(exc)
+            for rid in claimed:
+                status[rid] = self._fail(rid, reason)
             return status
         groups: dict[tuple, list[tuple[str, dict, object]]] = defaultdict(list)
         renderers = {None: renderer}
@@ -154,21 +197,57 @@ class RenderCore:
         self._by_version.move_to_end(version)
         return version, self._by_version[version]
 
-    def _claim(self, request_ids: list[str]) -> tuple[dict[str, str], dict[str, tuple[dict, dict, dict]]]:
+    def _claim(self, request_ids: list[str],
+               takeover: bool = False) -> tuple[dict[str, str], dict[str, tuple[dict, dict, dict]]]:
+        """Take each request with a compare-and-set: only if queued, or running under a silent worker.
+
+        So a duplicate task (a redelivery, a re-send by the reaper or a replay) renders nothing while
+        another worker is alive on the same request, and two workers never both claim it."""
         status, claimed = {}, {}
+        now = utcnow()
+        orphaned = RenderRequest.status == "running" if takeover else and_(
+            RenderRequest.status == "running", or_(RenderRequest.heartbeat_at.is_(None),
+                                                   RenderRequest.heartbeat_at < now - timedelta(seconds=self.stale_s)))
         with transaction(self.sessions) as s:
             for rid in request_ids:
+                took = s.execute(
+                    update(RenderRequest)
+                    .where(RenderRequest.request_id == rid, or_(RenderRequest.status == "queued", orphaned),
+                           RenderRequest.attempts < self.max_attempts)
+                    .values(status="running", step=0, heartbeat_at=now, attempts=RenderRequest.attempts + 1,
+                            worker=self.worker_id)
+                    .execution_options(synchronize_session=False)).rowcount
                 row = s.get(RenderRequest, rid)
                 if row is None:
                     log.warning("render %s: no such request (deleted?); dropping it", rid)
                     status[rid] = "missing"
-                elif row.status == "done":
-                    status[rid] = "done"
+                elif not took:
+                    status[rid] = row.status  # done, failed, or running on a live worker
                 else:
-                    row.status, row.step = "running", 0
                     row.conditioning = {**row.conditioning, "claimed_at": time.time()}  # queue wait ends here
                     claimed[rid] = (dict(row.params), dict(row.conditioning), dict(row.adapters or {}))
         return status, claimed
+
+    def _start_heartbeat(self) -> None:
+        if self._beat is not None and self._beat.is_alive():
+            return
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="render-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            time.sleep(self.heartbeat_s)
+            with self._inflight_lock:
+                ids = sorted(self._inflight)
+            if not ids:
+                continue
+            try:
+                with transaction(self.sessions) as s:
+                    s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(ids),
+                                                          RenderRequest.status == "running")
+                              .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
+            except Exception:  # a database blip: the next beat retries
+                log.warning("request heartbeat failed for %s", ids, exc_info=True)
 
     @staticmethod
     def _inputs(params: dict, cond: dict):
@@ -220,7 +299,8 @@ class RenderCore:
         if total is not None and step >= total:
             self._progress_at.pop(key, None)
         with transaction(self.sessions) as s:
-            s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids)).values(step=step))
+            s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids))
+                      .values(step=step, heartbeat_at=utcnow()))
             publish(s, request_ids)  # a bulk UPDATE skips the ORM flush hook
 
     def _fail(self, request_id: str, error: str) -> str:

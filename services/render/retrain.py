@@ -240,7 +240,7 @@ class RetrainCore:
             result.metrics["train"] = _summary(train_metrics)
             bad = _non_finite(adapter)
             if bad:
-                raise FloatingPointError(f"the trained adapter has non-finite weights ({bad})")
+                raise FloatingPointError(f"the trained adapter has non-finite or exploded weights ({bad})")
             return Path(adapter)
         except FloatingPointError as exc:
             self._record_failure(result, "training diverged", exc)
@@ -439,15 +439,19 @@ def _summary(metrics: dict) -> dict:
     return {k: v for k, v in (metrics or {}).items() if k not in ("history", "config")}
 
 
+EXPLODED_WEIGHT = 1e4  # an adapter weight this large came from a diverged run (Adam keeps huge-lr weights finite)
+
+
 def _non_finite(adapter: Path) -> str:
-    """Names of tensors with NaN/inf in an adapter's safetensors files ("" when all finite)."""
+    """Names of tensors with NaN/inf or exploded values in an adapter's safetensors files ("" when sane)."""
     import torch
     from safetensors.torch import load_file
 
     adapter = Path(adapter)
     files = [adapter] if adapter.is_file() else sorted(adapter.rglob("*.safetensors"))
     bad = [f"{f.name}:{k}" for f in files for k, v in load_file(f).items()
-           if v.is_floating_point() and not torch.isfinite(v).all()]
+           if v.is_floating_point() and v.numel()
+           and not (torch.isfinite(v).all() and v.abs().max().item() < EXPLODED_WEIGHT)]
     return ", ".join(bad[:5])
 
 

@@ -30,7 +30,9 @@ def render_core():
     from pigment.services.registry import Registry
 
     sessions = make_sessionmaker(settings.database_url)
-    return RenderCore(sessions, ImageStorage(settings.storage_dir), renderer, registry=Registry(sessions))
+    return RenderCore(sessions, ImageStorage(settings.storage_dir), renderer, registry=Registry(sessions),
+                      heartbeat_s=settings.heartbeat_interval_s, stale_s=settings.heartbeat_stale_s,
+                      max_attempts=settings.max_render_attempts)
 
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)

@@ -10,9 +10,10 @@ joined to the gateway's (context from the task headers) and ``/metrics`` on
 from celery.signals import setup_logging, worker_init
 
 from pigment.services.common.settings import Settings
-from pigment.services.render import batch_tasks, retrain, tasks  # noqa: F401 - registers the tasks
+from pigment.services.render import batch_tasks, liveness, retrain, tasks  # noqa: F401 - registers the tasks
 from pigment.services.render.celery_app import make_celery
 
+liveness.die_with_parent()  # no orphan consuming after the server that started this worker is killed
 settings = Settings()
 app = make_celery(settings)
 

@@ -94,8 +94,27 @@ class RenderRequest(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Last sign of life: the send for a queued row, the rendering worker's heartbeat for a running one.
+    # The reaper re-sends rows whose heartbeat went stale (services/gateway/reaper.py).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    dispatches: Mapped[int] = mapped_column(Integer, default=0)  # sends; compare-and-set token of re-sends
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims by a worker (a poison request stops)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)  # who claimed it last
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    __table_args__ = (Index("ix_render_requests_status_heartbeat", "status", "heartbeat_at"),)
+
+
+class WorkerBeat(Base):
+    """A live render worker: which queues it consumes and when it last said so (readiness)."""
+
+    __tablename__ = "worker_beats"
+    worker_id: Mapped[str] = mapped_column(String(191), primary_key=True)
+    queues: Mapped[list] = mapped_column(JSON, default=list)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class Generation(Base):

@@ -1,0 +1,153 @@
+"""Load on the real stack over loopback: latency, throughput, and how fast a full queue says no.
+
+Phase ``serve``: N concurrent clients send M GeneratePersonalized calls (distinct request ids) to a
+running stack (gRPC server, real Celery worker processes, SQLite + filesystem broker by default, or
+``--database-url``/``--broker-url``): p50/p99 latency and throughput of answered calls.
+Phase ``full``: a stack with no worker and ``--queue-depth`` Q: Q calls wait in the queue, then K more
+are rejected RESOURCE_EXHAUSTED (rejection latency p50/p99, target under 50 ms) while health checks are
+timed too (target under 100 ms). Bounded by count and by ``--budget-s``. Writes JSON.
+
+    nice -n 10 .venv/bin/python bench/load.py --clients 8 --requests 32 --out bench/out/load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import make_settings, running_stack  # the same stack the tests run
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pigment.v1 import generation_pb2 as gpb
+from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+
+def request(rid: str, steps: int) -> gpb.GenerateRequest:
+    return gpb.GenerateRequest(request_id=rid, user_id="bench", prompt="a star", num_images=1,
+                               num_inference_steps=steps, height=32, width=32)
+
+
+def add_user(channel) -> None:
+    history_pb2_grpc.HistoryServiceStub(channel).LogInteractions(
+        history_pb2.LogInteractionsRequest(user_id="bench", create_user=True), timeout=30)
+
+
+def timed(fn) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    try:
+        fn()
+        code = "OK"
+    except grpc.RpcError as err:
+        code = err.code().name
+    return code, time.perf_counter() - t0
+
+
+def serve_phase(preset: Path, args, extra: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = make_settings(Path(tmp), preset, max_queue_depth=max(256, args.requests), **extra)
+        with running_stack(settings) as (_, channel, _):
+            add_user(channel)
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            timed(lambda: stub.GeneratePersonalized(request("warm", args.steps), timeout=300))  # model load
+            stop_at = time.monotonic() + args.budget_s
+
+            def call(i):
+                if time.monotonic() > stop_at:
+                    return "SKIPPED", 0.0
+                return timed(lambda: stub.GeneratePersonalized(request(f"load-{i}", args.steps), timeout=300))
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = list(pool.map(call, range(args.requests)))
+            wall = time.perf_counter() - t0
+    ok = [t for c, t in results if c == "OK"]
+    codes = {c: sum(1 for x, _ in results if x == c) for c, _ in results}
+    return {"clients": args.clients, "requests": args.requests, "steps": args.steps, "codes": codes,
+            "p50_ms": pct(ok, 0.5), "p99_ms": pct(ok, 0.99), "mean_ms": round(statistics.mean(ok) * 1000, 1) if ok else None,
+            "throughput_rps": round(len(ok) / wall, 3), "wall_s": round(wall, 1)}
+
+
+def full_phase(preset: Path, args, extra: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = make_settings(Path(tmp), preset, max_queue_depth=args.queue_depth, render_timeout_s=120, **extra)
+        with running_stack(settings, worker=False) as (stack, channel, _):
+            add_user(channel)
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            waiting = [threading.Thread(target=timed, daemon=True, args=(
+                lambda i=i: stub.GeneratePersonalized(request(f"fill-{i}", 2), timeout=120),)) for i in range(args.queue_depth)]
+            for t in waiting:
+                t.start()
+            from sqlalchemy import func, select
+
+            from pigment.services.store.tables import RenderRequest
+
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with stack.sessions() as s:
+                    if s.scalar(select(func.count()).select_from(RenderRequest)
+                                .where(RenderRequest.status == "queued")) >= args.queue_depth:
+                        break
+                time.sleep(0.05)
+            rejections, health_s = [], []
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = list(pool.map(lambda i: timed(lambda: stub.GeneratePersonalized(
+                    request(f"over-{i}", 2), timeout=30)), range(args.reject_calls)))
+            for _ in range(args.reject_calls):
+                health_s.append(timed(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5))[1])
+            rejections = [t for c, t in results if c == "RESOURCE_EXHAUSTED"]
+            with stack.sessions() as s:  # waiting in the queue (a shared database may hold done rows too)
+                admitted = s.scalar(select(func.count()).select_from(RenderRequest)
+                                    .where(RenderRequest.status.in_(("queued", "running"))))
+    return {"queue_depth": args.queue_depth, "calls_over_limit": args.reject_calls, "clients": args.clients,
+            "rejected": len(rejections), "admitted_rows": admitted,
+            "reject_p50_ms": pct(rejections, 0.5), "reject_p99_ms": pct(rejections, 0.99),
+            "health_p50_ms": pct(health_s, 0.5), "health_p99_ms": pct(health_s, 0.99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--queue-depth", type=int, default=4)
+    ap.add_argument("--reject-calls", type=int, default=50)
+    ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--database-url", default="")
+    ap.add_argument("--broker-url", default="")
+    ap.add_argument("--preset", type=Path, default=None, help="a preset directory (default: build tiny)")
+    ap.add_argument("--out", type=Path, default=Path("bench/out/load.json"))
+    args = ap.parse_args()
+    extra = {k: v for k, v in (("database_url", args.database_url), ("broker_url", args.broker_url)) if v}
+    with tempfile.TemporaryDirectory() as presets:
+        from pigment.models.tiny import build_tiny
+
+        preset = args.preset or build_tiny(Path(presets) / "tiny")
+        report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.processor()}",
+                  "backend": extra or "embedded (SQLite + filesystem broker)",
+                  "serve": serve_phase(preset, args, extra), "full_queue": full_phase(preset, args, extra)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The reaper: re-sends render requests that nobody will finish, exactly once per stall.
+
+A request row carries ``heartbeat_at``: the time of its last send while queued,
+the rendering worker's last heartbeat while running (services/render/core.py).
+A running row whose heartbeat went stale lost its worker (kill -9, OOM, a lost
+node); a queued row not picked up long after its send may have lost its task
+(a broker restart without persistence). Either is re-sent. Each re-send is a
+compare-and-set on (status, dispatches, staleness), so two reapers (two
+gateways, or a replay racing the background sweep) never both re-send the same
+stall, and a duplicate task is harmless anyway: the worker claims a row with a
+compare-and-set too, and stores generations under ids derived from the request.
+A request whose workers died ``max_render_attempts`` times fails UNAVAILABLE
+instead of killing another worker. Plain Python: no grpc, no celery.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from collections.abc import Callable
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pigment.services.store.db import transaction
+from pigment.services.store.tables import RenderRequest, utcnow
+
+log = logging.getLogger("pigment.reaper")
+SWEEP_LIMIT = 500  # rows per sweep; the next sweep takes the rest
+
+
+class Reaper:
+    def __init__(self, settings, sessions: sessionmaker[Session], dispatch: Callable[[str], None]):
+        self.sessions = sessions
+        self.dispatch = dispatch
+        self.stale_s = settings.heartbeat_stale_s
+        self.requeue_s = settings.requeue_queued_after_s
+        self.max_attempts = settings.max_render_attempts
+
+    def _stalled(self, now, queued_too: bool = True):
+        """Rows to re-send: running with a silent worker; queued long after their last send."""
+        silent = or_(RenderRequest.heartbeat_at.is_(None),
+                     RenderRequest.heartbeat_at < now - timedelta(seconds=self.stale_s))
+        running = and_(RenderRequest.status == "running", silent)
+        if not queued_too:
+            return running
+        unsent = or_(RenderRequest.heartbeat_at.is_(None),
+                     RenderRequest.heartbeat_at < now - timedelta(seconds=self.requeue_s))
+        return or_(running, and_(RenderRequest.status == "queued", unsent))
+
+    def sweep(self) -> list[str]:
+        """One pass over the stalled rows; returns the request ids re-sent."""
+        now = utcnow()
+        with transaction(self.sessions) as s:
+            rows = s.execute(select(RenderRequest.request_id, RenderRequest.status, RenderRequest.dispatches,
+                                    RenderRequest.attempts).where(self._stalled(now))
+                             .order_by(RenderRequest.created_at).limit(SWEEP_LIMIT)).all()
+        return [rid for rid, status, dispatches, attempts in rows
+                if self.revive(rid, status, dispatches, attempts, now=now)]
+
+    def revive(self, request_id: str, status: str, dispatches: int, attempts: int, now=None,
+               force_queued: bool = False) -> bool:
+        """Re-send one stalled request if this caller wins the compare-and-set; True if it was sent.
+
+        ``force_queued`` (a replay by the caller) re-sends a queued row however recent its last send."""
+        now = now or utcnow()
+        stalled = self._stalled(now, queued_too=not force_queued)
+        if force_queued:
+            stalled = or_(stalled, RenderRequest.status == "queued")
+        if status == "running" and attempts >= self.max_attempts:
+            return self._give_up(request_id, dispatches, attempts, stalled)
+        with transaction(self.sessions) as s:
+            won = s.execute(update(RenderRequest).where(
+                RenderRequest.request_id == request_id, RenderRequest.status == status,
+                RenderRequest.dispatches == dispatches, stalled,
+            ).values(status="queued", step=0, heartbeat_at=now, dispatches=dispatches + 1)
+                .execution_options(synchronize_session=False)).rowcount == 1
+        if not won:
+            return False
+        log.warning("re-sending render %s (was %s, send %d, %d claims)", request_id, status, dispatches + 1, attempts)
+        try:
+            self.dispatch(request_id)
+        except Exception as exc:  # noqa: BLE001 - broker down: the row stays queued, the next sweep retries
+            log.warning("re-send of %s failed (%s: %s); retrying after %.0f s", request_id, type(exc).__name__,
+                        exc, self.requeue_s)
+        return True
+
+    def _give_up(self, request_id: str, dispatches: int, attempts: int, stalled) -> bool:
+        with transaction(self.sessions) as s:
+            s.execute(update(RenderRequest).where(
+                RenderRequest.request_id == request_id, RenderRequest.dispatches == dispatches, stalled,
+            ).values(status="failed", error=f"UNAVAILABLE: the render worker died {attempts} times while rendering "
+                     "this request; not retried again (see the worker logs)")
+                .execution_options(synchronize_session=False))
+        return False
