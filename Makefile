@@ -4,14 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos check-protos clean
+.PHONY: demo test protos check-protos lock clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned, so pip takes the local CPU wheel instead of a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# every role's extras on this CPU machine: render + train + the CPU variants (README "Operations")
+	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
 protos: $(STAMP)
@@ -27,6 +28,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pigment.services.common.protocheck
 	$(BIN)/python -m pytest -q -x --durations=10
+
+# The pinned environment the images build from (deploy/Dockerfile*): a freeze of this venv.
+lock: $(STAMP)
+	{ sed -n '1,3p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -vE '^(#|-e|pigment)'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) demo-output pigment-data

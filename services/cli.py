@@ -3,45 +3,130 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pigment.services.common.errors import FailedPrecondition, PigmentError
+from pigment.services.common.logs import configure_logging
 from pigment.services.common.settings import Settings
 
 
 def cmd_serve(args, settings: Settings) -> int:
+    from pigment.services.common.tracing import setup_tracing
     from pigment.services.stack import Stack, Worker
     from pigment.services.store.migrate import upgrade
 
+    setup_tracing(settings, "pigment-gateway")  # before the engines and the server exist
     stack = Stack(settings)
     stack.check_exposure()  # before the worker starts: a refused start leaves nothing running
     print(f"verifying model files of {stack.preset_dir} ...", flush=True)
     print(f"models verified: {stack.verify_models()}", flush=True)  # before anything serves
-    upgrade(settings.database_url)
+    if not args.no_migrate:
+        upgrade(settings.database_url)
     worker = Worker(settings).start() if not args.no_worker else None
     server, port = stack.server(port=args.port)
     server.start()
     http = stack.http_server(args.http_port).start() if args.http_port is not None else None
-    print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {settings.database_url}, "
-          f"broker {settings.broker_url}); Ctrl-C to stop", flush=True)
+    # URLs stay out of the output: they carry passwords (settings keeps them as SecretStr)
+    print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {redact(settings.database_url)}, "
+          f"broker {redact(settings.broker_url)}); Ctrl-C to stop", flush=True)
     if http:
         scheme = "https" if settings.tls_cert_file else "http"
-        print(f"HTTP feedback on {scheme}://{settings.host}:{http.port}/v1/feedback", flush=True)
+        print(f"HTTP on {scheme}://{settings.host}:{http.port} (/v1/feedback, /healthz, /metrics)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("draining in-flight requests ...", flush=True)
-    server.stop(grace=10).wait()
+    drain(server, stack.health, settings)
     stack.close()  # saves the item index: manifest and SQL agree after a clean stop
     if http:
         http.stop()
     if worker:
         worker.stop()
+    return 0
+
+
+def drain(server, health, settings: Settings) -> None:
+    """SIGTERM: NOT_SERVING first (load balancers stop routing), then refuse new calls and let those in flight
+    finish within the grace (default render timeout + 10 s, so a render in hand completes), then stop."""
+    health.enter_graceful_shutdown()
+    print(f"NOT_SERVING; draining in-flight calls (grace {settings.grace_s:.0f}s) ...", flush=True)
+    if settings.shutdown_delay_s:
+        time.sleep(settings.shutdown_delay_s)
+    server.stop(grace=settings.grace_s).wait()
+    print("drained", flush=True)
+
+
+def redact(url: str) -> str:
+    """A URL with its password masked (for the start-up line)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (a broker URL): mask user:password@ by hand
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    from pigment.services.topology import celery_worker_argv, exec_celery
+
+    exec_celery(celery_worker_argv(settings, args.role))
+    return 0
+
+
+def cmd_beat(args, settings: Settings) -> int:
+    from pigment.services.topology import celery_beat_argv, exec_celery
+
+    exec_celery(celery_beat_argv(settings))
+    return 0
+
+
+def cmd_probe(args, settings: Settings) -> int:
+    """Container HEALTHCHECK: grpc = this host's gRPC health is SERVING; metrics = the worker's /metrics answers."""
+    target = args.target or os.environ.get("PIGMENT_PROBE", "grpc")
+    try:
+        if target == "grpc":
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            with grpc.insecure_channel(f"127.0.0.1:{settings.port}") as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3).status
+            ok = status == health_pb2.HealthCheckResponse.SERVING
+        elif target == "metrics":
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics", timeout=3) as r:
+                ok = r.status == 200
+        elif target == "beat":  # beat syncs its schedule file every few minutes (celery beat_sync_every, 180 s)
+            files = list(Path(settings.data_dir).glob("celerybeat-schedule*"))
+            age = time.time() - max(f.stat().st_mtime for f in files) if files else float("inf")
+            ok = age < 900
+            if not ok:
+                print(f"probe beat: schedule file not written for {age:.0f}s", file=sys.stderr)
+        else:  # the one-shot migration job: its exit status is the check
+            ok = True
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", said in one line
+        print(f"probe {target}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def cmd_stack(args, settings: Settings) -> int:
+    from pigment.services.topology import ProductionStack
+
+    prod = ProductionStack(settings, args.port, Path(args.log_dir), http_port=args.http_port).start()
+    print(f"pigment production stack: gateway on {settings.host}:{args.port}, processes "
+          f"{', '.join(prod.procs)}; logs in {args.log_dir}; Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print(f"exit codes: {prod.stop(timeout=settings.grace_s)}", flush=True)
     return 0
 
 
@@ -52,7 +137,7 @@ def cmd_db(args, settings: Settings) -> int:
         migrate.upgrade(settings.database_url, args.revision or "head")
     else:
         migrate.downgrade(settings.database_url, args.revision or "base")
-    print(f"database {settings.database_url}: {args.action} to {args.revision or ('head' if args.action == 'upgrade' else 'base')}")
+    print(f"database {redact(settings.database_url)}: {args.action} to {args.revision or ('head' if args.action == 'upgrade' else 'base')}")
     return 0
 
 
@@ -93,8 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="gRPC port (default from settings: 50051)")
     p.add_argument("--no-worker", action="store_true", help="do not start a render worker (one runs elsewhere)")
     p.add_argument("--http-port", type=int, default=None, help="also serve HTTP feedback (POST /v1/feedback) "
-                   "on this port (0 = a free one); off by default")
+                   "and Prometheus /metrics on this port (0 = a free one); off by default")
+    p.add_argument("--no-migrate", action="store_true", help="do not migrate at start (a one-shot job does)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one Celery worker role (exec's celery): render | batch | retrain")
+    p.add_argument("role", choices=["render", "batch", "retrain"])
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("beat", help="run Celery beat (the retrain schedule); exactly one per deployment")
+    p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("probe", help="container health check: grpc (gateway) | metrics (worker) | beat (its "
+                       "schedule file is fresh) | none (migration job); default $PIGMENT_PROBE or grpc")
+    p.add_argument("target", nargs="?", choices=["grpc", "metrics", "beat", "none"])
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("stack", help="run the production topology here: migrate once, gateway, a worker per "
+                       "queue and beat as separate processes (needs PostgreSQL and Redis/RabbitMQ)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--log-dir", default="pigment-stack-logs")
+    p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("db", help="database migrations")
     p.add_argument("action", choices=["upgrade", "downgrade"])
@@ -117,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_auth)
 
     for register in _extensions():
-        register(sub)
+        try:
+            register(sub)
+        except ModuleNotFoundError as exc:  # its extra is not installed (see _extensions)
+            if (exc.name or "pigment").split(".")[0] == "pigment":
+                raise
     return parser
 
 
@@ -134,7 +243,9 @@ def _extensions():
         try:
             yield importlib.import_module(module).register
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            # absent module, or a third-party package of an extra this role did not install (a gateway
+            # image without torch has no `train`/`eval`); a broken pigment import still raises
+            if exc.name != module and (exc.name or "pigment").split(".")[0] == "pigment":
                 raise
 
 
@@ -146,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         args.components += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args, Settings())
+        settings = Settings()
+        configure_logging(args.log_level, settings.log_format)
+        return args.func(args, settings)
     except PigmentError as exc:
         print(f"pigment {args.command}: {exc.status}: {exc}", file=sys.stderr)
         return 2

@@ -59,6 +59,8 @@ class Stack:
         index = history._index if history is not None else None
         if index is not None:
             index.close()
+        if "notifier" in self.__dict__:  # the LISTEN connection (PostgreSQL)
+            self.notifier.close()
 
     @cached_property
     def keys(self):
@@ -161,7 +163,15 @@ class Stack:
                            self.storage, defaults, lambda: preset_version(self.preset_dir),
                            decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)),
                            charge_images=self._charge_images,
-                           limits=image_limits(self.preset_dir, self.settings.render_backend))
+                           limits=image_limits(self.preset_dir, self.settings.render_backend),
+                           notifier=self.notifier)
+
+    @cached_property
+    def notifier(self):
+        """How waiting calls learn a render finished: LISTEN/NOTIFY on PostgreSQL, else SQL polling."""
+        from pigment.services.store.notify import make_notifier
+
+        return make_notifier(self.settings)
 
     def _stamped_adapters(self, registry):
         """Active adapter versions to stamp on a request; the preference kinds are those that wrote its keywords."""
@@ -232,18 +242,20 @@ class Stack:
              GenerationServicer(self.gateway, self.feedback, self.jobs), "pigment.v1.GenerationService"),
         ]
         from pigment.services.common.grpc_auth import AuthInterceptor, server_credentials
+        from pigment.services.common.metrics import watch_queue_depth
 
         self.check_exposure()
         s = self.settings
         port = s.port if port is None else port
         credentials = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) \
             if s.tls_cert_file else None
-        server, bound, health = create_server(registrations, f"{s.host}:{port}",
-                                              max_concurrent_rpcs=s.max_concurrent_rpcs,
-                                              reserve=s.grpc_reserve_threads,
-                                              interceptors=[AuthInterceptor(self.keys, self.limiter)],
-                                              credentials=credentials)
-        self._start_background(server, health, [name for _, _, name in registrations])
+        server, bound, self.health = create_server(registrations, f"{s.host}:{port}",
+                                                   max_concurrent_rpcs=s.max_concurrent_rpcs,
+                                                   reserve=s.grpc_reserve_threads,
+                                                   interceptors=[AuthInterceptor(self.keys, self.limiter)],
+                                                   credentials=credentials)
+        self._start_background(server, self.health, [name for _, _, name in registrations])
+        watch_queue_depth(self.sessions)
         return server, bound
 
     def readiness(self):
@@ -286,9 +298,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
                  "heartbeat_interval_s", "heartbeat_stale_s", "max_render_attempts",
                  "retrain_every_s", "retrain_kind", "retrain_queue", "retrain_timeout_s", "retrain_max_pairs_per_user",
                  "retrain_min_pairs", "retrain_eval_samples", "retrain_eval_seed", "retrain_max_fidelity_drop",
-                 "render_dtype", "retrain_gate", "worker_plugins", "retrieval_threshold"):
+                 "render_dtype", "retrain_gate", "worker_plugins", "retrieval_threshold",
+                 "log_format", "trace_exporter", "render_notify", "trace_file", "worker_metrics_port"):
         value = getattr(settings, name)
-        if value is None:
+        if value is None:  # optional: unset stays unset
             env.pop(f"PIGMENT_{name.upper()}", None)
             continue
         env[f"PIGMENT_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)

@@ -72,7 +72,7 @@ def running_stack(settings, worker: bool = True, supervise: bool = False):
     finally:
         channel.close()
         server.stop(grace=1).wait()
-        stack.close()
+        stack.close()  # the item index and the LISTEN connection
         if proc:
             proc.stop()
 

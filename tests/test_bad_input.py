@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from pydantic import SecretStr
 
 from conftest import make_settings, running_stack
 from pigment.v1 import generation_pb2 as gpb
@@ -84,7 +85,7 @@ def test_broker_down_is_unavailable_and_replay_recovers(tmp_path, tiny_preset):
         code, details = status_of(lambda: call(channel, request_id="bad-broker"))
     assert code == grpc.StatusCode.UNAVAILABLE and "retry with the same request_id" in details
 
-    up = down.model_copy(update={"broker_url": "filesystem://"})
+    up = down.model_copy(update={"broker_secret": SecretStr("filesystem://")})
     with running_stack(up) as (_, channel, _):
         resp = call(channel, request_id="bad-broker")
     assert len(resp.images) == 1 and "REPLAYED" in resp.flags

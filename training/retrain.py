@@ -64,6 +64,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from celery import shared_task
+from pigment.services.common import metrics
 from pigment.services.common.storage import ImageStorage
 from pigment.services.registry import Registry
 from pigment.services.render.celery_app import RETRAIN_TASK
@@ -179,6 +180,8 @@ class RetrainCore:
                     result.status, result.reason = "failed", f"retrain job failed: {type(exc).__name__}: {exc}"
                     log.exception("retrain %s %s failed", kind, run_id)
         result.seconds = round(time.perf_counter() - t0, 1)
+        metrics.RETRAIN_RUNS.labels(kind, result.status).inc()  # the promotion gate's outcome
+        metrics.RETRAIN_SECONDS.labels(kind).observe(result.seconds)
         self._write_report(result)
         log.info("retrain %s %s: %s (%s)", kind, run_id, result.status, result.reason)
         return result

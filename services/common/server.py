@@ -18,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pigment.services.common.errors import PigmentError, RateLimited
+from pigment.services.common.metrics import metrics_interceptor
+from pigment.services.common.tracing import server_interceptors
 
 log = logging.getLogger("pigment.grpc")
 MAX_DETAILS = 1000
@@ -141,10 +143,12 @@ def create_server(
 
     ``interceptors`` run inside the error mapping (the auth interceptor); ``credentials``: TLS, else plaintext.
     """
+    # the trace span and metrics outermost (metrics see the mapped status), then errors, then auth
     chain: list[grpc.ServerInterceptor] = [ErrorInterceptor(), *interceptors]
     if max_concurrent_rpcs is not None:
         chain.insert(0, SlotInterceptor(max_concurrent_rpcs))
         max_workers = max_concurrent_rpcs
+    chain = [*server_interceptors(), metrics_interceptor(), *chain]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers + reserve, thread_name_prefix="grpc"),
         interceptors=chain,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 REPO_PRESETS = Path(__file__).resolve().parents[2] / "models" / "presets"
@@ -23,9 +23,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIGMENT_", extra="forbid")
 
     data_dir: Path = Field(Path("pigment-data"), description="Root for embedded-mode state.")
-    database_url: str = Field("", description="SQLAlchemy URL; default sqlite under data_dir.")
-    broker_url: str = Field("", description="Celery broker; default a filesystem broker under data_dir.")
-    storage_dir: Path | None = Field(None, description="Where PNGs are written; default data_dir/images.")
+    # Secrets (URLs carry passwords): SecretStr, so repr, logs and errors show '**********'. Set them as
+    # PIGMENT_DATABASE_URL / PIGMENT_BROKER_URL or Settings(database_url=...); read as settings.database_url.
+    database_secret: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("PIGMENT_DATABASE_URL",
+                                       "database_url"), description="SQLAlchemy URL; default sqlite under data_dir.")
+    broker_secret: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("PIGMENT_BROKER_URL", "broker_url"),
+                                     description="Celery broker; default a filesystem broker under data_dir.")
+    storage_dir: Path | str | None = Field(None, description="Where PNGs are written: a directory (default "
+                                          "data_dir/images; shared by every writer and reader) or any fsspec URL, "
+                                          "e.g. s3://bucket/pigment (install s3fs).")
     index_dir: Path | None = Field(None, description="FAISS index directory; default data_dir/index.")
 
     preset: str = Field("toy", description="Model preset name (models/presets/NAME) or a directory.")
@@ -104,8 +110,10 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA: require client certificates signed by "
                                             "it (mTLS), on top of the API key.")
-    api_key: str = Field("", description="Client side: the key that commands calling a server "
-                         "(`pigment ingest --address`) send as `authorization: Bearer`.")
+    api_key_secret: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("PIGMENT_API_KEY", "api_key"),
+                                      description="Client side: the key that commands calling a server "
+                                      "(`pigment ingest --address`) send as `authorization: Bearer` (read as "
+                                      "settings.api_key; a SecretStr like the URLs).")
     rate_limit_storage: str = Field("memory://", description="`limits` storage URL for per-tenant limits: "
                                     "memory:// (one process) or redis://host:6379/1 (shared by gateways).")
     rate_limit_calls: str = Field("", description="Per-tenant limit on calls, e.g. \"20/second;1000/minute\" "
@@ -115,6 +123,24 @@ class Settings(BaseSettings):
     rate_limit_tenants: dict[str, dict[str, str]] = Field(default_factory=dict, description="Per-tenant "
                                                           "overrides, e.g. {\"acme\": {\"images\": \"1000/day\"}} "
                                                           "(\"\" = no limit for that tenant).")
+
+    # -- operations (deploy/, README "Operations")
+    log_format: str = Field("text", pattern="^(text|json)$", description="text | json (one object per line "
+                            "with request_id and trace_id; the images set json).")
+    trace_exporter: str = Field("off", pattern="^(off|console|jsonl|otlp)$", description="OpenTelemetry spans: "
+                                "off | console | jsonl (to trace_file) | otlp (OTEL_EXPORTER_OTLP_* variables).")
+    trace_file: Path | None = Field(None, description="jsonl exporter: where spans go; default data_dir/traces.jsonl.")
+    worker_metrics_port: int | None = Field(None, ge=0, le=65535, description="A render worker serves Prometheus "
+                                            "/metrics on this port (None = off; 0 = a free one).")
+    render_notify: str = Field("auto", pattern="^(auto|poll)$", description="How the gateway learns a render is "
+                               "done: auto (PostgreSQL LISTEN/NOTIFY when the database is PostgreSQL, else SQL "
+                               "polling) | poll (always poll SQL every 50 ms).")
+    notify_safety_poll_s: float = Field(1.0, gt=0, description="With notifications on, re-read SQL at least this "
+                                        "often anyway (a notification lost with its connection costs at most this).")
+    shutdown_grace_s: float | None = Field(None, ge=0, description="SIGTERM: how long in-flight calls may finish "
+                                           "(default render_timeout_s + 10, so a render in hand completes).")
+    shutdown_delay_s: float = Field(0.0, ge=0, description="SIGTERM: answer NOT_SERVING this long before refusing "
+                                    "new calls, so load balancers stop routing first (k8s: > readiness period).")
 
     # -- scheduled retraining (training/retrain.py, a worker plug-in) and exploration
     retrain_every_s: float = Field(0.0, ge=0, description="Celery beat runs the retrain job this often "
@@ -149,10 +175,11 @@ class Settings(BaseSettings):
     def _derive_paths(self) -> "Settings":
         self.data_dir = Path(self.data_dir).absolute()
         if not self.database_url:
-            self.database_url = f"sqlite:///{self.data_dir / 'pigment.db'}"
+            self.database_secret = SecretStr(f"sqlite:///{self.data_dir / 'pigment.db'}")
         if not self.broker_url:
-            self.broker_url = "filesystem://"
-        self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
+            self.broker_secret = SecretStr("filesystem://")
+        if "://" not in str(self.storage_dir or ""):  # an object-store URL stays as given
+            self.storage_dir = Path(self.storage_dir or self.data_dir / "images").absolute()
         self.index_dir = Path(self.index_dir or self.data_dir / "index").absolute()
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
@@ -175,6 +202,22 @@ class Settings(BaseSettings):
             raise ValueError(f"render_dtype={self.render_dtype!r} needs render_device cuda "
                              f"(got {self.render_device!r}); use fp32 on cpu")
         return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database_secret.get_secret_value()
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker_secret.get_secret_value()
+
+    @property
+    def api_key(self) -> str:
+        return self.api_key_secret.get_secret_value()
+
+    @property
+    def grace_s(self) -> float:
+        return self.render_timeout_s + 10 if self.shutdown_grace_s is None else self.shutdown_grace_s
 
     @property
     def embedded(self) -> bool:
@@ -204,6 +247,8 @@ class Settings(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The secret URLs' aliases would also match unprefixed DATABASE_URL / BROKER_URL: read PIGMENT_* only.
+        env_settings.env_vars = {k: v for k, v in env_settings.env_vars.items() if k.lower().startswith("pigment_")}
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("PIGMENT_CONFIG")
         if config_file:

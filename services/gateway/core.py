@@ -26,7 +26,6 @@ from pigment.services.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidInput,
-    NotFound,
     Overloaded,
     PigmentError,
     Unavailable,
@@ -37,6 +36,7 @@ from pigment.services.common.limits import check_text
 from pigment.services.gateway.reaper import Reaper
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
+from pigment.services.store.notify import PollingNotifier
 from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
@@ -136,7 +136,7 @@ class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
                  storage, defaults: dict, model_version: Callable[[], str], decider=None,
                  adapters: Callable[[], dict] | None = None, charge_images: Callable | None = None,
-                 limits: tuple[int, int, int] | None = None):
+                 limits: tuple[int, int, int] | None = None, notifier=None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -154,6 +154,7 @@ class GatewayCore:
         self.adapters = adapters  # -> {kind: version} active in the model registry, stamped on each request
         self.reaper = Reaper(settings, sessions, dispatch)  # replays revive stalled rows through it
         self.charge_images = charge_images  # (principal, n) -> None or RateLimited: the tenant's image quota
+        self.notifier = notifier or PollingNotifier()  # services/store/notify.py: wait(request_id, timeout)
 
     # -- validation -----------------------------------------------------------
     def resolve(self, p: GenerateParams) -> GenerateParams:
@@ -269,6 +270,7 @@ class GatewayCore:
             "decision": asdict(decision),
             "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000,
                            "decision_ms": (t3 - t2) * 1000},
+            "queued_at": time.time(),  # the worker's claim time minus this is the queue wait
         }
         row = RenderRequest(
             request_id=p.request_id, user_id=p.user_id, params_hash=phash, params=asdict(p),
@@ -384,7 +386,7 @@ class GatewayCore:
             if time.monotonic() > limit:
                 raise DeadlineExceeded(f"render of {request_id!r} not finished in time (status {row.status}, "
                                        f"step {row.step}/{row.total_steps}); it continues: replay the same request_id")
-            time.sleep(0.05)
+            self.notifier.wait(request_id, max(0.0, limit - time.monotonic()))  # woken by NOTIFY, or polls
 
     def _result(self, row: RenderRequest, flags: list[str]) -> GenerateResult:
         with transaction(self.sessions) as s:
@@ -409,6 +411,7 @@ class GatewayCore:
     def progress_stream(self, params: GenerateParams, deadline: float | None = None,
                         principal=None) -> Iterator[ProgressEvent | GenerateResult]:
         """Runs ``generate`` in a thread and yields progress events, then the result."""
+        import contextvars
         import queue
         import threading
 
@@ -420,7 +423,8 @@ class GatewayCore:
             except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 events.put(exc)
 
-        threading.Thread(target=run, daemon=True).start()
+        # the caller's context (trace span, request id for logs) follows the work into the thread
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True).start()
         while True:
             item = events.get()
             if isinstance(item, Exception):

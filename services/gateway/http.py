@@ -1,4 +1,4 @@
-"""HTTP feedback for web clients: ``POST /v1/feedback`` and ``GET /healthz`` (stdlib only).
+"""HTTP for web clients and operators: ``POST /v1/feedback``, ``GET /healthz``, ``GET /metrics`` (stdlib only).
 
 The same FeedbackCore as the gRPC ``LogFeedback``; domain errors map to HTTP
 statuses the way the gRPC interceptor maps them to status codes. Bodies are
@@ -113,6 +113,10 @@ class FeedbackHandler(BaseHTTPRequestHandler):
         return {}
 
     def do_GET(self):
+        if self.path.split("?", 1)[0].rstrip("/") == "/metrics":  # Prometheus scrape
+            from pigment.services.common.metrics import exposition
+
+            return self._reply_raw(200, *exposition())
         if self.path.rstrip("/") != "/healthz":
             return self._reply(404, {"error": "NOT_FOUND", "message": f"no such path {self.path}"})
         try:
@@ -123,11 +127,13 @@ class FeedbackHandler(BaseHTTPRequestHandler):
         self._reply(200, {"status": "ok"})
 
     def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self._reply_raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _reply_raw(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from threading import Lock
 
+from pigment.services.common import metrics
+
 PIGEON_KIND = "pigeon_lora"
 EXPLORED = "EXPLORED"
 
@@ -55,7 +57,9 @@ class PreferenceCore:
             with self._lock:
                 if version in self._encoders:
                     self._encoders.move_to_end(version)
+                    metrics.PREFERENCE_CACHE.labels("hit").inc()
                     return self._encoders[version]
+            metrics.PREFERENCE_CACHE.labels("miss").inc()
             if version is None:
                 encoder = self._factory()
             else:

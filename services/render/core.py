@@ -25,9 +25,11 @@ import numpy as np
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from pigment.services.common import metrics
 from pigment.services.common.errors import ModelNotReady, PigmentError
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
+from pigment.services.store.notify import publish
 from pigment.services.store.tables import Generation, RenderRequest, utcnow
 
 log = logging.getLogger("pigment.render")
@@ -72,6 +74,8 @@ class RenderCore:
         self.max_adapter_renderers = max_adapter_renderers
 
         self.not_ready: str | None = None  # why this worker cannot render (a GPU backend that did not load)
+        self.progress_every_s = 0.2
+        self._progress_at: dict[str, float] = {}
         # Liveness: while a request renders here, a thread refreshes its heartbeat_at; a request whose
         # heartbeat is older than stale_s is presumed orphaned (claimable again, re-sent by the reaper).
         self.heartbeat_s, self.stale_s, self.max_attempts = heartbeat_s, stale_s, max_attempts
@@ -151,12 +155,15 @@ class RenderCore:
             try:
                 t0 = time.perf_counter()
                 outs = renderer.render_batch([inputs for _, _, inputs in group],
-                                             on_step=lambda step, total: self._progress(ids, step))
+                                             on_step=lambda step, total: self._progress(ids, step, total))
                 render_ms = (time.perf_counter() - t0) * 1000
             except Exception as exc:
                 for rid in ids:
                     self._fail(rid, f"INTERNAL: {type(exc).__name__}: {exc}")
                 raise
+            labels = (getattr(renderer, "backend", "?"), getattr(renderer, "device", "?"))
+            metrics.RENDER_SECONDS.labels(*labels).observe(render_ms / 1000)
+            metrics.RENDER_BATCH_SIZE.labels(labels[1]).observe(len(group))
             for (rid, params, _), out in zip(group, outs):
                 status[rid] = self._store(rid, params, out, render_ms, batch_size=len(group))
         return status
@@ -217,6 +224,7 @@ class RenderCore:
                 elif not took:
                     status[rid] = row.status  # done, failed, or running on a live worker
                 else:
+                    row.conditioning = {**row.conditioning, "claimed_at": time.time()}  # queue wait ends here
                     claimed[rid] = (dict(row.params), dict(row.conditioning), dict(row.adapters or {}))
         return status, claimed
 
@@ -273,16 +281,31 @@ class RenderCore:
                                      method=params["method"], adapter_version=adapter_version_label(row.adapters)))
             row.status, row.step = "done", params["num_inference_steps"]
             timings = {**row.conditioning.get("timings_ms", {}), "worker_render_ms": render_ms}
+            queued_at, claimed_at = row.conditioning.get("queued_at"), row.conditioning.get("claimed_at")
+            if queued_at and claimed_at:  # wall clocks of gateway and worker hosts (NTP-synced)
+                timings["queue_wait_ms"] = max(0.0, claimed_at - queued_at) * 1000
+                metrics.QUEUE_WAIT_SECONDS.observe(timings["queue_wait_ms"] / 1000)
+            metrics.RENDERS.labels("done").inc()
             row.conditioning = {**row.conditioning, "timings_ms": timings, "render_batch_size": batch_size}
         return "done"
 
-    def _progress(self, request_ids: list[str], step: int) -> None:
+    def _progress(self, request_ids: list[str], step: int, total: int | None = None) -> None:
+        # at most one write (and NOTIFY) per progress_every_s per batch, and always the last step: a GPU step
+        # takes tens of ms, and each write wakes every waiting gateway call (docs/SCALE.md, SQL writes)
+        now, key = time.monotonic(), request_ids[0]
+        if total is not None and step < total and now - self._progress_at.get(key, -1e9) < self.progress_every_s:
+            return
+        self._progress_at[key] = now
+        if total is not None and step >= total:
+            self._progress_at.pop(key, None)
         with transaction(self.sessions) as s:
             s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids))
                       .values(step=step, heartbeat_at=utcnow()))
+            publish(s, request_ids)  # a bulk UPDATE skips the ORM flush hook
 
     def _fail(self, request_id: str, error: str) -> str:
         log.error("render %s failed: %s", request_id, error)
+        metrics.RENDERS.labels("failed").inc()
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
             if row is not None:

@@ -9,6 +9,8 @@ from celery import shared_task
 from celery.signals import worker_init
 from pigment.services.render.celery_app import RENDER_TASK
 
+log = logging.getLogger("pigment.render")
+
 
 @lru_cache(maxsize=1)
 def render_core():
@@ -35,11 +37,13 @@ def render_core():
 
 @shared_task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def render(self, request_ids: list[str] | str) -> dict[str, str]:
+    from pigment.services.common.logs import request_context
+
     ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-    return render_core().run_batch(ids)
-
-
-log = logging.getLogger("pigment.render")
+    with request_context(",".join(ids)):  # the worker's log lines carry the request ids they serve
+        status = render_core().run_batch(ids)
+        log.info("render batch of %d: %s", len(ids), status)
+        return status
 
 
 @worker_init.connect

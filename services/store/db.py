@@ -31,7 +31,12 @@ def make_engine(url: str) -> Engine:
 
 
 def make_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(make_engine(url), expire_on_commit=False)
+    factory = sessionmaker(make_engine(url), expire_on_commit=False)
+    if url.startswith("postgresql"):  # render status changes wake gateways by NOTIFY (services/store/notify.py)
+        from pigment.services.store.notify import install_publisher
+
+        install_publisher(factory)
+    return factory
 
 
 @contextmanager
