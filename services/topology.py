@@ -29,7 +29,7 @@ CELERY_APP = "pigment.services.render.worker"
 
 
 def worker_queue(settings, role: str) -> str:
-    from pigment.services.render.batch_tasks import batch_queue
+    from pigment.services.render.celery_app import batch_queue
 
     queues = {"render": settings.render_queue, "batch": batch_queue(settings), "retrain": settings.retrain_queue}
     if role not in queues:

@@ -60,7 +60,8 @@ def test_gateway_wait_reads_sql_on_notifications_not_every_50ms(pg, tmp_path):
     url, sessions, notifier = pg
     add_request(sessions, "r3")
     settings = Settings(data_dir=tmp_path, database_url=url)
-    gateway = GatewayCore(settings, sessions, None, None, None, None, {}, lambda: "v", notifier=notifier)
+    defaults = {"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32}  # the preset's
+    gateway = GatewayCore(settings, sessions, None, None, None, None, defaults, lambda: "v", notifier=notifier)
     reads = []
     event.listen(sessions.kw["bind"], "before_cursor_execute",
                  lambda conn, cur, stmt, *a: reads.append(stmt) if "FROM render_requests" in stmt else None)
