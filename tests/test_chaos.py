@@ -50,7 +50,7 @@ def chaos(tmp_path, tiny_preset, pg: PrivatePostgres, **kwargs) -> dict:
 
 @pytest.mark.integration
 def test_chaos_no_request_lost_or_duplicated(tmp_path, tiny_preset, private_pg):
-    report = chaos(tmp_path, tiny_preset, private_pg, requests=12, clients=4, budget_s=180,
+    report = chaos(tmp_path, tiny_preset, private_pg, requests=16, clients=4, budget_s=180,
                    faults=("kill_worker", "broker_restart", "pg_restart", "server_stop", "kill_worker"))
     assert report["faults_injected"] >= 4, report
     assert "pg_restart" in [f["fault"] for f in report["faults"]], report
