@@ -2,8 +2,10 @@
 processes and a real gRPC server, with faults injected while clients stream renders and retry.
 
 Faults: kill -9 of a worker while it renders (twice), a broker restart without persistence while tasks
-are queued (``redis-cli shutdown nosave``, then started again), and a server stop mid-stream (what
-SIGTERM does once its grace is over), each during live traffic. Clients retry every failure with the
+are queued (``redis-cli shutdown nosave``, then started again), a PostgreSQL crash-restart while renders
+are in flight (``pg_ctl stop -m immediate``, then start: every pooled, LISTEN and heartbeat connection
+breaks at once) on a private cluster, and a server stop mid-stream (what SIGTERM does once its grace is
+over), each during live traffic. Clients retry every failure with the
 same request_id, as the API asks. Afterwards every request is counted in SQL: answered (a response with
 its images), duplicated (Generation rows beyond the images asked, or two answers with different ids),
 lost (never answered, or a row left unfinished).
@@ -12,9 +14,12 @@ lost (never answered, or a row left unfinished).
 from __future__ import annotations
 
 import json
+import pwd
 import queue
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,6 +73,80 @@ class PrivateRedis:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of our own (initdb in a temp folder, a free port), so restarting it disturbs nobody.
+
+    The binaries refuse to run as root, so they run as the ``postgres`` user on a folder it owns (not under
+    pytest's tmp_path, which only root may enter)."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why a private cluster cannot be made here, or None."""
+        if not (cls.BIN / "initdb").exists() or not (cls.BIN / "pg_ctl").exists():
+            return f"no PostgreSQL binaries in {cls.BIN}"
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "no postgres user to run the PostgreSQL binaries as"
+        if shutil.which("runuser") is None:
+            return "no runuser to run the PostgreSQL binaries as postgres"
+        return None
+
+    def __init__(self):
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="pigment-chaos-pg-"))
+        self.data, self.log = self.folder / "data", self.folder / "pg.log"
+        shutil.chown(self.folder, "postgres", "postgres")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _pg(self, *args: str, timeout: float = 60) -> None:
+        done = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if done.returncode != 0:
+            log = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.strip()[-1000:]}\n{log}")
+
+    def start(self) -> None:
+        if not (self.data / "PG_VERSION").exists():
+            self._pg(str(self.BIN / "initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres", "--no-sync",
+                     "-E", "UTF8", "--locale=C")
+        self._pg(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
+                 f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+                 "-c max_connections=200", "start")
+
+    def create_database(self, name: str) -> str:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            admin.dispose()
+        return self.url(name)
+
+    def crash(self) -> None:
+        """A crash, not a polite stop: every client connection breaks mid-whatever."""
+        self._pg(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-w", "stop", "-m", "immediate")
+
+    def restart(self, down_s: float = 2.0) -> None:
+        self.crash()
+        time.sleep(down_s)
+        self.start()
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self._pg(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-w", "stop", "-m", "immediate")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, size: int = 64,
@@ -126,9 +205,12 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
                     time.sleep(0.5)
 
     def running() -> bool:
-        with stack.sessions() as s:
-            return bool(s.scalar(select(func.count()).select_from(RenderRequest)
-                                 .where(RenderRequest.status == "running", RenderRequest.step >= 1)))
+        try:
+            with stack.sessions() as s:
+                return bool(s.scalar(select(func.count()).select_from(RenderRequest)
+                                     .where(RenderRequest.status == "running", RenderRequest.step >= 1)))
+        except Exception:  # noqa: BLE001 - the database is mid-restart: not known to be running yet
+            return False
 
     injected: list[dict] = []
 
@@ -146,6 +228,9 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
                     injected.append({"fault": fault, "t_s": t, "pid": w.proc.pid})
             elif fault == "broker_restart" and chaos_redis.get(redis):
                 chaos_redis[redis].restart()
+                injected.append({"fault": fault, "t_s": t})
+            elif fault == "pg_restart" and chaos_pg.get(settings.database_url):
+                chaos_pg[settings.database_url].restart()
                 injected.append({"fault": fault, "t_s": t})
             elif fault == "server_stop":
                 server["now"].stop(grace=0).wait()
@@ -186,6 +271,7 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
 
 
 chaos_redis: dict[str, PrivateRedis] = {}  # broker url -> the private redis behind it (restartable)
+chaos_pg: dict[str, PrivatePostgres] = {}  # database url -> the private cluster behind it (restartable)
 
 
 def write_report(report: dict, path: Path) -> None:
