@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pigment.services.common.protocheck
-	$(BIN)/python -m pytest -q -x --durations=10
+	$(BIN)/python -m pytest -q -x -m "not soak" --durations=10
 
 # The pinned environment the images build from (deploy/Dockerfile*): a freeze of this venv.
 lock: $(STAMP)
