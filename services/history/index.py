@@ -73,13 +73,13 @@ from pigment.services.history.index_factory import (  # noqa: F401  (re-exported
     search_parameters,
     write_index,
 )
+from pigment.models.loader import sha256_file  # one file hash for weights and the index (torch-free)
 from pigment.services.history.index_factory import search as index_search
 from pigment.services.history.index_files import (
     MANIFEST,
     MANIFEST_FORMAT,
     Manifest,
     WriterLock,
-    sha256_file,
     write_atomic,
 )
 from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)

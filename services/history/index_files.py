@@ -8,7 +8,6 @@ from SQL: a corrupt index must never serve scores.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -43,14 +42,6 @@ class Manifest:
     """The last recall measurement on the catalog (index_tuning.RecallReport as a dict)."""
     saved_at: float = field(default_factory=time.time)
     format: int = MANIFEST_FORMAT
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_file(path: Path) -> None:

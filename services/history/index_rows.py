@@ -26,20 +26,15 @@ class ItemRow:
     change_seq: int
 
 
+ITEM_ROW_COLUMNS = (Item.pk, Item.tenant, Item.embedding, Item.embedding_model, Item.deleted, Item.change_seq)
+
+
 def changed_items_since(
     session: Session, mark: int, after_pk: int = -1, limit: int = PAGE_ROWS
 ) -> list[ItemRow]:
     """Items with ``(change_seq, pk) > (mark, after_pk)``, in that order (keyset paging)."""
-    cols = (
-        Item.pk,
-        Item.tenant,
-        Item.embedding,
-        Item.embedding_model,
-        Item.deleted,
-        Item.change_seq,
-    )
     after = or_(Item.change_seq > mark, and_(Item.change_seq == mark, Item.pk > after_pk))
-    stmt = select(*cols).where(after).order_by(Item.change_seq, Item.pk).limit(limit)
+    stmt = select(*ITEM_ROW_COLUMNS).where(after).order_by(Item.change_seq, Item.pk).limit(limit)
     return [ItemRow(*row) for row in session.execute(stmt)]
 
 
@@ -49,18 +44,10 @@ def max_change_seq(session: Session) -> int:
 
 def _live_rows(session: Session, embedding_model: str) -> Iterator[ItemRow]:
     """Every indexable item (not deleted, embedded by ``embedding_model``), by pk."""
-    cols = (
-        Item.pk,
-        Item.tenant,
-        Item.embedding,
-        Item.embedding_model,
-        Item.deleted,
-        Item.change_seq,
-    )
     after = -1
     while True:
         stmt = (
-            select(*cols)
+            select(*ITEM_ROW_COLUMNS)
             .where(
                 Item.pk > after, Item.deleted.is_(False), Item.embedding_model == embedding_model
             )
