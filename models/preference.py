@@ -71,15 +71,20 @@ class KeywordVocabulary:
         for kw in keywords:
             kw = kw.strip().lower()
             attr = self.attribute_of.get(kw)
-            ok = (attr is not None) if self.by_attribute else (
-                bool(FREE_KEYWORD_RE.match(kw)) and not INSTRUCTION_WORDS.intersection(kw.split()))
-            if not ok or attr in named or (attr and attr in seen_attrs) or kw in kept:
+            if not self.is_valid(kw) or attr in named or (attr and attr in seen_attrs) or kw in kept:
                 rejected.append(kw)
                 continue
             if attr:
                 seen_attrs.add(attr)
             kept.append(kw)
         return kept, rejected
+
+    def is_valid(self, keyword: str) -> bool:
+        """In the vocabulary (when the preset has one), else a short lowercase phrase with no instruction words."""
+        keyword = keyword.strip().lower()
+        if self.by_attribute:
+            return keyword in self.attribute_of
+        return bool(FREE_KEYWORD_RE.match(keyword)) and not INSTRUCTION_WORDS.intersection(keyword.split())
 
     def attributes_named_in(self, text: str) -> set[str]:
         words = f" {text.lower()} "
@@ -223,7 +228,9 @@ class PreferenceEncoder:
             raw = self.generate_keywords(prompt)
             keywords, rejected = self.vocab.validate(raw, target)
             keywords = keywords[: int(self.cfg["max_keywords"])]
-            if rejected:
+            # Only invalid keywords are flagged: dropping one for an attribute the target names (the LLM's
+            # "star" for "a star") or a repeat is the expected filtering, not a sign of a bad answer.
+            if any(not self.vocab.is_valid(k) for k in rejected):
                 flags.append(KEYWORDS_REJECTED)
             if not keywords:
                 flags.append(NO_KEYWORDS)

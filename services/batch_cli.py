@@ -46,7 +46,8 @@ def cmd_batch(args, settings) -> int:
     params = BatchParams(job_id=args.job_id or f"batch-{uuid.uuid4().hex[:12]}",
                          user_ids=[u.strip() for u in (args.users or "").split(",") if u.strip()],
                          segment=args.segment or "", prompt=args.prompt, images_per_user=args.images,
-                         num_inference_steps=args.steps, method=args.method, chunk_size=args.chunk_size)
+                         num_inference_steps=args.steps or None, method=args.method,
+                         chunk_size=args.chunk_size or None)
     worker = None if args.no_worker else Worker(settings).start()
     try:
         job = stack.jobs.submit(params)

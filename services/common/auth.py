@@ -294,11 +294,12 @@ class RateLimiter:
         group = ident[1]
         for limit in limits:
             if cost > limit.amount:
-                raise Overloaded(f"{cost} {group} in one call can never fit the tenant's limit of {limit}: split it")
+                raise Overloaded(f"{cost} {group} in one call can never fit the tenant's limit of {limit}: split it",
+                                 reason="OVER_QUOTA_SIZE")
             if not self.strategy.test(limit, *ident, cost=cost):
                 reset, _ = self.strategy.get_window_stats(limit, *ident)
                 wait = max(0.0, reset - time.time())
-                raise RateLimited(f"tenant {ident[0]!r} is over its {group} limit of {limit}: "
-                                  f"retry in {wait:.1f}s", wait)
+                raise RateLimited(f"tenant {ident[0]} is over its {group} limit of {limit}: "
+                                  f"retry in {wait:.1f}s", wait, subject=f"tenant:{ident[0]}", quota=f"{group} {limit}")
         for limit in limits:
             self.strategy.hit(limit, *ident, cost=cost)

@@ -7,6 +7,7 @@ digit, so no id starts with ``.``, ``-`` or ``/``; no ``/``, ``\\``, NUL, whites
 
 from __future__ import annotations
 
+import json
 import re
 
 from pigment.services.common.errors import InvalidInput
@@ -19,8 +20,15 @@ SHOWN_CHARS = 80
 
 
 def show(value: object, limit: int = SHOWN_CHARS) -> str:
-    """``repr`` of a caller's value cut to ``limit`` characters: an error never echoes a megabyte back."""
-    text = repr(value)
+    """A caller's value as JSON would write it ("abc", 9, 2.5; never a Python repr), cut to ``limit``
+    characters: an error never echoes a megabyte back."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = str(value)
     return text if len(text) <= limit else f"{text[:limit]}...({len(str(value))} chars)"
 
 
@@ -31,15 +39,19 @@ def is_id(value: object) -> bool:
 def check_id(field: str, value: object) -> str:
     """A user, item or tenant id: 1..128 of [A-Za-z0-9_.:@-], starting with a letter or digit, no ``..``."""
     if not is_id(value):
-        raise InvalidInput(f"{field}={show(value)} is malformed: allowed 1-{MAX_ID_LEN} characters of "
-                           "[A-Za-z0-9_.:@-], starting with a letter or digit, without '..'")
+        allowed = (f"allowed 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.:@-], starting with a letter or digit, "
+                   "without '..'")
+        raise InvalidInput(f"{field} {show(value)} is malformed: {allowed}", reason="MALFORMED_ID", field=field,
+                           allowed=allowed)
     return value  # type: ignore[return-value]
 
 
 def check_key(field: str, value: object, max_len: int = MAX_KEY_LEN) -> str:
     """An idempotency key (request_id, feedback_id, job_id) or a generation id: 1..max_len of [A-Za-z0-9_-]."""
     if not (isinstance(value, str) and KEY_RE.match(value) and len(value) <= max_len):
-        raise InvalidInput(f"{field}={show(value)} is malformed: allowed 1-{max_len} characters of [A-Za-z0-9_-]")
+        allowed = f"allowed 1-{max_len} characters of [A-Za-z0-9_-]"
+        raise InvalidInput(f"{field} {show(value)} is malformed: {allowed}", reason="MALFORMED_ID", field=field,
+                           allowed=allowed)
     return value
 
 

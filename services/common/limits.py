@@ -44,26 +44,30 @@ class InputLimits:
 def check_text(field: str, value: str, max_chars: int) -> str:
     """At most ``max_chars`` characters and no NUL (PostgreSQL refuses NUL in text and JSON)."""
     if len(value) > max_chars:
-        raise InvalidInput(f"{field} is {len(value)} characters: allowed at most {max_chars}")
+        raise InvalidInput(f"{field} is {len(value)} characters: allowed at most {max_chars}", reason="TOO_LONG",
+                           field=field, allowed=f"allowed at most {max_chars} characters")
     if "\x00" in value:
-        raise InvalidInput(f"{field} contains a NUL character")
+        raise InvalidInput(f"{field} contains a NUL character", reason="MALFORMED_TEXT", field=field,
+                           allowed="text without NUL characters")
     return value
 
 
 def check_finite(field: str, value: float, bound: float = MAX_ABS_VALUE) -> float:
     if not math.isfinite(value) or abs(value) > bound:
-        raise InvalidInput(f"{field}={show(value)} is out of range: allowed a finite number within +-{bound:g}")
+        allowed = f"allowed a finite number within +-{bound:g}"
+        raise InvalidInput(f"{field} {show(value)} is out of range: {allowed}", reason="OUT_OF_RANGE", field=field,
+                           allowed=allowed)
     return value
 
 
 def check_attributes(field: str, attributes: dict) -> dict[str, str]:
     if len(attributes) > MAX_ATTRIBUTES:
-        raise InvalidInput(f"{field} has {len(attributes)} entries: allowed at most {MAX_ATTRIBUTES}")
+        raise InvalidInput(f"{field} has {len(attributes)} entries: allowed at most {MAX_ATTRIBUTES}", field=field)
     out = {}
     for key, value in attributes.items():
         check_text(f"{field} key {show(key, 40)}", str(key), MAX_ATTRIBUTE_KEY_CHARS)
         if not str(key):
-            raise InvalidInput(f"{field} has an empty key")
+            raise InvalidInput(f"{field} has an empty key", field=field)
         out[str(key)] = check_text(f"{field}[{show(key, 40)}]", str(value), MAX_ATTRIBUTE_VALUE_CHARS)
     return out
 
@@ -71,7 +75,8 @@ def check_attributes(field: str, attributes: dict) -> dict[str, str]:
 def check_kind(field: str, value: str) -> str:
     """A short label (interaction kind): 1..32 characters, an id's alphabet."""
     if len(value) > MAX_KIND_CHARS:
-        raise InvalidInput(f"{field} is {len(value)} characters: allowed at most {MAX_KIND_CHARS}")
+        raise InvalidInput(f"{field} is {len(value)} characters: allowed at most {MAX_KIND_CHARS}", reason="TOO_LONG",
+                           field=field, allowed=f"allowed at most {MAX_KIND_CHARS} characters")
     return check_id(field, value)
 
 
@@ -118,19 +123,19 @@ def check_image(field: str, data: bytes, limits: InputLimits) -> bytes:
     """Size in bytes, format (PNG or JPEG magic) and pixel count from the header, all before any decode;
     then a decode bounded by that cap, so corrupt bytes are the caller's error. Returns PNG bytes."""
     if len(data) > limits.max_image_bytes:
-        raise InvalidInput(f"{field} is {len(data)} bytes: allowed at most {limits.max_image_bytes}")
+        raise InvalidInput(f"{field} is {len(data)} bytes: allowed at most {limits.max_image_bytes}", field=field)
     head = image_size(data)
     if head is None:
-        raise InvalidInput(f"{field} is not a PNG or JPEG image (checked by its header)")
+        raise InvalidInput(f"{field} is not a PNG or JPEG image (checked by its header)", field=field)
     fmt, width, height = head
     if width < 1 or height < 1 or width * height > limits.max_image_pixels:
-        raise InvalidInput(f"{field} is {width}x{height} pixels: allowed 1..{limits.max_image_pixels} pixels")
+        raise InvalidInput(f"{field} is {width}x{height} pixels: allowed 1..{limits.max_image_pixels} pixels", field=field)
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as image:
             if image.size != (width, height):
-                raise InvalidInput(f"{field}: its header says {width}x{height} but it decodes as {image.size}")
+                raise InvalidInput(f"{field}: its header says {width}x{height} but it decodes as {image.size}", field=field)
             image.load()
             if fmt == "PNG":
                 return data
@@ -140,4 +145,4 @@ def check_image(field: str, data: bytes, limits: InputLimits) -> bytes:
     except InvalidInput:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
-        raise InvalidInput(f"{field} is not a readable {fmt} image: {type(exc).__name__}: {str(exc)[:120]}") from None
+        raise InvalidInput(f"{field} is not a readable {fmt} image: {type(exc).__name__}: {str(exc)[:120]}", field=field) from None

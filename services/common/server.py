@@ -16,37 +16,21 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
-from pigment.services.common.errors import PigmentError, RateLimited
+from pigment.services.common.errors import Overloaded, PigmentError, to_rpc_status
 from pigment.services.common.metrics import metrics_interceptor
 from pigment.services.common.tracing import server_interceptors
 
 log = logging.getLogger("pigment.grpc")
-MAX_DETAILS = 1000
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
-    if isinstance(exc, RateLimited):
-        context.abort_with_status(retry_status(exc))
-    if isinstance(exc, PigmentError):
-        # Capped: a message echoing a caller's huge value must not push the reply over header limits.
-        context.abort(getattr(grpc.StatusCode, exc.status), str(exc)[:MAX_DETAILS])
-    log.exception("unhandled error in %s", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__} (logged)")
-
-
-def retry_status(exc: RateLimited):
-    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail (clients read it with grpc_status.rpc_status)."""
-    from google.protobuf import any_pb2
-    from google.rpc import code_pb2, error_details_pb2, status_pb2
-    from grpc_status import rpc_status
-
-    info = error_details_pb2.RetryInfo()
-    info.retry_delay.FromNanoseconds(int(max(0.0, exc.retry_after_s) * 1e9))
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc),
-                                                  details=[detail]))
+    """Every error leaves as a google.rpc.Status with details (clients read them with rpc_status.from_call)."""
+    if not isinstance(exc, PigmentError):
+        log.exception("unhandled error in %s", method)
+        exc = PigmentError(f"internal error in {method}: {type(exc).__name__} (logged)")
+    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
 
 
 def _wrap_unary(fn: Callable, method: str) -> Callable:
@@ -81,8 +65,9 @@ class SlotInterceptor(grpc.ServerInterceptor):
         self.slots = threading.BoundedSemaphore(limit)
 
     def _exhausted(self, context):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"server busy: {self.limit} calls in flight (max_concurrent_rpcs); retry later")
+        busy = Overloaded(f"server busy: {self.limit} calls in flight (max_concurrent_rpcs); retry later",
+                          reason="SERVER_BUSY")
+        context.abort_with_status(rpc_status.to_status(to_rpc_status(busy)))
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

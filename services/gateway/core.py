@@ -50,18 +50,20 @@ ADMISSION_LOCK = "render_admission"  # the counter row every admission writes fi
 
 @dataclass
 class GenerateParams:
+    """None (and "" for method/retrieval): the default, filled by ``GatewayCore.resolve``."""
+
     request_id: str
     user_id: str
     prompt: str = ""
-    num_images: int = 0
-    seed: int = 0
-    num_inference_steps: int = 0
-    guidance_scale: float = 0.0
-    height: int = 0
-    width: int = 0
+    num_images: int | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
     method: str = ""
-    keyword_weight: float = 0.0
-    soft_weight: float = 0.0
+    keyword_weight: float | None = None
+    soft_weight: float | None = None
     retrieval: str = ""
     include_seen: bool = False
 
@@ -122,10 +124,21 @@ class ProgressEvent:
 RETRIEVED_INDEX_BASE = 1000  # Generation.image_index of retrieved results: 1000, 1001, ...
 
 
+def unknown_method(method: str) -> InvalidInput:
+    allowed = "allowed " + ", ".join(f"METHOD_{m.upper()}" for m in METHODS)
+    return InvalidInput(f"method {method} is unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE", field="method",
+                        allowed=allowed)
+
+
 def retrieved_generation_id(request_id: str, index: int) -> str:
     from pigment.services.render.core import generation_id
 
     return generation_id(request_id, RETRIEVED_INDEX_BASE + index)
+
+
+def or_default(value, default):
+    """An unset (None) field takes the default; a set one, 0 included, is kept and range-checked."""
+    return default if value is None else value
 
 
 def derive_seed(request_id: str) -> int:
@@ -165,19 +178,21 @@ class GatewayCore:
         check_text("prompt", p.prompt, MAX_PROMPT_CHARS)
         method = p.method or s.default_method
         if method not in METHODS:
-            raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
+            raise unknown_method(method)
         retrieval = p.retrieval or s.retrieval_mode
         if retrieval not in RETRIEVAL_MODES:
-            raise InvalidInput(f"retrieval={retrieval!r} is unknown: allowed {', '.join(RETRIEVAL_MODES)}")
+            allowed = "allowed " + ", ".join(f"RETRIEVAL_MODE_{m.upper()}" for m in RETRIEVAL_MODES)
+            raise InvalidInput(f"retrieval {retrieval} is unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE",
+                               field="retrieval", allowed=allowed)
         r = GenerateParams(
             request_id=p.request_id, user_id=p.user_id, prompt=p.prompt.strip(), method=method,
-            num_images=p.num_images or int(d.get("num_images", 1)),
-            seed=p.seed or derive_seed(p.request_id),
-            num_inference_steps=p.num_inference_steps or int(d["num_inference_steps"]),
-            guidance_scale=p.guidance_scale or float(d["guidance_scale"]),
-            height=p.height or int(d["height"]), width=p.width or int(d["width"]),
-            keyword_weight=p.keyword_weight or float(d.get("keyword_weight", 1.0)),
-            soft_weight=p.soft_weight or default_soft_weight(d, method),
+            num_images=or_default(p.num_images, int(d.get("num_images", 1))),
+            seed=or_default(p.seed, derive_seed(p.request_id)),
+            num_inference_steps=or_default(p.num_inference_steps, int(d["num_inference_steps"])),
+            guidance_scale=or_default(p.guidance_scale, float(d["guidance_scale"])),
+            height=or_default(p.height, int(d["height"])), width=or_default(p.width, int(d["width"])),
+            keyword_weight=or_default(p.keyword_weight, float(d.get("keyword_weight", 1.0))),
+            soft_weight=or_default(p.soft_weight, default_soft_weight(d, method)),
             retrieval=retrieval, include_seen=p.include_seen,
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
@@ -190,12 +205,15 @@ class GatewayCore:
             value = getattr(r, name)
             check_range(name, value, s.min_size, s.max_size)
             if value % 8:
-                raise InvalidInput(f"{name}={value} must be a multiple of 8 (allowed {s.min_size}..{s.max_size})")
+                allowed = f"a multiple of 8 in {s.min_size}..{s.max_size}"
+                raise InvalidInput(f"{name} {value} must be {allowed}", reason="NOT_A_MULTIPLE", field=name,
+                                   allowed=allowed)
             if self.limits is not None:
                 multiple, low, high = self.limits
                 if value % multiple or not low <= value <= high:
-                    raise InvalidInput(f"{name}={value} is not allowed by the {s.render_backend} render backend: "
-                                       f"a multiple of {multiple} in {low}..{high}")
+                    allowed = f"a multiple of {multiple} in {low}..{high}"
+                    raise InvalidInput(f"{name} {value} is not allowed by the {s.render_backend} render backend: "
+                                       f"{allowed}", reason="NOT_A_MULTIPLE", field=name, allowed=allowed)
         return r
 
     # -- the request ------------------------------------------------------------
@@ -214,7 +232,7 @@ class GatewayCore:
             self._check_depth()  # fail fast, before history and preference work; _insert enforces it exactly
             if principal is not None and self.charge_images is not None:
                 self.charge_images(principal, p.num_images)
-            row, timings = self._prepare(p, phash)
+            row, timings = self._prepare(p, phash, asked=bool(params.retrieval))
             existing = self._insert(row)
             flags = [] if existing is None else [REPLAYED]
             if existing is None and row.status == "queued":
@@ -238,10 +256,11 @@ class GatewayCore:
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
         if row is not None and row.params_hash != phash:
-            raise AlreadyExists(f"request_id {request_id!r} was already used with different parameters")
+            raise AlreadyExists(f"request_id {request_id} was already used with different parameters",
+                                reason="IDEMPOTENCY_KEY_REUSED", field="request_id")
         return row
 
-    def _prepare(self, p: GenerateParams, phash: str) -> tuple[RenderRequest, dict]:
+    def _prepare(self, p: GenerateParams, phash: str, asked: bool = True) -> tuple[RenderRequest, dict]:
         t0 = time.perf_counter()
         history = self.history.get_history(p.user_id, self.settings.history_limit)  # NotFound for unknown users
         t1 = time.perf_counter()
@@ -255,7 +274,7 @@ class GatewayCore:
             if not history or "EMPTY_HISTORY" in pref.flags:
                 flags.append(NON_PERSONALIZED_EMPTY_HISTORY)
         t2 = time.perf_counter()
-        decision = self._decide(p, history, pref)
+        decision = self._decide(p, history, pref, asked)
         t3 = time.perf_counter()
         segments, weights = [p.prompt], [1.0]
         if keywords:
@@ -280,14 +299,21 @@ class GatewayCore:
         )
         return row, conditioning["timings_ms"]
 
-    def _decide(self, p: GenerateParams, history, preference) -> Decision:
+    def _decide(self, p: GenerateParams, history, preference, asked: bool = True) -> Decision:
+        """``asked``: the request set ``retrieval`` (else the server's retrieval_mode chose, and reasons say so)."""
+        who = "request asked for" if asked else "retrieval unset, the server's retrieval_mode is"
         if p.retrieval == "generate_only":
-            return Decision(policy="forced", retrieve=False, generate=True, reason="request asked to generate only")
+            return Decision(policy="forced", retrieve=False, generate=True, reason=f"{who} generate_only: generating")
         if self.decider is None:
             if p.retrieval == "auto":
                 return NO_RETRIEVAL
-            raise InvalidInput(f"retrieval={p.retrieval!r} needs an item index, which this deployment lacks")
-        return self.decider.decide(p.user_id, p, history, preference)
+            raise InvalidInput(f"retrieval {p.retrieval} needs an item index, which this deployment lacks",
+                               reason="NO_ITEM_INDEX", field="retrieval",
+                               allowed="RETRIEVAL_MODE_AUTO or RETRIEVAL_MODE_GENERATE_ONLY")
+        decision = self.decider.decide(p.user_id, p, history, preference)
+        if decision.policy == "forced" and not asked:
+            decision.reason = decision.reason.replace("request asked for", who, 1)
+        return decision
 
     def _depth(self, s: Session) -> int:
         return s.scalar(select(func.count()).select_from(RenderRequest)
@@ -295,7 +321,7 @@ class GatewayCore:
 
     def _overloaded(self, depth: int) -> Overloaded:
         return Overloaded(f"render queue is full ({depth} requests waiting, limit "
-                          f"{self.settings.max_queue_depth}): retry later")
+                          f"{self.settings.max_queue_depth}): retry later", reason="QUEUE_FULL")
 
     def _check_depth(self) -> None:
         with transaction(self.sessions) as s:
@@ -349,7 +375,7 @@ class GatewayCore:
         except Exception as exc:  # broker errors from kombu/redis/amqp
             msg = f"render queue unavailable ({type(exc).__name__}: {str(exc)[:200]}); retry with the same request_id"
             self._mark_failed(request_id, f"UNAVAILABLE: {msg}")
-            raise Unavailable(msg) from exc
+            raise Unavailable(msg, reason="QUEUE_UNAVAILABLE") from exc
 
     def _requeue(self, request_id: str) -> None:
         with transaction(self.sessions) as s:
@@ -382,9 +408,9 @@ class GatewayCore:
             if row.status == "failed":
                 status, _, msg = (row.error or "INTERNAL: render failed").partition(": ")
                 error = next((c for c in PigmentError.__subclasses__() if c.status == status), PigmentError)
-                raise error(f"render of {request_id!r} failed: {msg}")
+                raise error(f"render of {request_id} failed: {msg}", reason="RENDER_FAILED")
             if time.monotonic() > limit:
-                raise DeadlineExceeded(f"render of {request_id!r} not finished in time (status {row.status}, "
+                raise DeadlineExceeded(f"render of {request_id} not finished in time (status {row.status}, "
                                        f"step {row.step}/{row.total_steps}); it continues: replay the same request_id")
             self.notifier.wait(request_id, max(0.0, limit - time.monotonic()))  # woken by NOTIFY, or polls
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from pigment.services.common.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied
+from pigment.services.common.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    number,
+)
 from pigment.services.common.ids import check_id, check_key
 from pigment.services.common.limits import check_finite
 from pigment.services.store.db import transaction
@@ -39,7 +45,7 @@ class FeedbackCore:
                 if principal is not None:
                     user = s.get(User, user_id)
                     if user is None or not principal.sees(user.tenant):
-                        raise NotFound(f"user {user_id!r} not found")
+                        raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
                 if (row := s.get(Feedback, feedback_id)) is not None:
                     return self._same(row, content)
                 gens = {g.generation_id: g for g in s.scalars(
@@ -50,9 +56,10 @@ class FeedbackCore:
                     gens = {k: g for k, g in gens.items() if g.user_id in owners and principal.sees(owners[g.user_id])}
                 for gid in [generation_id, *others]:
                     if gid not in gens:
-                        raise NotFound(f"generation {gid!r} not found")
+                        raise NotFound(f"generation {gid} not found", reason="GENERATION_NOT_FOUND")
                     if gens[gid].user_id != user_id:
-                        raise PermissionDenied(f"generation {gid!r} belongs to another user")
+                        raise PermissionDenied(f"generation {gid} belongs to another user",
+                                               reason="NOT_THE_USERS_GENERATION")
                 s.add(Feedback(feedback_id=feedback_id, generation_id=generation_id, user_id=user_id, kind=kind,
                                value=float(value), other_generation_ids=others))
             return False
@@ -67,7 +74,8 @@ class FeedbackCore:
     def _same(row: Feedback, content: tuple) -> bool:
         stored = (row.user_id, row.generation_id, row.kind, float(row.value), list(row.other_generation_ids or []))
         if stored != content:
-            raise AlreadyExists(f"feedback_id {row.feedback_id!r} was already used with different content")
+            raise AlreadyExists(f"feedback_id {row.feedback_id} was already used with different content",
+                                reason="IDEMPOTENCY_KEY_REUSED", field="feedback_id")
         return True
 
     @staticmethod
@@ -77,13 +85,18 @@ class FeedbackCore:
         check_id("user_id", user_id)
         check_key("generation_id", generation_id)
         if kind not in KINDS:
-            raise InvalidInput(f"kind must be one of {', '.join(KINDS)}")
+            allowed = "allowed " + ", ".join(f"FEEDBACK_KIND_{k.upper()}" for k in KINDS)
+            raise InvalidInput(f"kind is unset or unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE", field="kind",
+                               allowed=allowed)
         check_finite("value", value, MAX_VALUE)
         if kind == "rating" and not (1 <= value <= 5):
-            raise InvalidInput(f"value={value} is out of range for a rating: allowed 1..5")
+            raise InvalidInput(f"value {number(value)} is out of range for a rating: allowed 1..5",
+                               reason="OUT_OF_RANGE", field="value", allowed="allowed 1..5")
         if kind == "pick" and not others:
-            raise InvalidInput("a pick needs other_generation_ids (the images not chosen)")
+            raise InvalidInput("a pick needs other_generation_ids (the images not chosen)", reason="MISSING_FIELD",
+                               field="other_generation_ids", allowed="at least one generation id")
         if len(others) > MAX_OTHERS:
-            raise InvalidInput(f"{len(others)} other_generation_ids: allowed at most {MAX_OTHERS}")
+            raise InvalidInput(f"{len(others)} other_generation_ids: allowed at most {MAX_OTHERS}", reason="TOO_MANY",
+                               field="other_generation_ids", allowed=f"allowed at most {MAX_OTHERS}")
         for n, gid in enumerate(others):
             check_key(f"other_generation_ids[{n}]", gid)

@@ -38,11 +38,19 @@ from pigment.services.common.errors import (
     PermissionDenied,
     PigmentError,
     Unavailable,
+    Violation,
     check_range,
 )
 from pigment.services.common.ids import check_id, check_key
 from pigment.services.common.limits import check_text
-from pigment.services.gateway.core import MAX_PROMPT_CHARS, METHODS, REQUEST_ID_RE, GenerateParams
+from pigment.services.gateway.core import (
+    MAX_PROMPT_CHARS,
+    METHODS,
+    REQUEST_ID_RE,
+    GenerateParams,
+    or_default,
+    unknown_method,
+)
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Job, JobUser, User
 
@@ -60,10 +68,10 @@ class BatchParams:
     user_ids: list[str] = field(default_factory=list)
     segment: str = ""  # a tenant name, or "*" for every user
     prompt: str = ""
-    images_per_user: int = 1
-    num_inference_steps: int = 0  # 0 = preset default
+    images_per_user: int | None = None  # None = 1
+    num_inference_steps: int | None = None  # None = preset default
     method: str = ""
-    chunk_size: int = 0  # 0 = default
+    chunk_size: int | None = None  # None = DEFAULT_CHUNK_SIZE
 
 
 @dataclass
@@ -171,7 +179,8 @@ class JobsCore:
         """Fill defaults and check every field, naming it and the allowed values."""
         check_key("job_id", p.job_id, 40)
         if bool(p.user_ids) == bool(p.segment):
-            raise InvalidInput("give either user_ids or a segment (a tenant name, or \"*\" for every user)")
+            raise InvalidInput("give either user_ids or a segment (a tenant name, or \"*\" for every user)",
+                               reason="ONE_OF_REQUIRED", field="user_ids", allowed="either user_ids or segment")
         if p.segment and p.segment != "*":
             check_id("segment", p.segment)
         check_range("user_ids", len(p.user_ids), 0, MAX_JOB_USERS)
@@ -180,13 +189,13 @@ class JobsCore:
         check_text("prompt", p.prompt, MAX_PROMPT_CHARS)
         method = p.method or self.settings.default_method
         if method not in METHODS:
-            raise InvalidInput(f"method={method!r} is unknown: allowed {', '.join(METHODS)}")
+            raise unknown_method(method)
         r = BatchParams(job_id=p.job_id, user_ids=list(dict.fromkeys(p.user_ids)), segment=p.segment,
-                        prompt=p.prompt.strip(), images_per_user=p.images_per_user or 1,
+                        prompt=p.prompt.strip(), images_per_user=or_default(p.images_per_user, 1),
                         num_inference_steps=p.num_inference_steps, method=method,
-                        chunk_size=p.chunk_size or DEFAULT_CHUNK_SIZE)
+                        chunk_size=or_default(p.chunk_size, DEFAULT_CHUNK_SIZE))
         check_range("images_per_user", r.images_per_user, 1, self.settings.max_images)
-        if r.num_inference_steps:
+        if r.num_inference_steps is not None:
             check_range("num_inference_steps", r.num_inference_steps, 1, self.settings.max_steps)
         check_range("chunk_size", r.chunk_size, 1, MAX_CHUNK_SIZE)
         check_range("user_ids", len(r.user_ids), 0, MAX_JOB_USERS)
@@ -211,21 +220,25 @@ class JobsCore:
                 known = set(s.scalars(query))
                 missing = [u for u in p.user_ids if u not in known]
                 if missing:
-                    raise NotFound(f"{len(missing)} unknown users, e.g. {missing[:5]}")
+                    raise NotFound(f"{len(missing)} unknown users, e.g. {', '.join(missing[:5])}", reason="USER_NOT_FOUND",
+                                   violations=[Violation(f"user_ids[{p.user_ids.index(u)}]", f"user {u} not found")
+                                               for u in missing])
                 return p.user_ids
             query = select(User.user_id).order_by(User.user_id)
             if p.segment != "*" or tenant is not None:
                 query = query.where(User.tenant == (tenant or p.segment))
             users = list(s.scalars(query.limit(MAX_JOB_USERS + 1)))
         if not users:
-            raise InvalidInput(f"segment {p.segment!r} has no users")
+            raise InvalidInput(f"segment {p.segment} has no users", reason="EMPTY_SEGMENT", field="segment")
         if len(users) > MAX_JOB_USERS:
-            raise InvalidInput(f"segment {p.segment!r} has over {MAX_JOB_USERS} users: split the job")
+            raise InvalidInput(f"segment {p.segment} has over {MAX_JOB_USERS} users: split the job", reason="TOO_MANY",
+                               field="segment", allowed=f"at most {MAX_JOB_USERS} users")
         return users
 
     def _replay(self, job: Job, phash: str, limit: int | None) -> JobView:
         if job.params_hash != phash:
-            raise AlreadyExists(f"job_id {job.job_id!r} was already used with different parameters")
+            raise AlreadyExists(f"job_id {job.job_id} was already used with different parameters",
+                                reason="IDEMPOTENCY_KEY_REUSED", field="job_id")
         if job.status in ACTIVE:  # replaying resumes: re-queue every chunk with unfinished users
             with transaction(self.sessions) as s:
                 chunks = sorted(set(s.scalars(select(JobUser.chunk).where(
@@ -365,7 +378,8 @@ class ChunkRunner:
             request_id = s.get(JobUser, (job_id, user_id)).request_id
         gp = GenerateParams(request_id=request_id, user_id=user_id, prompt=params.get("prompt", ""),
                             num_images=params.get("images_per_user", 1),
-                            num_inference_steps=params.get("num_inference_steps", 0), method=params.get("method", ""))
+                            num_inference_steps=params.get("num_inference_steps") or None,  # 0: rows from before v1
+                            method=params.get("method", ""))
         try:
             result = self._generate(gp)
         except PigmentError as exc:

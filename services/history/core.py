@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.common import limits as lim
-from pigment.services.common.errors import InvalidInput, NotFound, PermissionDenied
-from pigment.services.common.ids import check_id, check_tenant, show
+from pigment.services.common.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Violation,
+    check_range,
+)
+from pigment.services.common.ids import check_id, check_key, check_tenant, show
 from pigment.services.store.db import next_counter, transaction
-from pigment.services.store.tables import Feedback, Generation, Interaction, Item, Job, JobUser, RenderRequest, User
+from pigment.services.store.tables import (
+    Feedback,
+    Generation,
+    Interaction,
+    InteractionBatch,
+    Item,
+    Job,
+    JobUser,
+    RenderRequest,
+    User,
+)
 
 log = logging.getLogger("pigment.history")
 
@@ -36,13 +56,31 @@ class InteractionRecord:
     item_id: str
     kind: str = "view"
     value: float = 1.0
-    timestamp_ms: int = 0
+    timestamp_ms: int | None = None  # None: the time it is logged (0 is 1970-01-01)
 
 
 @dataclass
 class HistoryEntry:
     item: ItemRecord
     interaction: InteractionRecord
+
+
+@dataclass
+class HistoryPage:
+    entries: list[HistoryEntry]  # oldest first within the page
+    next_page_token: str  # "" when there are no older entries
+    total: int  # the user's interactions in all pages
+
+
+@dataclass
+class LogResult:
+    logged: int
+    duplicate: bool = False  # the batch_id was already applied with the same content
+
+
+MAX_PAGE_SIZE = 10_000
+PAGE_TOKEN_RE = re.compile(r"\A(\d{1,20})\.(\d{1,19})\Z")  # "<ts in microseconds>.<interaction id>"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def item_key(item_id: str) -> str:
@@ -56,9 +94,27 @@ def _check_interaction(n: int, i: InteractionRecord) -> None:
     if i.kind:
         lim.check_kind(f"{where}.kind", i.kind)
     lim.check_finite(f"{where}.value", i.value)
-    if not 0 <= i.timestamp_ms <= lim.MAX_TIMESTAMP_MS:
-        raise InvalidInput(f"{where}.timestamp_ms={i.timestamp_ms} is out of range: allowed 0 (now) to "
-                           f"{lim.MAX_TIMESTAMP_MS} (milliseconds since 1970, up to the year 9999)")
+    if i.timestamp_ms is not None and not 0 <= i.timestamp_ms <= lim.MAX_TIMESTAMP_MS:
+        allowed = f"allowed unset (now) or 0 to {lim.MAX_TIMESTAMP_MS} (milliseconds since 1970, up to the year 9999)"
+        raise InvalidInput(f"{where}.timestamp_ms {i.timestamp_ms} is out of range: {allowed}", reason="OUT_OF_RANGE",
+                           field=f"{where}.timestamp_ms", allowed=allowed)
+
+
+def _micros(ts: datetime) -> int:
+    """Microseconds since 1970 (naive datetimes, as SQLite returns them, are UTC)."""
+    return (ts.replace(tzinfo=ts.tzinfo or timezone.utc) - EPOCH) // timedelta(microseconds=1)
+
+
+def _batch_hash(interactions: Sequence[InteractionRecord], tenant: str | None) -> str:
+    rows = [[i.item_id, i.kind or "view", i.value, i.timestamp_ms] for i in interactions]
+    return hashlib.sha256(json.dumps([tenant, rows]).encode()).hexdigest()
+
+
+def _replayed(done: InteractionBatch, content: str) -> LogResult:
+    if done.content_hash != content:
+        raise AlreadyExists(f"batch_id {done.batch_id} was already used with different interactions",
+                            reason="IDEMPOTENCY_KEY_REUSED", field="batch_id")
+    return LogResult(done.logged, duplicate=True)
 
 
 def _visible_user(s: Session, user_id: str, principal) -> User:
@@ -66,7 +122,7 @@ def _visible_user(s: Session, user_id: str, principal) -> User:
     another tenant's users do not exist for the caller). ``principal`` None: a trusted internal caller."""
     user = s.get(User, user_id)
     if user is None or (principal is not None and not principal.sees(user.tenant)):
-        raise NotFound(f"user {user_id!r} not found")
+        raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
     return user
 
 
@@ -135,29 +191,53 @@ class HistoryCore:
             _visible_user(s, user_id, principal)
 
     def log_interactions(self, user_id: str, interactions: Sequence[InteractionRecord], create_user: bool = False,
-                         tenant: str | None = None, principal=None) -> int:
-        """``principal`` tenant-bound: a new user gets its tenant (``tenant`` must be empty or the same), an
-        existing one must be of it, and only public items and the tenant's own can be logged."""
+                         tenant: str | None = None, principal=None, batch_id: str = "") -> LogResult:
+        """All or nothing: one bad row refuses the batch, and the error names every bad row.
+
+        ``batch_id`` (optional): the batch is applied once; the same id with the same content again is a
+        duplicate (nothing logged), with different content ALREADY_EXISTS. ``principal`` tenant-bound: a new
+        user gets its tenant (``tenant`` must be empty or the same), an existing one must be of it, and only
+        public items and the tenant's own can be logged."""
         check_id("user_id", user_id)
         tenant = check_tenant("tenant", tenant)
+        if batch_id:
+            check_key("batch_id", batch_id)
         if not interactions and not create_user:
-            raise InvalidInput("interactions must not be empty (or set create_user to only create the user)")
+            raise InvalidInput("interactions must not be empty (or set create_user to only create the user)",
+                               reason="MISSING_FIELD", field="interactions", allowed="at least one interaction")
         if len(interactions) > lim.MAX_INTERACTIONS:
-            raise InvalidInput(f"{len(interactions)} interactions in one call: allowed at most {lim.MAX_INTERACTIONS}")
+            raise InvalidInput(f"{len(interactions)} interactions in one call: allowed at most {lim.MAX_INTERACTIONS}",
+                               reason="TOO_MANY", field="interactions", allowed=f"at most {lim.MAX_INTERACTIONS}")
         for n, i in enumerate(interactions):
             _check_interaction(n, i)
         tenant = _caller_tenant(principal, tenant, "tenant")
+        content = _batch_hash(interactions, tenant) if batch_id else ""
+        try:
+            return self._log(user_id, interactions, create_user, tenant, principal, batch_id, content)
+        except IntegrityError:  # a concurrent call with the same batch_id won: compare with what it stored
+            if not batch_id:
+                raise
+            with transaction(self.sessions) as s:
+                done = s.get(InteractionBatch, (user_id, batch_id))
+            if done is None:
+                raise
+            return _replayed(done, content)
+
+    def _log(self, user_id, interactions, create_user, tenant, principal, batch_id, content) -> LogResult:
         with transaction(self.sessions) as s:
             existing = s.get(User, user_id)
             if existing is None:
                 if not create_user:
-                    raise NotFound(f"user {user_id!r} not found (set create_user to create it)")
+                    raise NotFound(f"user {user_id} not found (set create_user to create it)", reason="USER_NOT_FOUND")
                 s.add(User(user_id=user_id, tenant=tenant or None))
                 s.flush()
             elif principal is not None and not principal.sees(existing.tenant):
                 if create_user:  # ids are global: the id is taken, but by whom is not told
-                    raise PermissionDenied(f"user_id {user_id!r} is not available: choose another id")
-                raise NotFound(f"user {user_id!r} not found (set create_user to create it)")
+                    raise PermissionDenied(f"user_id {user_id} is not available: choose another id",
+                                           reason="USER_ID_TAKEN", field="user_id")
+                raise NotFound(f"user {user_id} not found (set create_user to create it)", reason="USER_NOT_FOUND")
+            if batch_id and (done := s.get(InteractionBatch, (user_id, batch_id))) is not None:
+                return _replayed(done, content)
             ids = {i.item_id for i in interactions}
             visible = Item.deleted.is_(False)
             if principal is not None and principal.tenant is not None:
@@ -165,30 +245,53 @@ class HistoryCore:
             pks = dict(s.execute(select(Item.item_id, Item.pk).where(Item.item_id.in_(ids), visible)).all())
             missing = sorted(ids - pks.keys())
             if missing:
-                raise NotFound(f"unknown item ids: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+                rows = [Violation(f"interactions[{n}].item_id", f"item {i.item_id} not found")
+                        for n, i in enumerate(interactions) if i.item_id not in pks]
+                raise NotFound(f"{len(rows)} interactions name unknown items ({', '.join(missing[:10])}"
+                               + (" ..." if len(missing) > 10 else "") + "): nothing was logged",
+                               reason="ITEM_NOT_FOUND", violations=rows)
             now = datetime.now(timezone.utc)
             for i in interactions:
-                ts = datetime.fromtimestamp(i.timestamp_ms / 1000, timezone.utc) if i.timestamp_ms else now
+                ts = now if i.timestamp_ms is None else EPOCH + timedelta(milliseconds=i.timestamp_ms)
                 s.add(Interaction(user_id=user_id, item_pk=pks[i.item_id], kind=i.kind or "view", value=i.value, ts=ts))
-        return len(interactions)
+            if batch_id:
+                s.add(InteractionBatch(user_id=user_id, batch_id=batch_id, content_hash=content,
+                                       logged=len(interactions)))
+        return LogResult(len(interactions))
 
     def get_history(self, user_id: str, limit: int = 20, principal=None) -> list[HistoryEntry]:
         """The ``limit`` most recent interactions, oldest first. Unknown user -> NotFound."""
+        return self.history_page(user_id, limit, "", principal, count=False).entries
+
+    def history_page(self, user_id: str, page_size: int = 20, page_token: str = "", principal=None,
+                     count: bool = True) -> HistoryPage:
+        """One page of the user's history, newest page first (oldest first within it), and the total.
+
+        The token is a keyset cursor (the page's oldest entry), so pages stay exact while new interactions
+        arrive: they appear only on a new first page."""
         check_id("user_id", user_id)
-        if limit < 1 or limit > 10_000:
-            raise InvalidInput(f"limit={limit} is out of range: allowed 1..10000")
+        check_range("page_size", page_size, 1, MAX_PAGE_SIZE)
+        cursor = PAGE_TOKEN_RE.match(page_token) if page_token else None
+        if page_token and cursor is None:
+            raise InvalidInput(f"page_token {show(page_token)} is not one this server issued: pass a previous "
+                               "next_page_token, or \"\" for the newest page", reason="INVALID_PAGE_TOKEN",
+                               field="page_token", allowed="a previous next_page_token or empty")
+        visible = (Interaction.user_id == user_id) & Item.deleted.is_(False)
+        query = select(Interaction, Item).join(Item, Item.pk == Interaction.item_pk).where(visible)
+        if cursor is not None:
+            ts, pk = EPOCH + timedelta(microseconds=int(cursor[1])), int(cursor[2])
+            query = query.where(or_(Interaction.ts < ts, and_(Interaction.ts == ts, Interaction.id < pk)))
         with transaction(self.sessions) as s:
             _visible_user(s, user_id, principal)
-            rows = s.execute(
-                select(Interaction, Item).join(Item, Item.pk == Interaction.item_pk)
-                .where(Interaction.user_id == user_id, Item.deleted.is_(False))
-                .order_by(Interaction.ts.desc(), Interaction.id.desc()).limit(limit)
-            ).all()
-        return [
-            HistoryEntry(_record(item), InteractionRecord(item.item_id, inter.kind, inter.value,
-                                                          int(inter.ts.replace(tzinfo=inter.ts.tzinfo or timezone.utc).timestamp() * 1000)))
-            for inter, item in reversed(rows)
-        ]
+            rows = s.execute(query.order_by(Interaction.ts.desc(), Interaction.id.desc()).limit(page_size + 1)).all()
+            total = s.scalar(select(func.count()).select_from(Interaction).join(Item, Item.pk == Interaction.item_pk)
+                             .where(visible)) if count else 0
+        more, rows = len(rows) > page_size, rows[:page_size]
+        token = f"{_micros(rows[-1][0].ts)}.{rows[-1][0].id}" if more else ""
+        entries = [HistoryEntry(_record(item), InteractionRecord(item.item_id, inter.kind, inter.value,
+                                                                 _micros(inter.ts) // 1000))
+                   for inter, item in reversed(rows)]
+        return HistoryPage(entries, token, total or 0)
 
     def delete_user(self, user_id: str, principal=None) -> tuple[int, int]:
         """GDPR deletion, everywhere pigment keeps something of the user: interactions, render requests and
@@ -202,6 +305,7 @@ class HistoryCore:
         with transaction(self.sessions) as s:
             user = _visible_user(s, user_id, principal)
             n_inter = s.execute(delete(Interaction).where(Interaction.user_id == user_id)).rowcount
+            s.execute(delete(InteractionBatch).where(InteractionBatch.user_id == user_id))
             gens = select(Generation.generation_id).where(Generation.user_id == user_id)
             # A retrieved result points at the catalog item's image, which is not the user's to delete.
             uris = list(s.scalars(select(Generation.storage_uri).where(
@@ -258,7 +362,8 @@ class HistoryCore:
             where = f"items[{n}]"
             check_id(f"{where}.item_id", it.item_id)
             if it.item_id in seen:
-                raise InvalidInput(f"{where}.item_id={it.item_id!r} appears more than once in this call")
+                raise InvalidInput(f"{where}.item_id {it.item_id} appears more than once in this call",
+                                   reason="DUPLICATE_ID", field=f"{where}.item_id", allowed="each item_id once per call")
             seen.add(it.item_id)
             if it.image_uri:
                 raise InvalidInput(f"{where}.image_uri is read-only (the server stores images itself): "
@@ -285,7 +390,7 @@ class HistoryCore:
             if principal is not None and principal.tenant is not None:
                 taken = sorted(i for i, row in existing.items() if row.tenant != principal.tenant and not row.deleted)
                 if taken:
-                    raise PermissionDenied(f"item ids {taken[:5]} belong to the public catalog or another tenant: "
+                    raise PermissionDenied(f"item ids {', '.join(taken[:5])} belong to the public catalog or another tenant: "
                                            "choose other ids")
             for n, rec in enumerate(items):
                 row = existing.get(rec.item_id) or Item(item_id=rec.item_id)
@@ -316,7 +421,8 @@ class HistoryCore:
                principal=None) -> list[tuple[ItemRecord, float]]:
         """Public items plus the user's tenant's (or, without a user, the caller's tenant's)."""
         if not 1 <= k <= 1000:
-            raise InvalidInput(f"k={k} is out of range: allowed 1..1000")
+            raise InvalidInput(f"k {k} is out of range: allowed 1..1000", reason="OUT_OF_RANGE", field="k",
+                               allowed="allowed 1..1000")
         if self.index is None:
             raise InvalidInput("search needs an item index, which this deployment has not configured")
         if vector is not None:

@@ -18,17 +18,19 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
         self.core = core
 
     def LogInteractions(self, request, context):
-        records = [InteractionRecord(i.item_id, i.kind, i.value, i.timestamp_ms) for i in request.interactions]
-        n = self.core.log_interactions(request.user_id, records, request.create_user, request.tenant or None,
-                                         principal=current_principal())
-        return pb.LogInteractionsResponse(logged=n)
+        records = [InteractionRecord(i.item_id, i.kind, i.value, i.timestamp_ms if i.HasField("timestamp_ms") else None)
+                   for i in request.interactions]
+        result = self.core.log_interactions(request.user_id, records, request.create_user, request.tenant or None,
+                                            principal=current_principal(), batch_id=request.batch_id)
+        return pb.LogInteractionsResponse(logged=result.logged, duplicate=result.duplicate)
 
     def GetHistory(self, request, context):
-        entries = self.core.get_history(request.user_id, request.limit or 20, principal=current_principal())
-        return pb.GetHistoryResponse(entries=[
+        page = self.core.history_page(request.user_id, request.page_size if request.HasField("page_size") else 20,
+                                      request.page_token, principal=current_principal())
+        return pb.GetHistoryResponse(next_page_token=page.next_page_token, total_size=page.total, entries=[
             pb.HistoryEntry(item=item_to_pb(e.item), interaction=pb.Interaction(
                 item_id=e.item.item_id, kind=e.interaction.kind, value=e.interaction.value,
-                timestamp_ms=e.interaction.timestamp_ms)) for e in entries])
+                timestamp_ms=e.interaction.timestamp_ms)) for e in page.entries])
 
     def UpsertItems(self, request, context):
         items = [ItemRecord(i.item_id, i.caption, i.image_png or None, i.image_uri or None, i.tenant or None,
@@ -43,7 +45,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
             text=request.text if which == "text" else None,
             image_png=request.image_png if which == "image_png" else None,
             vector=list(request.vector.values) if which == "vector" else None,
-            k=request.k or 10, user_id=request.user_id or None, include_seen=request.include_seen,
+            k=request.k if request.HasField("k") else 10, user_id=request.user_id or None, include_seen=request.include_seen,
             principal=current_principal())
         return pb.SearchItemsResponse(results=[pb.ScoredItem(item=item_to_pb(i), score=s) for i, s in hits])
 

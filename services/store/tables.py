@@ -77,6 +77,17 @@ class Interaction(Base):
     __table_args__ = (Index("ix_interactions_user_ts", "user_id", "ts"),)
 
 
+class InteractionBatch(Base):
+    """A LogInteractions batch_id already applied: a retry or reload with it logs nothing twice."""
+
+    __tablename__ = "interaction_batches"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id", ondelete="CASCADE"), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the batch: a reused key must match it
+    logged: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class RenderRequest(Base):
     """One GeneratePersonalized call: what was asked, how it was conditioned, where it is."""
 

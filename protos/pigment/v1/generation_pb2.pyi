@@ -29,6 +29,22 @@ class ResultSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_SOURCE_GENERATED: _ClassVar[ResultSource]
     RESULT_SOURCE_RETRIEVED: _ClassVar[ResultSource]
 
+class DecisionPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_POLICY_UNSPECIFIED: _ClassVar[DecisionPolicy]
+    DECISION_POLICY_NONE: _ClassVar[DecisionPolicy]
+    DECISION_POLICY_FORCED: _ClassVar[DecisionPolicy]
+    DECISION_POLICY_THRESHOLD: _ClassVar[DecisionPolicy]
+    DECISION_POLICY_LEARNED: _ClassVar[DecisionPolicy]
+
+class ProgressStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROGRESS_STATUS_UNSPECIFIED: _ClassVar[ProgressStatus]
+    PROGRESS_STATUS_QUEUED: _ClassVar[ProgressStatus]
+    PROGRESS_STATUS_RUNNING: _ClassVar[ProgressStatus]
+    PROGRESS_STATUS_DONE: _ClassVar[ProgressStatus]
+    PROGRESS_STATUS_FAILED: _ClassVar[ProgressStatus]
+
 class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FEEDBACK_KIND_UNSPECIFIED: _ClassVar[FeedbackKind]
@@ -37,6 +53,24 @@ class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEEDBACK_KIND_RATING: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_PICK: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_CLICK: _ClassVar[FeedbackKind]
+
+class UserResultStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USER_RESULT_STATUS_UNSPECIFIED: _ClassVar[UserResultStatus]
+    USER_RESULT_STATUS_PENDING: _ClassVar[UserResultStatus]
+    USER_RESULT_STATUS_RUNNING: _ClassVar[UserResultStatus]
+    USER_RESULT_STATUS_DONE: _ClassVar[UserResultStatus]
+    USER_RESULT_STATUS_FAILED: _ClassVar[UserResultStatus]
+    USER_RESULT_STATUS_CANCELLED: _ClassVar[UserResultStatus]
+
+class JobStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATUS_UNSPECIFIED: _ClassVar[JobStatus]
+    JOB_STATUS_QUEUED: _ClassVar[JobStatus]
+    JOB_STATUS_RUNNING: _ClassVar[JobStatus]
+    JOB_STATUS_DONE: _ClassVar[JobStatus]
+    JOB_STATUS_CANCELLED: _ClassVar[JobStatus]
+    JOB_STATUS_FAILED: _ClassVar[JobStatus]
 METHOD_UNSPECIFIED: Method
 METHOD_PMG: Method
 METHOD_PMG_KEYWORDS: Method
@@ -50,12 +84,34 @@ RETRIEVAL_MODE_BOTH: RetrievalMode
 RESULT_SOURCE_UNSPECIFIED: ResultSource
 RESULT_SOURCE_GENERATED: ResultSource
 RESULT_SOURCE_RETRIEVED: ResultSource
+DECISION_POLICY_UNSPECIFIED: DecisionPolicy
+DECISION_POLICY_NONE: DecisionPolicy
+DECISION_POLICY_FORCED: DecisionPolicy
+DECISION_POLICY_THRESHOLD: DecisionPolicy
+DECISION_POLICY_LEARNED: DecisionPolicy
+PROGRESS_STATUS_UNSPECIFIED: ProgressStatus
+PROGRESS_STATUS_QUEUED: ProgressStatus
+PROGRESS_STATUS_RUNNING: ProgressStatus
+PROGRESS_STATUS_DONE: ProgressStatus
+PROGRESS_STATUS_FAILED: ProgressStatus
 FEEDBACK_KIND_UNSPECIFIED: FeedbackKind
 FEEDBACK_KIND_LIKE: FeedbackKind
 FEEDBACK_KIND_DISLIKE: FeedbackKind
 FEEDBACK_KIND_RATING: FeedbackKind
 FEEDBACK_KIND_PICK: FeedbackKind
 FEEDBACK_KIND_CLICK: FeedbackKind
+USER_RESULT_STATUS_UNSPECIFIED: UserResultStatus
+USER_RESULT_STATUS_PENDING: UserResultStatus
+USER_RESULT_STATUS_RUNNING: UserResultStatus
+USER_RESULT_STATUS_DONE: UserResultStatus
+USER_RESULT_STATUS_FAILED: UserResultStatus
+USER_RESULT_STATUS_CANCELLED: UserResultStatus
+JOB_STATUS_UNSPECIFIED: JobStatus
+JOB_STATUS_QUEUED: JobStatus
+JOB_STATUS_RUNNING: JobStatus
+JOB_STATUS_DONE: JobStatus
+JOB_STATUS_CANCELLED: JobStatus
+JOB_STATUS_FAILED: JobStatus
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen")
@@ -113,11 +169,11 @@ class Decision(_message.Message):
     RETRIEVED_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
-    policy: str
+    policy: DecisionPolicy
     retrieved: bool
     score: float
     reason: str
-    def __init__(self, policy: _Optional[str] = ..., retrieved: _Optional[bool] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, policy: _Optional[_Union[DecisionPolicy, str]] = ..., retrieved: _Optional[bool] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConditioningReport(_message.Message):
     __slots__ = ("segments", "segment_weights", "soft_tokens", "soft_weight")
@@ -155,10 +211,10 @@ class GenerateResponse(_message.Message):
     model_version: str
     flags: _containers.RepeatedScalarFieldContainer[str]
     timings_ms: _containers.ScalarMap[str, float]
-    method: str
+    method: Method
     decision: Decision
     conditioning: ConditioningReport
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., keywords: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., method: _Optional[str] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., conditioning: _Optional[_Union[ConditioningReport, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., keywords: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., method: _Optional[_Union[Method, str]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., conditioning: _Optional[_Union[ConditioningReport, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total_steps", "status")
@@ -167,10 +223,16 @@ class Progress(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
-    status: str
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
+    status: ProgressStatus
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., status: _Optional[_Union[ProgressStatus, str]] = ...) -> None: ...
 
-class GenerateEvent(_message.Message):
+class GeneratePersonalizedStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class GeneratePersonalizedStreamResponse(_message.Message):
     __slots__ = ("progress", "result")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -236,11 +298,23 @@ class GetJobRequest(_message.Message):
     page_token: str
     def __init__(self, job_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class JobUserResult(_message.Message):
     __slots__ = ("user_id", "status", "generation_ids", "error")
@@ -249,10 +323,10 @@ class JobUserResult(_message.Message):
     GENERATION_IDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     user_id: str
-    status: str
+    status: UserResultStatus
     generation_ids: _containers.RepeatedScalarFieldContainer[str]
     error: str
-    def __init__(self, user_id: _Optional[str] = ..., status: _Optional[str] = ..., generation_ids: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, user_id: _Optional[str] = ..., status: _Optional[_Union[UserResultStatus, str]] = ..., generation_ids: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "status", "total", "done", "failed", "results", "next_page_token")
@@ -264,10 +338,10 @@ class Job(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    status: str
+    status: JobStatus
     total: int
     done: int
     failed: int
     results: _containers.RepeatedCompositeFieldContainer[JobUserResult]
     next_page_token: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[str] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., results: _Optional[_Iterable[_Union[JobUserResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., results: _Optional[_Iterable[_Union[JobUserResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class GenerationServiceStub:
-    """The gateway: one personalized generation request end to end, and feedback.
+    """The gateway: one personalized generation request end to end, feedback, and batch jobs.
     """
 
     def __init__(self, channel):
@@ -42,8 +42,8 @@ class GenerationServiceStub:
                 _registered_method=True)
         self.GeneratePersonalizedStream = channel.unary_stream(
                 '/pigment.v1.GenerationService/GeneratePersonalizedStream',
-                request_serializer=pigment_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=pigment_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
+                request_serializer=pigment_dot_v1_dot_generation__pb2.GeneratePersonalizedStreamRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.GeneratePersonalizedStreamResponse.FromString,
                 _registered_method=True)
         self.LogFeedback = channel.unary_unary(
                 '/pigment.v1.GenerationService/LogFeedback',
@@ -58,53 +58,61 @@ class GenerationServiceStub:
         self.GetJob = channel.unary_unary(
                 '/pigment.v1.GenerationService/GetJob',
                 request_serializer=pigment_dot_v1_dot_generation__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=pigment_dot_v1_dot_generation__pb2.Job.FromString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/pigment.v1.GenerationService/CancelJob',
                 request_serializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=pigment_dot_v1_dot_generation__pb2.Job.FromString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
 
 
 class GenerationServiceServicer:
-    """The gateway: one personalized generation request end to end, and feedback.
+    """The gateway: one personalized generation request end to end, feedback, and batch jobs.
     """
 
     def GeneratePersonalized(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One request: history -> preference -> decision -> render (or retrieval); returns the images.
+        Idempotent by request_id: a replay returns the same generations (flag REPLAYED), also after
+        DEADLINE_EXCEEDED (the render continues on the server).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GeneratePersonalizedStream(self, request, context):
-        """Same request; streams progress per denoising step, then the final response.
+        """The same request; streams progress per denoising step, then the final response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LogFeedback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Feedback on a generation (like, dislike, rating, pick, click). Idempotent by feedback_id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitBatch(self, request, context):
-        """Batch poster jobs: many users, one target, split into chunks on the worker pool.
+        """Batch poster jobs: many users, one target, split into chunks on the worker pool. Idempotent by job_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A job's counts and one page of its per-user results.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Cancels the job's pending users; users already rendering finish.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -119,8 +127,8 @@ def add_GenerationServiceServicer_to_server(servicer, server):
             ),
             'GeneratePersonalizedStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GeneratePersonalizedStream,
-                    request_deserializer=pigment_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=pigment_dot_v1_dot_generation__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.GeneratePersonalizedStreamRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.GeneratePersonalizedStreamResponse.SerializeToString,
             ),
             'LogFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.LogFeedback,
@@ -135,12 +143,12 @@ def add_GenerationServiceServicer_to_server(servicer, server):
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=pigment_dot_v1_dot_generation__pb2.GetJobRequest.FromString,
-                    response_serializer=pigment_dot_v1_dot_generation__pb2.Job.SerializeToString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.GetJobResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.FromString,
-                    response_serializer=pigment_dot_v1_dot_generation__pb2.Job.SerializeToString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.CancelJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -151,7 +159,7 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GenerationService:
-    """The gateway: one personalized generation request end to end, and feedback.
+    """The gateway: one personalized generation request end to end, feedback, and batch jobs.
     """
 
     @staticmethod
@@ -196,8 +204,8 @@ class GenerationService:
             request,
             target,
             '/pigment.v1.GenerationService/GeneratePersonalizedStream',
-            pigment_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            pigment_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
+            pigment_dot_v1_dot_generation__pb2.GeneratePersonalizedStreamRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.GeneratePersonalizedStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -278,7 +286,7 @@ class GenerationService:
             target,
             '/pigment.v1.GenerationService/GetJob',
             pigment_dot_v1_dot_generation__pb2.GetJobRequest.SerializeToString,
-            pigment_dot_v1_dot_generation__pb2.Job.FromString,
+            pigment_dot_v1_dot_generation__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,7 +313,7 @@ class GenerationService:
             target,
             '/pigment.v1.GenerationService/CancelJob',
             pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
-            pigment_dot_v1_dot_generation__pb2.Job.FromString,
+            pigment_dot_v1_dot_generation__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,30 +42,36 @@ class Interaction(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., kind: _Optional[str] = ..., value: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class LogInteractionsRequest(_message.Message):
-    __slots__ = ("user_id", "interactions", "create_user", "tenant")
+    __slots__ = ("user_id", "interactions", "create_user", "tenant", "batch_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     CREATE_USER_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
     create_user: bool
     tenant: str
-    def __init__(self, user_id: _Optional[str] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., create_user: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, user_id: _Optional[str] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., create_user: _Optional[bool] = ..., tenant: _Optional[str] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class LogInteractionsResponse(_message.Message):
-    __slots__ = ("logged",)
+    __slots__ = ("logged", "duplicate")
     LOGGED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     logged: int
-    def __init__(self, logged: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, logged: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class GetHistoryRequest(_message.Message):
-    __slots__ = ("user_id", "limit")
+    __slots__ = ("user_id", "page_size", "page_token")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
-    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     user_id: str
-    limit: int
-    def __init__(self, user_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("item", "interaction")
@@ -76,10 +82,14 @@ class HistoryEntry(_message.Message):
     def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., interaction: _Optional[_Union[Interaction, _Mapping]] = ...) -> None: ...
 
 class GetHistoryResponse(_message.Message):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "next_page_token", "total_size")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
-    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total_size: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UpsertItemsRequest(_message.Message):
     __slots__ = ("items",)

@@ -69,31 +69,37 @@ class HistoryServiceServicer:
     """
 
     def LogInteractions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Appends interactions to a user's history: all or nothing (one bad row refuses the batch, and the
+        error's BadRequest names every bad row). Idempotent by batch_id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetHistory(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A user's history, newest page first, with the total count.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpsertItems(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Inserts or replaces catalog items (all or nothing); embeds them with the preset's CLIP.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SearchItems(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Nearest catalog items to a text, an image or a vector.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GDPR deletion of a user and everything pigment keeps of them. Needs the admin scope.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
