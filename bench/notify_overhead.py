@@ -63,13 +63,13 @@ def run(preset: Path, mode: str, n: int, steps: int) -> dict:
     finally:
         drop(handle)
     rows = rows[2:]
-    overhead = [r["total_ms"] - r["worker_render_ms"] for r in rows]
-    signal = [r["render_ms"] - r["worker_render_ms"] - r.get("queue_wait_ms", 0.0) for r in rows]
+    overhead = [r["total"] - r["worker_render"] for r in rows]
+    signal = [r["render"] - r["worker_render"] - r.get("queue_wait", 0.0) for r in rows]
     return {"mode": mode, "notifier": kind, "requests": n,
             "overhead_ms_median": round(statistics.median(overhead), 1),
             "overhead_ms_mean": round(statistics.mean(overhead), 1),
             "completion_signal_ms_median": round(statistics.median(signal), 1),
-            "worker_render_ms_median": round(statistics.median(r["worker_render_ms"] for r in rows), 1)}
+            "worker_render_ms_median": round(statistics.median(r["worker_render"] for r in rows), 1)}
 
 
 def main() -> None:

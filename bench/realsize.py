@@ -105,7 +105,7 @@ def serve_once(preset: str, steps: int, broker: str | None) -> dict:
                 method=gen_pb.METHOD_NON_PERSONALIZED), timeout=1800)
             wall = (time.perf_counter() - t) * 1000
             timings = dict(resp.timings_ms)
-            render = timings.get("worker_render_ms", 0.0)
+            render = timings.get("worker_render", 0.0)
             out.append({"wall_ms": round(wall), "worker_render_ms": round(render),
                         "overhead_ms": round(wall - render), "overhead_share": round((wall - render) / wall, 4),
                         "image_bytes": len(resp.images[0].png), "timings_ms": {k: round(v) for k, v in timings.items()}})

@@ -192,7 +192,7 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
                 with lock:
                     calls["attempts"] += 1
                 try:
-                    events = list(stub.GeneratePersonalizedStream(req, timeout=30))
+                    events = list(stub.GeneratePersonalizedStream(gpb.GeneratePersonalizedStreamRequest(request=req), timeout=30))
                     result = events[-1].result
                     with lock:
                         answers.setdefault(rid, []).append([i.generation_id for i in result.images])

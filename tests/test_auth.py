@@ -135,7 +135,7 @@ def test_no_or_wrong_key_is_unauthenticated_health_stays_open(secured):
     wrong = history_pb2_grpc.HistoryServiceStub(bearer_channel(channel, "pgm_not-a-key"))
     assert status_of(lambda: wrong.GetHistory(request, timeout=10))[0] == grpc.StatusCode.UNAUTHENTICATED
     anon_gen = generation_pb2_grpc.GenerationServiceStub(channel)
-    stream = anon_gen.GeneratePersonalizedStream(gpb.GenerateRequest(request_id="anon", user_id=ALICE), timeout=10)
+    stream = anon_gen.GeneratePersonalizedStream(gpb.GeneratePersonalizedStreamRequest(request=gpb.GenerateRequest(request_id="anon", user_id=ALICE)), timeout=10)
     assert status_of(lambda: list(stream))[0] == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -176,8 +176,8 @@ def test_tenant_cannot_read_generate_feedback_or_search_another_tenants_user(sec
         lambda: a.history.GetHistory(history_pb2.GetHistoryRequest(user_id=BOB), timeout=10),
         lambda: a.generate(f"a-on-bob-{RUN}", BOB),
         lambda: a.generate(f"b-{RUN}", BOB),  # replaying bob's own request returns nothing to another tenant
-        lambda: list(a.gen.GeneratePersonalizedStream(gpb.GenerateRequest(
-            request_id=f"b-{RUN}", user_id=BOB, prompt="a star", num_images=1, num_inference_steps=2), timeout=60)),
+        lambda: list(a.gen.GeneratePersonalizedStream(gpb.GeneratePersonalizedStreamRequest(request=gpb.GenerateRequest(
+            request_id=f"b-{RUN}", user_id=BOB, prompt="a star", num_images=1, num_inference_steps=2)), timeout=60)),
         lambda: a.pref.EncodePreferences(preference_pb2.EncodePreferencesRequest(user_id=BOB), timeout=30),
         lambda: a.history.SearchItems(history_pb2.SearchItemsRequest(text="a heart", user_id=BOB), timeout=30),
         lambda: a.gen.LogFeedback(gpb.LogFeedbackRequest(feedback_id=f"f1-{RUN}", user_id=BOB,
@@ -218,15 +218,15 @@ def test_jobs_are_isolated_and_segments_need_admin(secured):
     job_id = f"jb{RUN}"
     b.gen.SubmitBatch(gpb.SubmitBatchRequest(job_id=job_id, user_ids=[BOB], prompt="a star",
                                              num_inference_steps=2), timeout=30)
-    for call in (lambda: a.gen.GetJob(gpb.GetJobRequest(job_id=job_id), timeout=10),
-                 lambda: a_admin.gen.CancelJob(gpb.CancelJobRequest(job_id=job_id), timeout=10),
+    for call in (lambda: a.gen.GetJob(gpb.GetJobRequest(job_id=job_id), timeout=10).job,
+                 lambda: a_admin.gen.CancelJob(gpb.CancelJobRequest(job_id=job_id), timeout=10).job,
                  lambda: a.gen.SubmitBatch(gpb.SubmitBatchRequest(job_id=f"ja{RUN}", user_ids=[BOB]), timeout=10)):
         assert status_of(call)[0] == grpc.StatusCode.NOT_FOUND
     # replaying another tenant's job id neither reveals nor touches it
     code, _ = status_of(lambda: a.gen.SubmitBatch(gpb.SubmitBatchRequest(job_id=job_id, user_ids=[ALICE]),
                                                   timeout=10))
     assert code == grpc.StatusCode.ALREADY_EXISTS
-    assert b.gen.GetJob(gpb.GetJobRequest(job_id=job_id), timeout=10).total == 1
+    assert b.gen.GetJob(gpb.GetJobRequest(job_id=job_id), timeout=10).job.total == 1
     code, details = status_of(lambda: a.gen.SubmitBatch(gpb.SubmitBatchRequest(job_id=f"js{RUN}", segment="*"),
                                                         timeout=10))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
@@ -235,7 +235,7 @@ def test_jobs_are_isolated_and_segments_need_admin(secured):
     assert code == grpc.StatusCode.PERMISSION_DENIED
     # "*" for a tenant admin: every user of its own tenant, nobody else's
     job = a_admin.gen.CancelJob(gpb.CancelJobRequest(job_id=a_admin.gen.SubmitBatch(gpb.SubmitBatchRequest(
-        job_id=f"jall{RUN}", segment="*", num_inference_steps=2), timeout=30).job.job_id), timeout=10)
+        job_id=f"jall{RUN}", segment="*", num_inference_steps=2), timeout=30).job.job_id), timeout=10).job
     assert {r.user_id for r in job.results} == {ALICE, ALICE2}
     with secured["stack"].sessions() as s:
         assert s.scalar(select(Job.tenant).where(Job.job_id == f"jall{RUN}")) == ACME

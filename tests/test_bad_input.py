@@ -37,9 +37,9 @@ def known_user(embedded):
     (dict(height=4000), "height=4000 is out of range"),
     (dict(width=36), "width=36 must be a multiple of 8"),
     (dict(guidance_scale=-2), "guidance_scale=-2"),
-    (dict(request_id="has spaces!"), "request_id='has spaces!' is malformed"),
+    (dict(request_id="has spaces!"), 'request_id="has spaces!" is malformed'),
     (dict(request_id="x" * 65), "is malformed"),
-    (dict(method=77), "method='?' is unknown"),
+    (dict(method=77), "method=77 is unknown: allowed METHOD_PMG"),
 ])
 def test_invalid_arguments_name_the_field(known_user, fields, needle):
     _, channel, _ = known_user

@@ -63,10 +63,10 @@ def post(loop, body, path="/v1/feedback") -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def wait_job(stub, job_id: str, until=lambda j: j.status not in ("queued", "running"), timeout: float = 90):
+def wait_job(stub, job_id: str, until=lambda j: j.status not in (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_RUNNING), timeout: float = 90):
     deadline = time.monotonic() + timeout
     while True:
-        job = stub.GetJob(gpb.GetJobRequest(job_id=job_id), timeout=10)
+        job = stub.GetJob(gpb.GetJobRequest(job_id=job_id), timeout=10).job
         if until(job):
             return job
         assert time.monotonic() < deadline, f"job {job_id} stuck: {job}"
@@ -121,13 +121,13 @@ def test_batch_job_through_grpc_and_worker(loop):
     request = gpb.SubmitBatchRequest(job_id="job-basic", user_ids=["u0", "u1", "u2"], prompt="a star",
                                      images_per_user=2, num_inference_steps=1, chunk_size=2)
     job = stub.SubmitBatch(request, timeout=30).job
-    assert job.total == 3 and job.status in ("queued", "running")
+    assert job.total == 3 and job.status in (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_RUNNING)
     job = wait_job(stub, "job-basic")
-    assert (job.status, job.done, job.failed) == ("done", 3, 0)
+    assert (job.status, job.done, job.failed) == (gpb.JOB_STATUS_DONE, 3, 0)
     assert {r.user_id for r in job.results} == {"u0", "u1", "u2"}
     with loop["stack"].sessions() as s:
         for r in job.results:
-            assert r.status == "done" and len(r.generation_ids) == 2
+            assert r.status == gpb.USER_RESULT_STATUS_DONE and len(r.generation_ids) == 2
             rows = s.scalars(select(Generation).where(Generation.generation_id.in_(r.generation_ids))).all()
             assert {g.user_id for g in rows} == {r.user_id} and {g.request_id for g in rows} == {f"job-basic-{r.user_id}"}
 
@@ -140,13 +140,13 @@ def test_batch_job_through_grpc_and_worker(loop):
         stub.SubmitBatch(gpb.SubmitBatchRequest(job_id="job-bad", user_ids=["ghost"]), timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
-        stub.GetJob(gpb.GetJobRequest(job_id="nope"), timeout=10)
+        stub.GetJob(gpb.GetJobRequest(job_id="nope"), timeout=10).job
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
     # Results come in pages (a 100k-user job would not fit one message); the counts always cover everyone.
-    first = stub.GetJob(gpb.GetJobRequest(job_id="job-basic", page_size=2), timeout=10)
+    first = stub.GetJob(gpb.GetJobRequest(job_id="job-basic", page_size=2), timeout=10).job
     second = stub.GetJob(gpb.GetJobRequest(job_id="job-basic", page_size=2, page_token=first.next_page_token),
-                         timeout=10)
+                         timeout=10).job
     assert len(first.results) == 2 and first.next_page_token and (first.total, first.done) == (3, 3)
     assert len(second.results) == 1 and second.next_page_token == "" and second.done == 3
     assert [r.user_id for r in [*first.results, *second.results]] == [r.user_id for r in job.results]
@@ -154,7 +154,7 @@ def test_batch_job_through_grpc_and_worker(loop):
                 gpb.GetJobRequest(job_id="job-basic", page_size=10_001),
                 gpb.GetJobRequest(job_id="job-basic", page_token="not-a-token")):
         with pytest.raises(grpc.RpcError) as err:
-            stub.GetJob(bad, timeout=10)
+            stub.GetJob(bad, timeout=10).job
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_" in err.value.details()
 
 
@@ -164,15 +164,15 @@ def test_job_resumes_after_worker_is_killed_without_redoing_users(loop):
     stub = loop["stub"]
     stub.SubmitBatch(gpb.SubmitBatchRequest(job_id="job-kill", user_ids=USERS, prompt="a star",
                                             images_per_user=1, num_inference_steps=3, chunk_size=2), timeout=30)
-    before = wait_job(stub, "job-kill", until=lambda j: j.done >= 1 or j.status == "done")
+    before = wait_job(stub, "job-kill", until=lambda j: j.done >= 1 or j.status == gpb.JOB_STATUS_DONE)
     loop["worker"].kill()
-    before = stub.GetJob(gpb.GetJobRequest(job_id="job-kill"), timeout=10)
-    assert before.status != "done", "the job finished before the kill; make it longer"
-    done_before = {r.user_id: list(r.generation_ids) for r in before.results if r.status == "done"}
+    before = stub.GetJob(gpb.GetJobRequest(job_id="job-kill"), timeout=10).job
+    assert before.status != gpb.JOB_STATUS_DONE, "the job finished before the kill; make it longer"
+    done_before = {r.user_id: list(r.generation_ids) for r in before.results if r.status == gpb.USER_RESULT_STATUS_DONE}
 
     loop["worker"] = Worker(loop["settings"], log_path=loop["settings"].data_dir / "worker2.log").start()
     after = wait_job(stub, "job-kill")
-    assert (after.status, after.done, after.failed) == ("done", len(USERS), 0)
+    assert (after.status, after.done, after.failed) == (gpb.JOB_STATUS_DONE, len(USERS), 0)
     with loop["stack"].sessions() as s:
         rows = {r.user_id: r for r in s.scalars(select(JobUser).where(JobUser.job_id == "job-kill"))}
         per_request = dict(s.execute(select(Generation.request_id, func.count()).group_by(Generation.request_id)
@@ -186,14 +186,14 @@ def test_cancel_stops_pending_users(loop):
     stub = loop["stub"]
     stub.SubmitBatch(gpb.SubmitBatchRequest(job_id="job-cancel", user_ids=USERS, prompt="a star",
                                             images_per_user=1, num_inference_steps=3, chunk_size=3), timeout=30)
-    cancelled = stub.CancelJob(gpb.CancelJobRequest(job_id="job-cancel"), timeout=10)
-    assert cancelled.status == "cancelled"
-    job = wait_job(stub, "job-cancel", until=lambda j: all(r.status not in ("pending", "running") for r in j.results))
+    cancelled = stub.CancelJob(gpb.CancelJobRequest(job_id="job-cancel"), timeout=10).job
+    assert cancelled.status == gpb.JOB_STATUS_CANCELLED
+    job = wait_job(stub, "job-cancel", until=lambda j: all(r.status not in (gpb.USER_RESULT_STATUS_PENDING, gpb.USER_RESULT_STATUS_RUNNING) for r in j.results))
     statuses = [r.status for r in job.results]
-    assert set(statuses) <= {"done", "cancelled"} and statuses.count("cancelled") >= len(USERS) - 1
+    assert set(statuses) <= {gpb.USER_RESULT_STATUS_DONE, gpb.USER_RESULT_STATUS_CANCELLED} and statuses.count(gpb.USER_RESULT_STATUS_CANCELLED) >= len(USERS) - 1
     time.sleep(1.0)  # queued chunk tasks run and find nothing to do
-    again = stub.GetJob(gpb.GetJobRequest(job_id="job-cancel"), timeout=10)
-    assert [r.status for r in again.results] == statuses and again.status == "cancelled"
+    again = stub.GetJob(gpb.GetJobRequest(job_id="job-cancel"), timeout=10).job
+    assert [r.status for r in again.results] == statuses and again.status == gpb.JOB_STATUS_CANCELLED
 
 
 def test_batch_cli_segment_writes_manifest(loop, tmp_path, monkeypatch):

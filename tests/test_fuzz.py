@@ -102,7 +102,7 @@ def test_log_interactions(fz, user, create, tenant, rows):
         user_id=user, create_user=create, tenant=tenant, interactions=interactions), timeout=30))
     if code == grpc.StatusCode.OK:
         assert resp.logged == len(rows)
-        history = fz["hist"].GetHistory(history_pb2.GetHistoryRequest(user_id=user, limit=10_000), timeout=30)
+        history = fz["hist"].GetHistory(history_pb2.GetHistoryRequest(user_id=user, page_size=10_000), timeout=30)
         stored = [(e.interaction.item_id, e.interaction.value) for e in history.entries]
         for item_id, _, value, _ in rows:
             assert (item_id, value) in stored
@@ -111,7 +111,7 @@ def test_log_interactions(fz, user, create, tenant, rows):
 @FUZZ
 @given(user=ids, limit=int32)
 def test_get_history(fz, user, limit):
-    code_of(lambda: fz["hist"].GetHistory(history_pb2.GetHistoryRequest(user_id=user, limit=limit), timeout=30))
+    code_of(lambda: fz["hist"].GetHistory(history_pb2.GetHistoryRequest(user_id=user, page_size=limit), timeout=30))
 
 
 @FUZZ
@@ -188,7 +188,7 @@ def test_generate(fz, request):
 @given(request=generate_requests)
 def test_generate_stream(fz, request):
     def run():
-        return list(fz["gen"].GeneratePersonalizedStream(request, timeout=60))
+        return list(fz["gen"].GeneratePersonalizedStream(gpb.GeneratePersonalizedStreamRequest(request=request), timeout=60))
 
     code, events = code_of(run)
     if code == grpc.StatusCode.OK:
@@ -229,9 +229,9 @@ def test_submit_batch(fz, job_id, users, segment, prompt, images, steps, method,
 @given(job_id=st.one_of(st.sampled_from(["job-1", "job-2"]), ids), size=int32,
        token=st.one_of(st.sampled_from(["", "0", "1", "9" * 30, "-1", "²"]), texts), cancel=st.booleans())
 def test_get_and_cancel_job(fz, job_id, size, token, cancel):
-    code_of(lambda: fz["gen"].GetJob(gpb.GetJobRequest(job_id=job_id, page_size=size, page_token=token), timeout=30))
+    code_of(lambda: fz["gen"].GetJob(gpb.GetJobRequest(job_id=job_id, page_size=size, page_token=token), timeout=30).job)
     if cancel:
-        code_of(lambda: fz["gen"].CancelJob(gpb.CancelJobRequest(job_id=job_id), timeout=30))
+        code_of(lambda: fz["gen"].CancelJob(gpb.CancelJobRequest(job_id=job_id), timeout=30).job)
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------------

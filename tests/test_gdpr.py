@@ -66,10 +66,10 @@ def test_delete_user_removes_everything_of_the_user(tmp_path, tiny_preset):
         gen.SubmitBatch(gpb.SubmitBatchRequest(job_id="gdpr-job", user_ids=["gdpr-u", "keep-u"], prompt="a star",
                                                num_inference_steps=1), timeout=30)
         deadline = time.monotonic() + 120
-        while (job := gen.GetJob(gpb.GetJobRequest(job_id="gdpr-job"))).status in ("queued", "running"):
+        while (job := gen.GetJob(gpb.GetJobRequest(job_id="gdpr-job")).job).status in (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_RUNNING):
             assert time.monotonic() < deadline, job
             time.sleep(0.1)
-        assert job.status == "done"
+        assert job.status == gpb.JOB_STATUS_DONE
         with stack.sessions() as s:
             uris = list(s.scalars(select(Generation.storage_uri).where(Generation.user_id == "gdpr-u")))
             kept_uris = list(s.scalars(select(Generation.storage_uri).where(Generation.user_id == "keep-u")))

@@ -77,9 +77,9 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
             resp = stub.GeneratePersonalized(gpb.GenerateRequest(
                 request_id="ops-trace-1", user_id=USER, prompt="a star", num_images=1, num_inference_steps=2,
                 height=32, width=32), timeout=120)
-            events = list(stub.GeneratePersonalizedStream(gpb.GenerateRequest(
+            events = list(stub.GeneratePersonalizedStream(gpb.GeneratePersonalizedStreamRequest(request=gpb.GenerateRequest(
                 request_id="ops-trace-2", user_id=USER, prompt="a star", num_images=1, num_inference_steps=2,
-                height=32, width=32), timeout=120))
+                height=32, width=32)), timeout=120))
             assert events[-1].HasField("result")
             with pytest.raises(grpc.RpcError) as bad:
                 stub.GeneratePersonalized(gpb.GenerateRequest(request_id="ops bad id", user_id=USER), timeout=30)
@@ -92,8 +92,8 @@ def test_metrics_traces_logs_and_timings(tmp_path, tiny_preset, pg_database, mem
 
     # timings: queue wait and render time apart, both inside the gateway's wait
     t = dict(resp.timings_ms)
-    assert {"queue_wait_ms", "worker_render_ms", "render_ms", "total_ms"} <= set(t)
-    assert 0 <= t["queue_wait_ms"] < t["render_ms"] and 0 < t["worker_render_ms"] < t["render_ms"]
+    assert {"queue_wait", "worker_render", "render", "total"} <= set(t)
+    assert 0 <= t["queue_wait"] < t["render"] and 0 < t["worker_render"] < t["render"]
 
     # gateway metrics: RPC latency by method and status; queue depth read from SQL; never a user id
     for code in ("OK", "INVALID_ARGUMENT"):

@@ -39,15 +39,15 @@ def test_production_stack_end_to_end(tmp_path, tiny_preset, pg_database):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         resp = stub.GeneratePersonalized(gpb.GenerateRequest(request_id="prod-1", user_id="p1", prompt="a star",
                                                              num_images=1, num_inference_steps=2), timeout=240)
-        assert len(resp.images) == 1 and resp.timings_ms["queue_wait_ms"] >= 0
+        assert len(resp.images) == 1 and resp.timings_ms["queue_wait"] >= 0
 
         stub.SubmitBatch(gpb.SubmitBatchRequest(job_id="prod-job", user_ids=["p1", "p2"], prompt="a star",
                                                 num_inference_steps=2), timeout=60)
         deadline = time.monotonic() + 240
-        while (job := stub.GetJob(gpb.GetJobRequest(job_id="prod-job"), timeout=30)).status not in ("done", "failed"):
+        while (job := stub.GetJob(gpb.GetJobRequest(job_id="prod-job"), timeout=30).job).status not in (gpb.JOB_STATUS_DONE, gpb.JOB_STATUS_FAILED):
             assert time.monotonic() < deadline, f"batch job stuck: {job}\n{prod.tail('worker-batch')}"
             time.sleep(1)
-        assert job.status == "done" and job.done == 2, job
+        assert job.status == gpb.JOB_STATUS_DONE and job.done == 2, job
         channel.close()
 
         # beat -> retrain queue -> retrain worker: a run with no feedback is recorded as skipped by the gate

@@ -279,7 +279,7 @@ def test_promoted_pigeon_adapter_reaches_the_gateway_without_restart_and_a_modif
     with running_stack(settings) as (stack, channel, _):
         stack.history.upsert_items([ItemRecord(item_id=f"item-{n}", caption=c) for n, c in enumerate(CAPTIONS)],
                                    embed=False)
-        stack.history.log_interactions("alice", [InteractionRecord(f"item-{n}", "like", 1.0, 0) for n in range(5)],
+        stack.history.log_interactions("alice", [InteractionRecord(f"item-{n}", "like", 1.0) for n in range(5)],
                                        create_user=True)
         _generate(channel, "before")
         assert "pigeon_lora" not in _stamped(stack.sessions, "before")[0]
@@ -400,7 +400,7 @@ def test_promoted_unet_lora_reaches_the_render_worker_without_restart(tmp_path, 
     with running_stack(settings) as (stack, channel, _):
         stack.history.upsert_items([ItemRecord(item_id=f"item-{n}", caption=c) for n, c in enumerate(CAPTIONS)],
                                    embed=False)
-        stack.history.log_interactions("alice", [InteractionRecord(f"item-{n}", "like", 1.0, 0) for n in range(5)],
+        stack.history.log_interactions("alice", [InteractionRecord(f"item-{n}", "like", 1.0) for n in range(5)],
                                        create_user=True)
         fb = FeedbackCore(stack.sessions)
 

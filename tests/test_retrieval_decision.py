@@ -109,7 +109,7 @@ def test_retrieve_only_returns_unseen_items_of_the_users_tenant(stack):
     assert set(ids) == {"p1", "p2", "p3", "a1"}  # p0 and a0 were seen; globex is another tenant
     assert all(i.source == RETRIEVED and i.png and -1.0 <= i.score <= 1.0 for i in res.images)
     assert [i.score for i in res.images] == sorted((i.score for i in res.images), reverse=True)
-    assert res.decision.retrieved and res.decision.policy == "forced"
+    assert res.decision.retrieved and res.decision.policy == gpb.DECISION_POLICY_FORCED
     assert "retrieve_only" in res.decision.reason and "threshold" in res.decision.reason
     assert math.isclose(res.decision.score, res.images[0].score, abs_tol=1e-5)
     with st.sessions() as s:
@@ -144,7 +144,7 @@ def test_threshold_policy_flips_with_the_threshold(stack, decider_config):
         "p3",
         "a1",
     }
-    assert low.decision.policy == "threshold" and low.decision.retrieved
+    assert low.decision.policy == gpb.DECISION_POLICY_THRESHOLD and low.decision.retrieved
     assert f">= threshold {-1.0:.2f}" in low.decision.reason
 
     decider_config(threshold=1.0)
@@ -189,7 +189,7 @@ def test_learned_head_trains_loads_and_decides(stack, tiny_preset, tmp_path, dec
 
     decider_config(policy="learned", head_dir=out)
     res = generate(stack[1], "gill-learned")
-    assert res.decision.policy == "learned" and 0.0 <= res.decision.score <= 1.0
+    assert res.decision.policy == gpb.DECISION_POLICY_LEARNED and 0.0 <= res.decision.score <= 1.0
     assert "P(retrieve)" in res.decision.reason
     assert {i.source for i in res.images} == {RETRIEVED if res.decision.retrieved else GENERATED}
 

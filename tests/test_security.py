@@ -230,7 +230,7 @@ def test_duplicate_ids_in_one_upsert_are_invalid_argument(sec):
 
 @pytest.mark.parametrize("token", ["9" * 40, "²", "-1", "1e9", "99999999999"])
 def test_page_tokens_that_were_never_issued(sec, token):
-    code, details = status_of(lambda: sec["gen"].GetJob(gpb.GetJobRequest(job_id="nojob", page_token=token)))
+    code, details = status_of(lambda: sec["gen"].GetJob(gpb.GetJobRequest(job_id="nojob", page_token=token)).job)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not one this server issued" in details
     assert len(details) < 400
 
@@ -238,7 +238,7 @@ def test_page_tokens_that_were_never_issued(sec, token):
 def test_huge_ids_are_not_echoed_whole(sec):
     huge = "x" * (3 << 20)
     calls = [lambda: sec["hist"].GetHistory(history_pb2.GetHistoryRequest(user_id=huge)),
-             lambda: sec["gen"].GetJob(gpb.GetJobRequest(job_id=huge)),
+             lambda: sec["gen"].GetJob(gpb.GetJobRequest(job_id=huge)).job,
              lambda: sec["gen"].LogFeedback(gpb.LogFeedbackRequest(feedback_id=huge, user_id="alice",
                                                                    generation_id="g", kind=gpb.FEEDBACK_KIND_LIKE)),
              lambda: sec["gen"].GeneratePersonalized(gpb.GenerateRequest(request_id="r", user_id=huge))]
@@ -304,7 +304,7 @@ def test_postgresql_nul_and_long_strings_are_invalid_argument(pg_stack):
                                                                         tenant="t\x00")),
         lambda: gen.GeneratePersonalized(gpb.GenerateRequest(request_id="pg-1", user_id="alice", prompt="a\x00b")),
         lambda: gen.SubmitBatch(gpb.SubmitBatchRequest(job_id="pg-job", user_ids=["alice", "b\x00"])),
-        lambda: gen.GetJob(gpb.GetJobRequest(job_id="j", page_token="9" * 19)),
+        lambda: gen.GetJob(gpb.GetJobRequest(job_id="j", page_token="9" * 19)).job,
     ]
     for n, call in enumerate(calls):
         code, details = status_of(call)

@@ -79,8 +79,8 @@ def test_embedded_generate_replay_and_stream(embedded):
 
     # The streaming variant reports each denoising step, then the result.
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
-    events = list(stub.GeneratePersonalizedStream(gpb.GenerateRequest(
-        request_id="e2e-stream-1", user_id="alice", prompt="a star", num_images=1, num_inference_steps=4), timeout=120))
+    events = list(stub.GeneratePersonalizedStream(gpb.GeneratePersonalizedStreamRequest(request=gpb.GenerateRequest(
+        request_id="e2e-stream-1", user_id="alice", prompt="a star", num_images=1, num_inference_steps=4)), timeout=120))
     steps = [e.progress.step for e in events if e.WhichOneof("event") == "progress"]
     assert steps == sorted(steps) and max(steps) == 4
     assert events[-1].WhichOneof("event") == "result" and len(events[-1].result.images) == 1

@@ -120,7 +120,7 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
     """Raise InvalidInput naming the field and its allowed range."""
     if not (low <= value <= high):
         allowed = f"allowed {number(low)}..{number(high)}"
-        raise InvalidInput(f"{field} {number(value)} is out of range: {allowed}", reason="OUT_OF_RANGE",
+        raise InvalidInput(f"{field}={number(value)} is out of range: {allowed}", reason="OUT_OF_RANGE",
                            field=field, allowed=allowed)
 
 

@@ -41,7 +41,7 @@ def check_id(field: str, value: object) -> str:
     if not is_id(value):
         allowed = (f"allowed 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.:@-], starting with a letter or digit, "
                    "without '..'")
-        raise InvalidInput(f"{field} {show(value)} is malformed: {allowed}", reason="MALFORMED_ID", field=field,
+        raise InvalidInput(f"{field}={show(value)} is malformed: {allowed}", reason="MALFORMED_ID", field=field,
                            allowed=allowed)
     return value  # type: ignore[return-value]
 
@@ -50,7 +50,7 @@ def check_key(field: str, value: object, max_len: int = MAX_KEY_LEN) -> str:
     """An idempotency key (request_id, feedback_id, job_id) or a generation id: 1..max_len of [A-Za-z0-9_-]."""
     if not (isinstance(value, str) and KEY_RE.match(value) and len(value) <= max_len):
         allowed = f"allowed 1-{max_len} characters of [A-Za-z0-9_-]"
-        raise InvalidInput(f"{field} {show(value)} is malformed: {allowed}", reason="MALFORMED_ID", field=field,
+        raise InvalidInput(f"{field}={show(value)} is malformed: {allowed}", reason="MALFORMED_ID", field=field,
                            allowed=allowed)
     return value
 

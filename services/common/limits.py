@@ -55,7 +55,7 @@ def check_text(field: str, value: str, max_chars: int) -> str:
 def check_finite(field: str, value: float, bound: float = MAX_ABS_VALUE) -> float:
     if not math.isfinite(value) or abs(value) > bound:
         allowed = f"allowed a finite number within +-{bound:g}"
-        raise InvalidInput(f"{field} {show(value)} is out of range: {allowed}", reason="OUT_OF_RANGE", field=field,
+        raise InvalidInput(f"{field}={show(value)} is out of range: {allowed}", reason="OUT_OF_RANGE", field=field,
                            allowed=allowed)
     return value
 

@@ -126,7 +126,7 @@ RETRIEVED_INDEX_BASE = 1000  # Generation.image_index of retrieved results: 1000
 
 def unknown_method(method: str) -> InvalidInput:
     allowed = "allowed " + ", ".join(f"METHOD_{m.upper()}" for m in METHODS)
-    return InvalidInput(f"method {method} is unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE", field="method",
+    return InvalidInput(f"method={method} is unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE", field="method",
                         allowed=allowed)
 
 
@@ -182,7 +182,7 @@ class GatewayCore:
         retrieval = p.retrieval or s.retrieval_mode
         if retrieval not in RETRIEVAL_MODES:
             allowed = "allowed " + ", ".join(f"RETRIEVAL_MODE_{m.upper()}" for m in RETRIEVAL_MODES)
-            raise InvalidInput(f"retrieval {retrieval} is unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE",
+            raise InvalidInput(f"retrieval={retrieval} is unknown: {allowed}", reason="UNKNOWN_ENUM_VALUE",
                                field="retrieval", allowed=allowed)
         r = GenerateParams(
             request_id=p.request_id, user_id=p.user_id, prompt=p.prompt.strip(), method=method,
@@ -206,13 +206,13 @@ class GatewayCore:
             check_range(name, value, s.min_size, s.max_size)
             if value % 8:
                 allowed = f"a multiple of 8 in {s.min_size}..{s.max_size}"
-                raise InvalidInput(f"{name} {value} must be {allowed}", reason="NOT_A_MULTIPLE", field=name,
+                raise InvalidInput(f"{name}={value} must be {allowed}", reason="NOT_A_MULTIPLE", field=name,
                                    allowed=allowed)
             if self.limits is not None:
                 multiple, low, high = self.limits
                 if value % multiple or not low <= value <= high:
                     allowed = f"a multiple of {multiple} in {low}..{high}"
-                    raise InvalidInput(f"{name} {value} is not allowed by the {s.render_backend} render backend: "
+                    raise InvalidInput(f"{name}={value} is not allowed by the {s.render_backend} render backend: "
                                        f"{allowed}", reason="NOT_A_MULTIPLE", field=name, allowed=allowed)
         return r
 
@@ -307,7 +307,7 @@ class GatewayCore:
         if self.decider is None:
             if p.retrieval == "auto":
                 return NO_RETRIEVAL
-            raise InvalidInput(f"retrieval {p.retrieval} needs an item index, which this deployment lacks",
+            raise InvalidInput(f"retrieval={p.retrieval} needs an item index, which this deployment lacks",
                                reason="NO_ITEM_INDEX", field="retrieval",
                                allowed="RETRIEVAL_MODE_AUTO or RETRIEVAL_MODE_GENERATE_ONLY")
         decision = self.decider.decide(p.user_id, p, history, preference)

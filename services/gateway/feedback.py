@@ -90,7 +90,7 @@ class FeedbackCore:
                                allowed=allowed)
         check_finite("value", value, MAX_VALUE)
         if kind == "rating" and not (1 <= value <= 5):
-            raise InvalidInput(f"value {number(value)} is out of range for a rating: allowed 1..5",
+            raise InvalidInput(f"value={number(value)} is out of range for a rating: allowed 1..5",
                                reason="OUT_OF_RANGE", field="value", allowed="allowed 1..5")
         if kind == "pick" and not others:
             raise InvalidInput("a pick needs other_generation_ids (the images not chosen)", reason="MISSING_FIELD",

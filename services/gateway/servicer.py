@@ -123,11 +123,11 @@ def job_page(page_size: int, page_token: str) -> tuple[int, int]:
     """(offset, limit) from GetJob's paging fields."""
     if not 0 <= page_size <= JOB_MAX_PAGE_SIZE:
         allowed = f"allowed 0 (server default {JOB_PAGE_SIZE}) to {JOB_MAX_PAGE_SIZE}"
-        raise InvalidInput(f"page_size {page_size} is out of range: {allowed}", reason="OUT_OF_RANGE",
+        raise InvalidInput(f"page_size={page_size} is out of range: {allowed}", reason="OUT_OF_RANGE",
                            field="page_size", allowed=allowed)
     # isascii: str.isdigit() also accepts other scripts' digits; the length cap keeps OFFSET within SQL's range
     if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 9):
-        raise InvalidInput(f"page_token {show(page_token)} is not one this server issued: pass a previous "
+        raise InvalidInput(f"page_token={show(page_token)} is not one this server issued: pass a previous "
                            "GetJob's next_page_token, or \"\" for the first page", reason="INVALID_PAGE_TOKEN",
                            field="page_token", allowed="a previous next_page_token or empty")
     return int(page_token or 0), page_size or JOB_PAGE_SIZE

@@ -96,7 +96,7 @@ def _check_interaction(n: int, i: InteractionRecord) -> None:
     lim.check_finite(f"{where}.value", i.value)
     if i.timestamp_ms is not None and not 0 <= i.timestamp_ms <= lim.MAX_TIMESTAMP_MS:
         allowed = f"allowed unset (now) or 0 to {lim.MAX_TIMESTAMP_MS} (milliseconds since 1970, up to the year 9999)"
-        raise InvalidInput(f"{where}.timestamp_ms {i.timestamp_ms} is out of range: {allowed}", reason="OUT_OF_RANGE",
+        raise InvalidInput(f"{where}.timestamp_ms={i.timestamp_ms} is out of range: {allowed}", reason="OUT_OF_RANGE",
                            field=f"{where}.timestamp_ms", allowed=allowed)
 
 
@@ -273,7 +273,7 @@ class HistoryCore:
         check_range("page_size", page_size, 1, MAX_PAGE_SIZE)
         cursor = PAGE_TOKEN_RE.match(page_token) if page_token else None
         if page_token and cursor is None:
-            raise InvalidInput(f"page_token {show(page_token)} is not one this server issued: pass a previous "
+            raise InvalidInput(f"page_token={show(page_token)} is not one this server issued: pass a previous "
                                "next_page_token, or \"\" for the newest page", reason="INVALID_PAGE_TOKEN",
                                field="page_token", allowed="a previous next_page_token or empty")
         visible = (Interaction.user_id == user_id) & Item.deleted.is_(False)
@@ -362,7 +362,7 @@ class HistoryCore:
             where = f"items[{n}]"
             check_id(f"{where}.item_id", it.item_id)
             if it.item_id in seen:
-                raise InvalidInput(f"{where}.item_id {it.item_id} appears more than once in this call",
+                raise InvalidInput(f"{where}.item_id={show(it.item_id)} appears more than once in this call",
                                    reason="DUPLICATE_ID", field=f"{where}.item_id", allowed="each item_id once per call")
             seen.add(it.item_id)
             if it.image_uri:
@@ -421,7 +421,7 @@ class HistoryCore:
                principal=None) -> list[tuple[ItemRecord, float]]:
         """Public items plus the user's tenant's (or, without a user, the caller's tenant's)."""
         if not 1 <= k <= 1000:
-            raise InvalidInput(f"k {k} is out of range: allowed 1..1000", reason="OUT_OF_RANGE", field="k",
+            raise InvalidInput(f"k={k} is out of range: allowed 1..1000", reason="OUT_OF_RANGE", field="k",
                                allowed="allowed 1..1000")
         if self.index is None:
             raise InvalidInput("search needs an item index, which this deployment has not configured")
