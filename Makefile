@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos check-protos lock clean
+.PHONY: demo test protos check-protos api-docs buf buf-install contract lock clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,23 @@ protos: $(STAMP)
 
 check-protos: $(STAMP)
 	$(BIN)/python -m pigment.services.common.protocheck
+
+# docs/API.md from the protos' comments (tests/test_api_contract.py checks it is current)
+api-docs: $(STAMP)
+	$(BIN)/python -m pigment.services.common.apidoc
+
+# buf (lint + breaking-change check against the committed v1 contract), installed locally with npm
+BUF := $(shell command -v buf 2>/dev/null || echo $(CURDIR)/node_modules/.bin/buf)
+buf-install:
+	test -x $(BUF) || npm install --no-save --no-fund --no-audit @bufbuild/buf@1.75.0
+
+buf: buf-install
+	cd protos && $(BUF) lint
+	cd protos && $(BUF) breaking --against contract/pigment-v1.binpb
+
+# Tag the current protos as the contract `make buf` checks against: only when releasing a new contract.
+contract: buf-install
+	cd protos && $(BUF) build -o contract/pigment-v1.binpb
 
 demo: $(STAMP)
 	$(BIN)/pigment demo --out demo-output

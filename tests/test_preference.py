@@ -84,3 +84,16 @@ def test_vocabulary_from_the_preset_gates_generated_keywords(tiny_preset, tmp_pa
     pref = enc.encode(["a red circle"], target="a star", method="pmg_keywords")
     assert pref.keywords == ["red", "large"]
     assert set(pref.rejected_keywords) == {"purple unicorn", "star"} and "KEYWORDS_REJECTED" in pref.flags
+
+
+def test_dropping_the_targets_own_attribute_is_not_a_rejection(tiny_preset, tmp_path):
+    """Issue 19: KEYWORDS_REJECTED was on every personalized result, because the LLM's keyword for the attribute
+    the prompt names ("star" for "a star") counted as rejected. Only invalid keywords raise the flag now."""
+    preset = tmp_path / "tiny"
+    shutil.copytree(tiny_preset, preset)
+    (preset / "keywords.json").write_text(json.dumps(VOCAB))
+    enc = PreferenceEncoder(preset)
+    enc.generate_keywords_batch = lambda prompts: [["red", "star", "red", "large"] for _ in prompts]
+    pref = enc.encode(["a red circle"], target="a star", method="pmg_keywords")
+    assert pref.keywords == ["red", "large"] and set(pref.rejected_keywords) == {"star", "red"}
+    assert "KEYWORDS_REJECTED" not in pref.flags
