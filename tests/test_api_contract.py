@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import running_stack
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from pigment.services.common.errors import (

@@ -251,9 +251,10 @@ def test_image_quota_is_resource_exhausted_with_retry_info_on_redis(secured):
     status = rpc_status.from_call(err.value)
     from google.rpc import error_details_pb2
 
-    info = error_details_pb2.RetryInfo()
-    assert status.details and status.details[0].Unpack(info)
+    info, quota = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert [d for d in status.details if d.Unpack(info)] and [d for d in status.details if d.Unpack(quota)]
     assert 0 < info.retry_delay.ToTimedelta().total_seconds() <= 3600
+    assert quota.violations[0].subject.startswith("tenant:") and "images" in quota.violations[0].description
     # replays are free; other tenants have their own quota
     assert q.generate(f"q1-{RUN}", QUSER, n=3).images[0].generation_id == first.images[0].generation_id
     code, _ = status_of(lambda: q.gen.SubmitBatch(gpb.SubmitBatchRequest(
