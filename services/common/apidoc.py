@@ -50,7 +50,8 @@ REASONS = {
     "USER_NOT_FOUND": ("NOT_FOUND", "The user does not exist (or belongs to a tenant the caller cannot see)."),
     "ITEM_NOT_FOUND": ("NOT_FOUND", "Interactions name unknown items; BadRequest lists every such row."),
     "GENERATION_NOT_FOUND": ("NOT_FOUND", "Feedback names an unknown generation."),
-    "NOT_FOUND": ("NOT_FOUND", "Another missing resource (a job, a model version)."),
+    "JOB_NOT_FOUND": ("NOT_FOUND", "GetJob or CancelJob names an unknown job (or another tenant's)."),
+    "NOT_FOUND": ("NOT_FOUND", "Another missing resource (a model version)."),
     "IDEMPOTENCY_KEY_REUSED": ("ALREADY_EXISTS", "request_id, feedback_id, job_id or batch_id reused with "
                                                  "different content (metadata field names which)."),
     "ALREADY_EXISTS": ("ALREADY_EXISTS", "Another conflict."),

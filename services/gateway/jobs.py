@@ -155,7 +155,8 @@ class JobsCore:
             job = s.get(Job, p.job_id)
         if job is not None:
             if principal is not None and not principal.sees(job.tenant):  # ids are global; whose is not told
-                raise AlreadyExists(f"job_id {p.job_id!r} was already used with different parameters")
+                raise AlreadyExists(f"job_id {p.job_id} was already used with different parameters",
+                                    reason="IDEMPOTENCY_KEY_REUSED", field="job_id")
             return self._replay(job, phash, limit)
         users = self._users(p, principal.tenant if principal is not None else None)
         if principal is not None and self.charge_images is not None:
@@ -205,10 +206,10 @@ class JobsCore:
     def _authorize(p: BatchParams, principal) -> None:
         if not p.segment:
             return
-        principal.require_admin(f"a segment batch (segment {p.segment!r})")
+        principal.require_admin(f"a segment batch (segment {p.segment})")
         if principal.tenant is not None and p.segment not in ("*", principal.tenant):
-            raise PermissionDenied(f"segment {p.segment!r} is not the caller's tenant {principal.tenant!r}: "
-                                   f"use {principal.tenant!r} or \"*\" (every user of it)")
+            raise PermissionDenied(f"segment {p.segment} is not the caller's tenant {principal.tenant}: "
+                                   f"use {principal.tenant} or \"*\" (every user of it)")
 
     def _users(self, p: BatchParams, tenant: str | None = None) -> list[str]:
         """The job's users; ``tenant`` (a tenant-bound caller's) limits them to that tenant."""
@@ -264,7 +265,7 @@ class JobsCore:
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
             if job is None or (principal is not None and not principal.sees(job.tenant)):
-                raise NotFound(f"job {job_id!r} not found")
+                raise NotFound(f"job {job_id} not found", reason="JOB_NOT_FOUND")
             counts = dict(s.execute(select(JobUser.status, func.count()).where(JobUser.job_id == job_id)
                                     .group_by(JobUser.status)).all())
             page = (select(JobUser).where(JobUser.job_id == job_id).order_by(JobUser.chunk, JobUser.user_id)
@@ -283,7 +284,7 @@ class JobsCore:
         with transaction(self.sessions) as s:
             job = s.get(Job, job_id)
             if job is None or (principal is not None and not principal.sees(job.tenant)):
-                raise NotFound(f"job {job_id!r} not found")
+                raise NotFound(f"job {job_id} not found", reason="JOB_NOT_FOUND")
             if job.status in ACTIVE:
                 job.status = "cancelled"
                 s.execute(update(JobUser).where(JobUser.job_id == job_id, JobUser.status == "pending")

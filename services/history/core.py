@@ -135,10 +135,10 @@ def _caller_tenant(principal, tenant: str | None, what: str, required: bool = Fa
     if principal is None or principal.tenant is None:
         return tenant
     if required and not tenant:
-        raise PermissionDenied(f"{what} is empty (the public catalog): a key of tenant {principal.tenant!r} "
-                               f"writes only its own items: set tenant={principal.tenant!r}")
+        raise PermissionDenied(f"{what} is empty (the public catalog): a key of tenant {principal.tenant} "
+                               f"writes only its own items: set tenant={principal.tenant}")
     if tenant and tenant != principal.tenant:
-        raise PermissionDenied(f"{what}={tenant!r} is not the caller's tenant {principal.tenant!r}")
+        raise PermissionDenied(f"{what}={tenant} is not the caller's tenant {principal.tenant}")
     return principal.tenant
 
 
