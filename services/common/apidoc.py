@@ -154,7 +154,8 @@ def _label(field: descriptor_pb2.FieldDescriptorProto, msg: descriptor_pb2.Descr
     if field.proto3_optional:
         return "optional"
     if field.label == field.LABEL_REPEATED:
-        return "repeated"
+        is_map = any(m.options.map_entry and field.type_name.endswith(f".{m.name}") for m in msg.nested_type)
+        return "" if is_map else "repeated"
     if field.HasField("oneof_index"):
         return f"oneof {msg.oneof_decl[field.oneof_index].name}"
     return ""
