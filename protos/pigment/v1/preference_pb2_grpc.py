@@ -47,7 +47,8 @@ class PreferenceServiceServicer:
     """
 
     def EncodePreferences(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Keywords and soft tokens for a user's history (internal: the gateway calls it in-process).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
