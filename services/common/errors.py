@@ -35,6 +35,9 @@ class Violation:
 
 
 class PigmentError(Exception):
+    """``reason``: a stable ErrorInfo code (the class's by default); ``field``/``allowed``: the one bad field and
+    what it allows (a BadRequest violation); ``violations``: several (e.g. one per bad row of a batch)."""
+
     status = "INTERNAL"
     reason = "INTERNAL"
 
