@@ -26,10 +26,16 @@ log = logging.getLogger("pigment.grpc")
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str):
-    """Every error leaves as a google.rpc.Status with details (clients read them with rpc_status.from_call)."""
     if not isinstance(exc, PigmentError):
         log.exception("unhandled error in %s", method)
         exc = PigmentError(f"internal error in {method}: {type(exc).__name__} (logged)")
+    abort_with(context, exc)
+
+
+def abort_with(context: grpc.ServicerContext, exc: PigmentError):
+    """End the call with ``exc`` as a google.rpc.Status with details (clients read them with rpc_status.from_call)."""
+    # set_code first: the OpenTelemetry context wrapper records the code from set_code/abort, not abort_with_status
+    context.set_code(getattr(grpc.StatusCode, exc.status))
     context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
 
 
@@ -67,7 +73,7 @@ class SlotInterceptor(grpc.ServerInterceptor):
     def _exhausted(self, context):
         busy = Overloaded(f"server busy: {self.limit} calls in flight (max_concurrent_rpcs); retry later",
                           reason="SERVER_BUSY")
-        context.abort_with_status(rpc_status.to_status(to_rpc_status(busy)))
+        abort_with(context, busy)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
