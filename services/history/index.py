@@ -4,8 +4,8 @@ SQL (``items``) is the source of truth; this index is a cache of it that can
 always be rebuilt. The contract (DESIGN.md, "Storage"):
 
 * **IDs** are ``Item.pk``. Updates remove then add; tombstoned items
-  (``deleted``) are removed, so they are really gone: flat and IVF drop the
-  vectors at once; HNSW (which cannot remove from its graph) hides them inside
+  (``deleted``) are removed, so they are really gone: flat, IVF and IVF-PQ drop
+  the vectors at once; HNSW (which cannot remove from its graph) hides them inside
   the search at once and drops them at the next compaction, at most
   ``IndexConfig.compact_after`` hidden vectors (or ``compact_max_age_s``) later.
 * **Single writer**: an exclusive ``fcntl`` lock on ``<dir>/index.lock``. A
@@ -30,7 +30,7 @@ always be rebuilt. The contract (DESIGN.md, "Storage"):
   over pks of public items plus that tenant's items, kept in memory) is passed
   in the search parameters, so other tenants' items are never candidates; the
   user's exclude list is a second selector combined with it. Every kind
-  (flat, IVF, HNSW) takes the same selectors.
+  (flat, IVF, IVF-PQ, HNSW) takes the same selectors.
 
 Ordering assumption: writers allocate ``change_seq`` from the ``items`` counter
 under a row lock held until commit (``store.db.next_counter``), so sequence
@@ -53,11 +53,15 @@ from typing import Any, Self
 
 import faiss
 import numpy as np
+from pigment.models.loader import (
+    sha256_file,  # one file hash for weights and the index (torch-free)
+)
 from pigment.services.common.errors import FailedPrecondition, InvalidInput
 from pigment.services.history.index_factory import (  # noqa: F401  (re-exported)
     FLAT,
     HNSW,
     IVF,
+    IVFPQ,
     IndexConfig,
     build_index,
     check_gpu,
@@ -68,12 +72,12 @@ from pigment.services.history.index_factory import (  # noqa: F401  (re-exported
     index_kind,
     index_nbytes,
     new_index,
+    nlist_of,
     read_index,
     remove_ids,
     search_parameters,
     write_index,
 )
-from pigment.models.loader import sha256_file  # one file hash for weights and the index (torch-free)
 from pigment.services.history.index_factory import search as index_search
 from pigment.services.history.index_files import (
     MANIFEST,
@@ -94,8 +98,8 @@ from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
 from pigment.services.history.index_tuning import (
     RecallReport,
     build_tuned,
+    cheap_enough,
     draw_sample,
-    ivf_is_enough,
     tune,
     warn_if_below,
 )
@@ -104,7 +108,8 @@ from sqlalchemy.orm import Session
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-_AFTER_ALL_PKS = 2**31 - 1  # above any Item.pk (INTEGER in SQL); must fit the column type on PostgreSQL
+# Above any Item.pk (INTEGER in SQL); must fit the column type on PostgreSQL.
+_AFTER_ALL_PKS = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- locks
@@ -272,7 +277,7 @@ class ItemIndex:
         return self._report is not None and not self._report.meets_target
 
     def stats(self) -> dict[str, Any]:
-        nlist = faiss.extract_index_ivf(self._index).nlist if self.kind == IVF else None
+        nlist = nlist_of(self._index)
         pending = self._index.pending if self.kind == HNSW else 0
         return {
             "kind": self.kind,
@@ -493,10 +498,14 @@ class ItemIndex:
         if (
             self.config.kind == "auto"
             and report is not None
-            and report.kind == IVF
-            and not ivf_is_enough(report, self._index, self.config)
+            and report.kind in (IVF, IVFPQ)
+            and not cheap_enough(report, self._index, self.config)
         ):
-            log.info("item index %s: IVF no longer meets the target cheaply: rebuilding", self.directory)
+            log.info(
+                "item index %s: %s no longer meets the target cheaply: rebuilding",
+                self.directory,
+                report.kind,
+            )
             self._rebuild_locked()
             return
         with self._rw.write():
@@ -524,9 +533,10 @@ class ItemIndex:
             return HNSW
         if self.config.kind == FLAT or n < 39:  # IVF needs points to train on
             return FLAT
-        if self.config.kind == IVF:
-            return IVF
-        if current in (IVF, HNSW):  # hysteresis: keep it until the catalog halves below the threshold
+        if self.config.kind in (IVF, IVFPQ):
+            return self.config.kind
+        # Hysteresis: keep the kind until the catalog halves below the threshold.
+        if current in (IVF, IVFPQ, HNSW):
             return current if n >= self.config.flat_threshold // 2 else FLAT
         return IVF if n >= self.config.flat_threshold else FLAT
 
@@ -534,8 +544,9 @@ class ItemIndex:
         want = self._desired_kind(self.ntotal, self.kind)
         if want != self.kind:
             return f"{self.ntotal} items call for a {want} index, not {self.kind}"
-        if self.kind == IVF and self.ntotal > self.config.regrow_factor * max(self._trained_on, 1):
-            return f"IVF trained on {self._trained_on} items now holds {self.ntotal}: retraining"
+        grown = self.ntotal > self.config.regrow_factor * max(self._trained_on, 1)
+        if self.kind in (IVF, IVFPQ) and grown:
+            return f"{self.kind} trained on {self._trained_on} items now holds {self.ntotal}: retraining"
         if self.kind == HNSW:
             pending, since = self._index.pending, self._index.hidden_since
             if pending >= self.config.compact_after:
@@ -573,7 +584,7 @@ class ItemIndex:
                 index_bytes=path.stat().st_size,
                 index_sha256=digest,
                 trained_on=self._trained_on,
-                nlist=faiss.extract_index_ivf(self._index).nlist if self.kind == IVF else None,
+                nlist=nlist_of(self._index),
                 search_effort=self._effort,
                 recall=self._report.as_dict() if self._report is not None else None,
             )
