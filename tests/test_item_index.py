@@ -7,6 +7,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+import time
 
 import faiss
 import numpy as np
@@ -98,6 +100,7 @@ def test_flat_grows_into_ivf_on_sync(tmp_path, factory):
         assert index.kind == "flat"
         pks += add_items(factory, second)
         assert index.sync() == 200
+        assert index.wait_for_maintenance(60)  # the rebuild runs off the upsert path
         assert index.kind == "ivf" and index.ntotal == 300
         got, _ = index.search(second[:5], 1)
         assert got[:, 0].tolist() == pks[100:105]
@@ -463,6 +466,7 @@ def test_recall_is_remeasured_after_large_changes(tmp_path, factory):
         assert index.recall_report is first and index.stats()["changed_since_measure"] == 50
         add_items(factory, unit(rng, 80))  # 13% in all since the measurement
         index.sync()
+        assert index.wait_for_maintenance(60)
         assert index.recall_report is not first and index.recall_report.ntotal == 1130
         assert index.stats()["changed_since_measure"] == 0
 
@@ -559,9 +563,47 @@ def test_hnsw_delete_is_hidden_at_once_and_compacted_within_the_bound(tmp_path, 
         assert index.stats()["pending_compaction"] == 3
         change(factory, pks[3:5], deleted=True)  # the 5th hidden vector reaches the bound
         index.sync()
+        assert not set(index.search(vectors[:5], 10)[0].ravel()) & set(pks[:5])
+        assert index.wait_for_maintenance(60)  # compaction: in the background, seconds later
         graph_ids = faiss.vector_to_array(index._index.graph.id_map)
         assert not set(pks[:5]) & set(graph_ids) and index._index.pending == 0
         assert index.ntotal == 295
+
+
+def test_upsert_never_waits_for_a_rebuild_and_a_delete_during_it_stays_deleted(
+    tmp_path, factory, monkeypatch
+):
+    rng = np.random.default_rng(31)
+    vectors = unit(rng, 300)
+    pks = add_items(factory, vectors[:150])
+    release = threading.Event()
+    real_build = ItemIndex._build_from_sql
+
+    def slow_build(self):  # a 1M-item rebuild takes minutes: hold this one until released
+        built = real_build(self)
+        assert release.wait(60)
+        return built
+
+    with open_index(tmp_path / "ix", factory, config=EXHAUSTIVE_IVF) as index:
+        monkeypatch.setattr(ItemIndex, "_build_from_sql", slow_build)
+        pks += add_items(factory, vectors[150:])  # 300 items: calls for IVF
+        started = time.perf_counter()
+        assert index.sync() == 150
+        change(factory, pks[200:203], deleted=True)  # GDPR delete while the IVF is being built
+        assert index.sync() == 3
+        assert time.perf_counter() - started < 10  # the upserts did not wait for the build
+        assert index.kind == "flat" and index.ntotal == 297  # still the old index, up to date
+        got, _ = index.search(vectors[200:203], 10)
+        assert not set(got.ravel()) & set(pks[200:203])
+        release.set()
+        assert index.wait_for_maintenance(60)
+        assert index.kind == "ivf" and index.ntotal == 297
+        got, _ = index.search(vectors[195:205], 10)  # built before the delete, caught up since
+        assert not set(got.ravel()) & set(pks[200:203])
+        keep = [i for i in range(300) if not 200 <= i < 203]
+        np.testing.assert_array_equal(
+            got, brute_force(vectors[keep], [pks[i] for i in keep], vectors[195:205], 10)
+        )
 
 
 def test_hnsw_updated_vector_is_served_and_old_one_never(tmp_path, factory):

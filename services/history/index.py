@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -86,6 +86,7 @@ from pigment.services.history.index_files import (
     WriterLock,
     write_atomic,
 )
+from pigment.services.history.index_maintenance import Maintenance
 from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
     PAGE_ROWS,
     ItemRow,
@@ -97,6 +98,7 @@ from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
 )
 from pigment.services.history.index_tuning import (
     RecallReport,
+    Sample,
     build_tuned,
     cheap_enough,
     draw_sample,
@@ -151,6 +153,18 @@ class _RWLock:
 # --------------------------------------------------------------------------- the index
 
 
+@dataclass
+class _Built:
+    """An index built from SQL, not yet serving."""
+
+    index: Any
+    vis: Visibility
+    mark: tuple[int, int]
+    trained_on: int
+    report: RecallReport | None
+    started: float
+
+
 class ItemIndex:
     """Item embeddings of one embedding model, searchable by inner product, kept in step with SQL.
 
@@ -187,6 +201,8 @@ class ItemIndex:
         self._dirty = False
         self._rw = _RWLock()
         self._mutex = threading.Lock()  # one mutation (sync / rebuild / save) at a time
+        self._maintenance = Maintenance(self._maintain)
+        self._rebuild_wanted: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -231,6 +247,7 @@ class ItemIndex:
 
         The stack calls this when the server stops, so manifest and SQL agree after a clean stop.
         """
+        self._maintenance.stop()
         if self._lock is None:
             return
         try:
@@ -373,8 +390,10 @@ class ItemIndex:
     def sync(self) -> int:
         """Apply every SQL change after the high-water mark; returns how many rows were applied.
 
-        Rebuilds when the catalog has outgrown (or shrunk below) the index kind, or when an
-        HNSW graph is due for compaction; re-measures recall after large changes.
+        A rebuild (the catalog outgrew or shrank below the index kind; an HNSW graph is due for
+        compaction) or a recall re-measurement after large changes is handed to the maintenance
+        thread (``IndexConfig.background_maintenance``, the default): the caller (an upsert, a
+        GDPR delete) never waits for it. Removals are applied here, at once, whatever the kind.
         """
         with self._mutex:
             applied = 0
@@ -383,30 +402,37 @@ class ItemIndex:
                     self._apply(rows)
                     applied += len(rows)
             self._changed_since_measure += applied
-            if reason := self._rebuild_reason():
+            reason = self._rebuild_reason()
+            due = reason is not None or self._remeasure_due()
+            if due and self.config.background_maintenance and not self.read_only:
+                self._maintenance.request(reason or "recall re-measurement")
+            elif reason:
                 log.info("rebuilding item index %s: %s", self.directory, reason)
                 self._rebuild_locked()
-            elif self._remeasure_due():
+            elif due:
                 self._remeasure_locked()
         if applied:
             log.debug("item index applied %d changes, mark=%d", applied, self.high_water_mark)
         return applied
 
     def _apply(self, rows: list[ItemRow]) -> None:
-        pks = np.array([r.pk for r in rows], dtype=np.int64)
-        adds = [(r, v) for r in rows if (v := self._vector(r)) is not None]
         with self._rw.write():
-            remove_ids(self._index, pks)
-            for r in rows:
-                self._vis.clear(r.pk)
-            if adds:
-                vectors = np.stack([v for _, v in adds])
-                ids = np.array([r.pk for r, _ in adds], dtype=np.int64)
-                self._index.add_with_ids(vectors, ids)
-                for r, _ in adds:
-                    self._vis.set(r.pk, r.tenant)
+            self._apply_to(self._index, self._vis, rows)
             self._mark = (rows[-1].change_seq, rows[-1].pk)
             self._dirty = True
+
+    def _apply_to(self, index: Any, vis: Visibility, rows: list[ItemRow]) -> None:
+        pks = np.array([r.pk for r in rows], dtype=np.int64)
+        adds = [(r, v) for r in rows if (v := self._vector(r)) is not None]
+        remove_ids(index, pks)
+        for r in rows:
+            vis.clear(r.pk)
+        if adds:
+            vectors = np.stack([v for _, v in adds])
+            ids = np.array([r.pk for r, _ in adds], dtype=np.int64)
+            index.add_with_ids(vectors, ids)
+            for r, _ in adds:
+                vis.set(r.pk, r.tenant)
 
     def _vector(self, row: ItemRow) -> np.ndarray | None:
         """The row's embedding if it belongs here; None if deleted, another model's, or bad."""
@@ -438,6 +464,11 @@ class ItemIndex:
         return self._report
 
     def _rebuild_locked(self) -> None:
+        self._install(self._build_from_sql())
+
+    def _build_from_sql(self) -> _Built:
+        """A new index of SQL's live items, measured and tuned; touches nothing being served,
+        so the maintenance thread runs it without any lock."""
         started = time.perf_counter()
         with self._session_factory() as session:
             # The mark is read first: rows changed while we read are re-applied by catch-up.
@@ -448,23 +479,58 @@ class ItemIndex:
         index, report, _ = build_tuned(vectors, pks, self.config, kind, sample)
         vis = Visibility()
         vis.set_many(pks, tenants)
+        return _Built(index, vis, (mark, _AFTER_ALL_PKS), len(pks), report, started)
+
+    def _install(self, built: _Built) -> None:
+        """Serve ``built`` (caller holds the mutex) after catching it up with SQL: a row changed
+        since its snapshot (a GDPR delete among them) is applied before it serves a search."""
+        with self._session_factory() as session:
+            while rows := changed_items_since(session, *built.mark):
+                self._apply_to(built.index, built.vis, rows)
+                built.mark = (rows[-1].change_seq, rows[-1].pk)
         with self._rw.write():
-            self._index, self._vis, self._mark = index, vis, (mark, _AFTER_ALL_PKS)
-            self._trained_on = len(pks)
-            self._set_report(report)
+            self._index, self._vis, self._mark = built.index, built.vis, built.mark
+            self._trained_on = built.trained_on
+            self._set_report(built.report)
             self._dirty = True
         log.info(
             "item index %s rebuilt: %s, %d items, mark=%d, %.1fs, %s",
             self.directory,
             self.kind,
-            len(pks),
-            mark,
-            time.perf_counter() - started,
-            _describe(report),
+            self.ntotal,
+            built.mark[0],
+            time.perf_counter() - built.started,
+            _describe(built.report),
         )
-        warn_if_below(report, str(self.directory))
+        warn_if_below(built.report, str(self.directory))
         if not self.read_only:
             self._save_locked()
+
+    def _maintain(self, why: str) -> None:
+        """The maintenance thread's work: a rebuild built off every lock (syncs and searches go
+        on meanwhile), installed under the mutex; or a re-measurement."""
+        with self._mutex:
+            reason = self._rebuild_reason()
+            if reason is None and not self._remeasure_due():
+                return  # a rebuild in between already did it
+            kind = self.kind
+        if reason is None and kind != HNSW:  # HNSW is re-measured by a rebuild
+            sample = self._remeasure_sample()  # reads SQL: no lock held
+            with self._mutex:
+                self._remeasure_locked(rebuild_in_place=False, sample=sample)
+                reason, self._rebuild_wanted = self._rebuild_wanted, None
+            if reason is None:
+                return
+        reason = reason or "HNSW recall re-measurement"
+        log.info("rebuilding item index %s in the background: %s", self.directory, reason)
+        built = self._build_from_sql()
+        with self._mutex:
+            self._install(built)
+
+    def wait_for_maintenance(self, timeout: float | None = None) -> bool:
+        """Block until no rebuild or re-measurement is pending or running (tests, ``pigment``
+        CLI); False if ``timeout`` passed first."""
+        return self._maintenance.wait_idle(timeout)
 
     def _set_report(self, report: RecallReport | None) -> None:
         self._report = report
@@ -477,7 +543,9 @@ class ItemIndex:
         base = self._report.ntotal if self._report is not None else 0
         return self._changed_since_measure > self.config.remeasure_fraction * max(base, 1)
 
-    def _remeasure_locked(self) -> None:
+    def _remeasure_locked(
+        self, rebuild_in_place: bool = True, sample: Sample | None = None
+    ) -> None:
         """Measure on SQL's live vectors (the truth), re-tune the effort; auto may switch kind.
 
         HNSW is rebuilt instead: its sample must be held out of the graph to be measured
@@ -486,13 +554,9 @@ class ItemIndex:
         """
         if self.kind == HNSW:
             log.info("item index %s: re-measuring HNSW recall by a rebuild", self.directory)
-            self._rebuild_locked()
+            self._rebuild_later_or_now("HNSW recall re-measurement", rebuild_in_place)
             return
-        with self._session_factory() as session:
-            pks, _, vectors = self._read_live(session)
-        sample = draw_sample(
-            vectors, pks, self.config.recall_sample, self.config.seed + 1, held_out=False
-        )
+        sample = sample or self._remeasure_sample()
         with self._rw.read():
             report = tune(self._index, sample, self.config)
         if (
@@ -506,13 +570,27 @@ class ItemIndex:
                 self.directory,
                 report.kind,
             )
-            self._rebuild_locked()
+            self._rebuild_later_or_now(f"{report.kind} misses the target cheaply", rebuild_in_place)
             return
         with self._rw.write():
             self._set_report(report)
             self._dirty = True
         log.info("item index %s re-measured: %s", self.directory, _describe(report))
         warn_if_below(report, str(self.directory))
+
+    def _remeasure_sample(self) -> Sample | None:
+        """Catalog items from SQL (the truth) as queries, with exact neighbours."""
+        with self._session_factory() as session:
+            pks, _, vectors = self._read_live(session)
+        return draw_sample(
+            vectors, pks, self.config.recall_sample, self.config.seed + 1, held_out=False
+        )
+
+    def _rebuild_later_or_now(self, reason: str, now: bool) -> None:
+        if now:
+            self._rebuild_locked()
+        else:  # the maintenance thread builds it once it has let go of the mutex
+            self._rebuild_wanted = reason
 
     def _read_live(self, session: Session) -> tuple[np.ndarray, list[str | None], np.ndarray]:
         pks: list[int] = []

@@ -79,6 +79,9 @@ class IndexConfig:
     """HNSW: hidden (removed or superseded) + side-index vectors that trigger a compaction."""
     compact_max_age_s: float = 24 * 3600.0
     """HNSW: a compaction also runs at the first sync after the oldest hidden vector is this old."""
+    background_maintenance: bool = True
+    """``ItemIndex.sync`` hands rebuilds (retraining, compaction) and recall re-measurements to a
+    background thread instead of running them inside the upsert that triggered them."""
     recall_sample: int = 200
     """Catalog items held out as queries when measuring recall."""
     remeasure_fraction: float = 0.1
