@@ -87,6 +87,7 @@ from pigment.services.history.index_files import (
     write_atomic,
 )
 from pigment.services.history.index_maintenance import Maintenance
+from pigment.services.history.index_pq import one_thread
 from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
     PAGE_ROWS,
     ItemRow,
@@ -343,7 +344,11 @@ class ItemIndex:
             sel, _keepalive = self._selector(tenant, exclude)
             visible = self._vis.visible_count(tenant) - len(exclude)
             exact = sel is not None and visible < self.config.filtered_exact_below * self.ntotal
-            scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
+            if len(queries) == 1:  # too small to share between threads (index_pq.one_thread)
+                with one_thread():
+                    scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
+            else:
+                scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
         return pks, scores
 
     def _check_queries(self, vectors: Any) -> np.ndarray:

@@ -31,8 +31,10 @@ candidates; PQ64x4fs (2 dims per bit) capped recall at 0.79 (bench/RESULTS.md)."
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """PQ training runs one tiny k-means per sub-quantizer: with OpenMP threads each iteration
-    waits at barriers, which on a busy host took 106 s instead of 2.8 s (16k x 512-d)."""
+    """FAISS on this thread only, for work too small to share: PQ training runs one tiny k-means
+    per sub-quantizer, and with OpenMP threads each iteration waits at barriers (on a busy host
+    106 s instead of 2.8 s, 16k x 512-d); a batch-1 search likewise. OpenMP keeps the thread
+    count per calling thread, so other threads' searches are unaffected."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
