@@ -21,7 +21,11 @@ always be rebuilt. The contract (DESIGN.md, "Storage"):
   so rows committed after the last save (or before a crash) are never lost.
   Applying a row is idempotent (remove, then add its current state).
 * **Rebuild**: a missing, truncated, corrupt (sha256 mismatch) or foreign (other
-  model / dim / format) index is rebuilt from SQL, with the reason logged.
+  model / dim / format) index is rebuilt from SQL at open, with the reason logged.
+  Rebuilds that ``sync`` finds due (growth, kind change, HNSW compaction) and
+  recall re-measurements run on a maintenance thread (``index_maintenance``):
+  built without locks, caught up with SQL from their snapshot's mark under the
+  mutex, then swapped in; the upsert that triggered them does not wait.
 * **Recall on the catalog** (``index_tuning``): at build and after
   ``remeasure_fraction`` of the catalog changed, held-out items are searched and
   compared with brute force; the smallest effort meeting ``target_recall`` is
