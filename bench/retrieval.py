@@ -18,7 +18,9 @@ Data (``dim``-d unit vectors; queries are held-out vectors drawn the same way):
 The index is built and tuned by ``index_tuning.build_tuned`` with the
 production ``IndexConfig`` (what ``ItemIndex`` runs at rebuild: flat below the
 threshold; IVF if it meets the target recall on held-out *catalog* items within
-``max_scan``; else HNSW; the smallest effort meeting the target). Recall@10 is
+``max_scan``; else IVF-PQ fast-scan on the same lists re-ranked exactly, within
+``max_scan_codes``; else HNSW if a timed probe projects its build within
+``build_budget_s``; the best measured kind; the smallest effort meeting the target). Recall@10 is
 then measured on ``--nq`` *other* queries against exact search, and a plain
 numpy brute force runs in the same process for comparison.
 """
@@ -33,7 +35,13 @@ import time
 
 import faiss
 import numpy as np
-from pigment.services.history.index_factory import IndexConfig, index_nbytes, search, size_kind
+from pigment.services.history.index_factory import (
+    IndexConfig,
+    index_nbytes,
+    nlist_of,
+    search,
+    size_kind,
+)
 from pigment.services.history.index_tuning import build_tuned, draw_sample
 
 K = 10
@@ -55,7 +63,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def make_clusters(total: int, dim: int, clusters: int, cos: float, rng) -> tuple[np.ndarray, float]:
     """Mixture on the sphere; returns the vectors and their measured mean cosine to their centre."""
     centres = _normalise(rng.standard_normal((clusters, dim), dtype=np.float32))
-    sigma = np.sqrt((1.0 / cos**2 - 1.0) / dim)  # |noise|^2 ~ sigma^2 dim: cos = 1/sqrt(1+sigma^2 dim)
+    # |noise|^2 ~ sigma^2 dim: cos = 1/sqrt(1+sigma^2 dim)
+    sigma = np.sqrt((1.0 / cos**2 - 1.0) / dim)
     out = np.empty((total, dim), dtype=np.float32)
     cos_sum = 0.0
     for start in range(0, total, 100_000):
@@ -92,7 +101,11 @@ def make_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
     else:
         clusters = args.clusters or (1000 if args.data == "clusters" else max(1, args.n // 50))
         x, mean_cos = make_clusters(total, args.dim, clusters, args.cos, rng)
-        info = {"clusters": clusters, "items_per_cluster": args.n / clusters, "mean_cos_to_centre": mean_cos}
+        info = {
+            "clusters": clusters,
+            "items_per_cluster": args.n / clusters,
+            "mean_cos_to_centre": mean_cos,
+        }
     return x[: args.n], x[args.n :], info  # rows are i.i.d.: the last nq are a random hold-out
 
 
@@ -134,6 +147,9 @@ def run(args: argparse.Namespace) -> dict:
         flat_threshold=args.flat_threshold,
         target_recall=args.target_recall,
         max_scan=args.max_scan,
+        max_scan_codes=args.max_scan_codes,
+        rerank=args.rerank,
+        build_budget_s=args.build_budget_s,
         hnsw_m=args.hnsw_m,
         hnsw_ef_construction=args.ef_construction,
         recall_sample=args.sample,
@@ -150,6 +166,9 @@ def run(args: argparse.Namespace) -> dict:
     build_and_tune_s = time.perf_counter() - t0
     for a in attempts:
         r = a.report
+        if r is None:
+            print(f"attempt {a.kind}: skipped ({a.skipped})", flush=True)
+            continue
         print(
             f"attempt {a.kind}: build {a.build_s:.1f}s, recall@10 {r.recall_at_10:.3f} at "
             f"{r.effort_name}={r.effort} (tune {r.seconds:.1f}s)",
@@ -169,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
     bitmap = np.packbits(allowed, bitorder="little")
     sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
     p50_sel, _ = percentiles(latency(index, xq, report.effort, args.lat_repeats, sel))
-    chosen = attempts[[a.report for a in attempts].index(report)]
+    chosen = next((a for a in attempts if a.report is report), attempts[-1])
     return {
         "data": args.data,
         **info,
@@ -178,8 +197,13 @@ def run(args: argparse.Namespace) -> dict:
         "index": report.kind,
         "tuned_parameters": {
             report.effort_name or "exact": report.effort,
-            **({"M": args.hnsw_m, "efConstruction": args.ef_construction} if report.kind == "hnsw" else {}),
-            **({"nlist": int(faiss.extract_index_ivf(index).nlist)} if report.kind == "ivf" else {}),
+            **(
+                {"M": args.hnsw_m, "efConstruction": args.ef_construction}
+                if report.kind == "hnsw"
+                else {}
+            ),
+            **({"nlist": nlist_of(index)} if report.kind in ("ivf", "ivfpq") else {}),
+            **({"rerank": args.rerank} if report.kind == "ivfpq" else {}),
         },
         "target_recall": args.target_recall,
         "recall_at_10": recall(found, truth),
@@ -193,10 +217,21 @@ def run(args: argparse.Namespace) -> dict:
         "build_s": chosen.build_s,
         "build_and_tune_s_all_attempts": build_and_tune_s,
         "attempts": [
-            {"kind": a.kind, "build_s": a.build_s, "recall_at_10": a.report.recall_at_10,
-             "effort": a.report.effort, "meets_target": a.report.meets_target, "tune_s": a.report.seconds}
+            {"kind": a.kind, "build_s": a.build_s, "skipped": a.skipped}
+            | (
+                {
+                    "recall_at_10": a.report.recall_at_10,
+                    "effort": a.report.effort,
+                    "meets_target": a.report.meets_target,
+                    "p50_ms": a.report.p50_ms,
+                    "tune_s": a.report.seconds,
+                }
+                if a.report
+                else {}
+            )
             for a in attempts
         ],
+        "build_budget_s": args.build_budget_s,
         "memory_mb": memory_mb,
         "rss_growth_mb": rss_mb() - rss0,
         "exact_faiss_ground_truth_s": exact_s,
@@ -217,14 +252,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=100_000, help="catalog size")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--clusters", type=int, default=None, help="default: 1000, or n/50 for many-clusters")
-    p.add_argument("--cos", type=float, default=0.5, help="cosine of a vector to its cluster centre")
+    p.add_argument(
+        "--clusters", type=int, default=None, help="default: 1000, or n/50 for many-clusters"
+    )
+    p.add_argument(
+        "--cos", type=float, default=0.5, help="cosine of a vector to its cluster centre"
+    )
     p.add_argument("--intrinsic", type=int, default=32, help="manifold: subspace dimension")
     p.add_argument("--nq", type=int, default=1000, help="held-out queries for recall")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"])
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"])
     p.add_argument("--flat-threshold", type=int, default=IndexConfig.flat_threshold)
     p.add_argument("--target-recall", type=float, default=IndexConfig.target_recall)
     p.add_argument("--max-scan", type=int, default=IndexConfig.max_scan)
+    p.add_argument("--max-scan-codes", type=int, default=IndexConfig.max_scan_codes)
+    p.add_argument("--rerank", type=int, default=IndexConfig.rerank)
+    p.add_argument("--build-budget-s", type=float, default=IndexConfig.build_budget_s)
     p.add_argument("--hnsw-m", type=int, default=IndexConfig.hnsw_m)
     p.add_argument("--ef-construction", type=int, default=IndexConfig.hnsw_ef_construction)
     p.add_argument("--sample", type=int, default=IndexConfig.recall_sample, help="tuning sample")

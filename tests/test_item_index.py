@@ -7,6 +7,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+import time
 
 import faiss
 import numpy as np
@@ -23,8 +25,10 @@ SMALL = IndexConfig(flat_threshold=200)  # IVF from 200 items on
 EXHAUSTIVE_IVF = IndexConfig(flat_threshold=200, nprobe=1000)  # nprobe >= nlist: exact
 # efSearch far above the catalog size: the graph search visits everything reachable.
 EXHAUSTIVE_HNSW = IndexConfig(kind="hnsw", ef_search=1000, hnsw_m=16, hnsw_ef_construction=200)
-KINDS = [SMALL, EXHAUSTIVE_IVF, EXHAUSTIVE_HNSW]
-KIND_IDS = ["flat", "ivf", "hnsw"]
+# Every list probed and every candidate re-ranked exactly: IVF-PQ then equals brute force.
+EXHAUSTIVE_IVFPQ = IndexConfig(kind="ivfpq", nprobe=1000, rerank=1000)
+KINDS = [SMALL, EXHAUSTIVE_IVF, EXHAUSTIVE_IVFPQ, EXHAUSTIVE_HNSW]
+KIND_IDS = ["flat", "ivf", "ivfpq", "hnsw"]
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -96,6 +100,7 @@ def test_flat_grows_into_ivf_on_sync(tmp_path, factory):
         assert index.kind == "flat"
         pks += add_items(factory, second)
         assert index.sync() == 200
+        assert index.wait_for_maintenance(60)  # the rebuild runs off the upsert path
         assert index.kind == "ivf" and index.ntotal == 300
         got, _ = index.search(second[:5], 1)
         assert got[:, 0].tolist() == pks[100:105]
@@ -355,7 +360,9 @@ def test_corrupt_in_place_is_rebuilt_and_serves_correct_scores(tmp_path, factory
     with caplog.at_level(logging.WARNING), open_index(directory, factory) as index:
         got, scores = index.search(vectors[:10], 5)
         np.testing.assert_array_equal(got, brute_force(vectors, pks, vectors[:10], 5))
-        np.testing.assert_allclose(scores, np.sort(vectors[:10] @ vectors.T, axis=1)[:, ::-1][:, :5], rtol=1e-5)
+        np.testing.assert_allclose(
+            scores, np.sort(vectors[:10] @ vectors.T, axis=1)[:, ::-1][:, :5], rtol=1e-5
+        )
         assert index.search(e0, 1)[1][0, 0] == pytest.approx(vectors[:, 0].max(), rel=1e-5)
     assert "CORRUPT" in caplog.text and "fails its sha256 check" in caplog.text
     manifest = json.loads((directory / MANIFEST).read_text())
@@ -421,7 +428,9 @@ def test_tuner_serves_the_smallest_nprobe_meeting_the_target(tmp_path, factory):
         assert 1 < nprobe < index.stats()["nlist"]
         rows = np.random.default_rng(5).choice(2000, 300, replace=False)
         assert recall_of(index, vectors, pks, nprobe, rows) >= 0.77  # another sample: near target
-        assert recall_of(index, vectors, pks, nprobe - 1, rows) < recall_of(index, vectors, pks, nprobe, rows)
+        assert recall_of(index, vectors, pks, nprobe - 1, rows) < recall_of(
+            index, vectors, pks, nprobe, rows
+        )
         assert report.recall_at_10 >= 0.8 and report.meets_target and not index.recall_below_target
         by_effort = {c["effort"]: c["recall_at_10"] for c in report.curve}
         aim = 0.8 + config.tune_margin
@@ -436,7 +445,10 @@ def test_recall_below_target_is_flagged(tmp_path, factory, caplog):
     rng = np.random.default_rng(22)
     add_items(factory, unit(rng, 2000))
     config = IndexConfig(kind="ivf", nprobe=1, target_recall=0.95)  # fixed effort: not tuned
-    with caplog.at_level(logging.WARNING), open_index(tmp_path / "ix", factory, config=config) as index:
+    with (
+        caplog.at_level(logging.WARNING),
+        open_index(tmp_path / "ix", factory, config=config) as index,
+    ):
         stats = index.stats()
         assert stats["recall_below_target"] is True and stats["recall_at_10"] < 0.95
         assert stats["recall"]["tuned"] is False and stats["search_effort"]["value"] == 1
@@ -454,12 +466,13 @@ def test_recall_is_remeasured_after_large_changes(tmp_path, factory):
         assert index.recall_report is first and index.stats()["changed_since_measure"] == 50
         add_items(factory, unit(rng, 80))  # 13% in all since the measurement
         index.sync()
+        assert index.wait_for_maintenance(60)
         assert index.recall_report is not first and index.recall_report.ntotal == 1130
         assert index.stats()["changed_since_measure"] == 0
 
 
 def test_auto_picks_ivf_on_clustered_and_hnsw_on_unstructured(tmp_path, factory):
-    config = IndexConfig(flat_threshold=200, max_scan=300, recall_sample=100)
+    config = IndexConfig(flat_threshold=200, max_scan=300, max_scan_codes=300, recall_sample=100)
     rng = np.random.default_rng(24)
     add_items(factory, clustered(rng, 1200, centres=30, spread=0.05))
     with open_index(tmp_path / "a", factory, config=config) as index:
@@ -470,6 +483,65 @@ def test_auto_picks_ivf_on_clustered_and_hnsw_on_unstructured(tmp_path, factory)
     with open_index(tmp_path / "b", other, config=config) as index:
         assert index.kind == "hnsw" and index.recall_report.meets_target
         assert index.recall_report.effort_name == "ef_search"
+
+
+def test_auto_adds_pq_codes_when_ivf_scans_too_much_and_respects_the_build_budget(
+    tmp_path, factory, caplog
+):
+    rng = np.random.default_rng(29)
+    add_items(factory, unit(rng, 1200))  # IVF-Flat needs nprobe * list size > max_scan
+    config = IndexConfig(flat_threshold=200, max_scan=300, recall_sample=100, target_recall=0.9)
+    with open_index(tmp_path / "a", factory, config=config) as index:
+        report = index.recall_report
+        assert index.kind == "ivfpq" and report.meets_target and report.effort_name == "nprobe"
+        assert index.stats()["nlist"] == index._index.nlist
+    # Neither IVF kind within its bound, and no time for a graph: HNSW is not built at all and
+    # the best measured IVF kind stays (tuned; flagged if it misses the target).
+    tight = IndexConfig(
+        flat_threshold=200, max_scan=300, max_scan_codes=300, recall_sample=100, build_budget_s=0.0
+    )
+    with (
+        caplog.at_level(logging.WARNING),
+        open_index(tmp_path / "b", factory, config=tight) as index,
+    ):
+        assert index.kind in ("ivf", "ivfpq") and index.recall_report.tuned
+        assert index.recall_below_target == (index.recall_report.recall_at_10 < 0.95)
+    assert "not building HNSW" in caplog.text and "build_budget_s" in caplog.text
+
+
+def test_ivfpq_round_trip_checksum_filters_and_deletion(tmp_path, factory):
+    rng = np.random.default_rng(30)
+    vectors = unit(rng, 400)
+    pks = add_items(factory, vectors[:300])
+    pks += add_items(factory, vectors[300:], tenant="acme")
+    directory = tmp_path / "ix"
+    with open_index(directory, factory, config=EXHAUSTIVE_IVFPQ) as index:
+        assert index.kind == "ivfpq"
+        got, _ = index.search(vectors[:10], 5, tenant="acme")
+        np.testing.assert_array_equal(got, brute_force(vectors, pks, vectors[:10], 5))
+        got, _ = index.search(vectors[:10], 5)  # acme's 100 items are not candidates
+        np.testing.assert_array_equal(got, brute_force(vectors[:300], pks[:300], vectors[:10], 5))
+        change(factory, pks[:4], deleted=True)
+        index.sync()
+        raw = index._index
+        for half in (raw.exact, raw.pq):  # removed from both halves, not hidden
+            _, ids = half.search(vectors[:4], 3, params=faiss.SearchParametersIVF(nprobe=raw.nlist))
+            assert not set(ids.ravel()) & set(pks[:4]) and half.ntotal == 396
+        before = index.search(vectors[:10], 5, tenant="acme")
+    with open_index(directory, factory, config=EXHAUSTIVE_IVFPQ) as index:
+        assert index.kind == "ivfpq" and index.ntotal == 396
+        after = index.search(vectors[:10], 5, tenant="acme")
+        np.testing.assert_array_equal(before[0], after[0])
+        np.testing.assert_allclose(before[1], after[1], rtol=1e-6)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    index_file = directory / manifest["index_file"]
+    assert hashlib.sha256(index_file.read_bytes()).hexdigest() == manifest["index_sha256"]
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with open_index(directory, factory, config=EXHAUSTIVE_IVFPQ) as index:
+        assert index.kind == "ivfpq" and index.ntotal == 396  # rebuilt from SQL
+        np.testing.assert_array_equal(index.search(vectors[:10], 5, tenant="acme")[0], after[0])
 
 
 # --------------------------------------------------------------------------- HNSW deletion (issue 22)
@@ -491,9 +563,47 @@ def test_hnsw_delete_is_hidden_at_once_and_compacted_within_the_bound(tmp_path, 
         assert index.stats()["pending_compaction"] == 3
         change(factory, pks[3:5], deleted=True)  # the 5th hidden vector reaches the bound
         index.sync()
+        assert not set(index.search(vectors[:5], 10)[0].ravel()) & set(pks[:5])
+        assert index.wait_for_maintenance(60)  # compaction: in the background, seconds later
         graph_ids = faiss.vector_to_array(index._index.graph.id_map)
         assert not set(pks[:5]) & set(graph_ids) and index._index.pending == 0
         assert index.ntotal == 295
+
+
+def test_upsert_never_waits_for_a_rebuild_and_a_delete_during_it_stays_deleted(
+    tmp_path, factory, monkeypatch
+):
+    rng = np.random.default_rng(31)
+    vectors = unit(rng, 300)
+    pks = add_items(factory, vectors[:150])
+    release = threading.Event()
+    real_build = ItemIndex._build_from_sql
+
+    def slow_build(self):  # a 1M-item rebuild takes minutes: hold this one until released
+        built = real_build(self)
+        assert release.wait(60)
+        return built
+
+    with open_index(tmp_path / "ix", factory, config=EXHAUSTIVE_IVF) as index:
+        monkeypatch.setattr(ItemIndex, "_build_from_sql", slow_build)
+        pks += add_items(factory, vectors[150:])  # 300 items: calls for IVF
+        started = time.perf_counter()
+        assert index.sync() == 150
+        change(factory, pks[200:203], deleted=True)  # GDPR delete while the IVF is being built
+        assert index.sync() == 3
+        assert time.perf_counter() - started < 10  # the upserts did not wait for the build
+        assert index.kind == "flat" and index.ntotal == 297  # still the old index, up to date
+        got, _ = index.search(vectors[200:203], 10)
+        assert not set(got.ravel()) & set(pks[200:203])
+        release.set()
+        assert index.wait_for_maintenance(60)
+        assert index.kind == "ivf" and index.ntotal == 297
+        got, _ = index.search(vectors[195:205], 10)  # built before the delete, caught up since
+        assert not set(got.ravel()) & set(pks[200:203])
+        keep = [i for i in range(300) if not 200 <= i < 203]
+        np.testing.assert_array_equal(
+            got, brute_force(vectors[keep], [pks[i] for i in keep], vectors[195:205], 10)
+        )
 
 
 def test_hnsw_updated_vector_is_served_and_old_one_never(tmp_path, factory):
@@ -556,8 +666,12 @@ def test_stack_close_saves_the_index(tmp_path, tiny_preset):
 
 @pytest.mark.parametrize(
     "config",
-    [IndexConfig(kind="ivf", nprobe=1), IndexConfig(kind="hnsw", ef_search=16)],
-    ids=["ivf", "hnsw"],
+    [
+        IndexConfig(kind="ivf", nprobe=1),
+        IndexConfig(kind="ivfpq", nprobe=1),
+        IndexConfig(kind="hnsw", ef_search=16),
+    ],
+    ids=["ivf", "ivfpq", "hnsw"],
 )
 def test_selective_tenant_filter_still_gives_exact_full_pages(tmp_path, factory, config):
     rng = np.random.default_rng(28)
@@ -591,7 +705,8 @@ def test_cli_index_stats_and_measure_report_recall(tmp_path, tiny_preset, monkey
     assert main(["index", "measure"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["kind"] == "ivf" and stats["target_recall"] == 0.99
-    assert stats["recall"]["sample"] == 6  # a tenth of the catalog at most and stats["search_effort"]["name"] == "nprobe"
+    assert stats["recall"]["sample"] == 6  # a tenth of the catalog at most
+    assert stats["search_effort"]["name"] == "nprobe"
     # The tiny CLIP embeds these captions almost alike (ties), so only the flag's consistency is exact.
     assert 0.0 < stats["recall_at_10"] <= 1.0
     assert stats["recall_below_target"] is (stats["recall_at_10"] < 0.99)
@@ -607,10 +722,17 @@ def test_serve_saves_the_index_on_sigterm(tmp_path, tiny_preset):
     import grpc
     from pigment.v1 import history_pb2, history_pb2_grpc
 
-    env = {**os.environ, "PIGMENT_DATA_DIR": str(tmp_path / "data"), "PIGMENT_PRESET": str(tiny_preset)}
+    env = {
+        **os.environ,
+        "PIGMENT_DATA_DIR": str(tmp_path / "data"),
+        "PIGMENT_PRESET": str(tiny_preset),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "pigment.services.cli", "serve", "--no-worker", "--port", "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         line = proc.stdout.readline()
@@ -620,7 +742,10 @@ def test_serve_saves_the_index_on_sigterm(tmp_path, tiny_preset):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = history_pb2_grpc.HistoryServiceStub(channel)
             for batch in range(3):
-                items = [history_pb2.Item(item_id=f"s{batch}-{i}", caption=f"thing {batch} {i}") for i in range(8)]
+                items = [
+                    history_pb2.Item(item_id=f"s{batch}-{i}", caption=f"thing {batch} {i}")
+                    for i in range(8)
+                ]
                 stub.UpsertItems(history_pb2.UpsertItemsRequest(items=items), timeout=120)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0

@@ -54,9 +54,11 @@ class Settings(BaseSettings):
     retrieval_target_recall: float = Field(0.95, gt=0.0, le=1.0, description="Recall@10 the item index must "
                                            "reach on held-out catalog items: the smallest search effort meeting "
                                            "it is served; below it, `pigment index stats` flags the catalog.")
-    index_kind: str = Field("auto", pattern="^(auto|flat|ivf|hnsw)$", description="Item index kind: auto "
-                            "(flat below index_flat_threshold; above, IVF if it meets the target cheaply, else "
-                            "HNSW), flat, ivf or hnsw.")
+    index_kind: str = Field("auto", pattern="^(auto|flat|ivf|ivfpq|hnsw)$", description="Item index kind: "
+                            "auto (flat below index_flat_threshold; above, the first of IVF, IVF-PQ re-ranked "
+                            "and HNSW that meets the target cheaply), flat, ivf, ivfpq or hnsw.")
+    index_build_budget_s: float = Field(1200.0, gt=0.0, description="auto builds HNSW only if a timed "
+                                        "probe projects its build within this many seconds.")
     index_flat_threshold: int = Field(50_000, ge=1, description="Catalog size from which auto leaves exact search.")
     index_compact_after: int = Field(10_000, ge=1, description="HNSW: deleted/updated vectors hidden in the graph "
                                      "(never served) before a compaction rebuild removes them physically.")
@@ -192,7 +194,8 @@ class Settings(BaseSettings):
         from pigment.services.history.index_factory import IndexConfig
 
         return IndexConfig(kind=self.index_kind, flat_threshold=self.index_flat_threshold,
-                           target_recall=self.retrieval_target_recall, compact_after=self.index_compact_after)
+                           target_recall=self.retrieval_target_recall, compact_after=self.index_compact_after,
+                           build_budget_s=self.index_build_budget_s)
 
     @model_validator(mode="after")
     def _check_dtype(self) -> Settings:

@@ -4,8 +4,8 @@ SQL (``items``) is the source of truth; this index is a cache of it that can
 always be rebuilt. The contract (DESIGN.md, "Storage"):
 
 * **IDs** are ``Item.pk``. Updates remove then add; tombstoned items
-  (``deleted``) are removed, so they are really gone: flat and IVF drop the
-  vectors at once; HNSW (which cannot remove from its graph) hides them inside
+  (``deleted``) are removed, so they are really gone: flat, IVF and IVF-PQ drop
+  the vectors at once; HNSW (which cannot remove from its graph) hides them inside
   the search at once and drops them at the next compaction, at most
   ``IndexConfig.compact_after`` hidden vectors (or ``compact_max_age_s``) later.
 * **Single writer**: an exclusive ``fcntl`` lock on ``<dir>/index.lock``. A
@@ -21,7 +21,11 @@ always be rebuilt. The contract (DESIGN.md, "Storage"):
   so rows committed after the last save (or before a crash) are never lost.
   Applying a row is idempotent (remove, then add its current state).
 * **Rebuild**: a missing, truncated, corrupt (sha256 mismatch) or foreign (other
-  model / dim / format) index is rebuilt from SQL, with the reason logged.
+  model / dim / format) index is rebuilt from SQL at open, with the reason logged.
+  Rebuilds that ``sync`` finds due (growth, kind change, HNSW compaction) and
+  recall re-measurements run on a maintenance thread (``index_maintenance``):
+  built without locks, caught up with SQL from their snapshot's mark under the
+  mutex, then swapped in; the upsert that triggered them does not wait.
 * **Recall on the catalog** (``index_tuning``): at build and after
   ``remeasure_fraction`` of the catalog changed, held-out items are searched and
   compared with brute force; the smallest effort meeting ``target_recall`` is
@@ -30,7 +34,7 @@ always be rebuilt. The contract (DESIGN.md, "Storage"):
   over pks of public items plus that tenant's items, kept in memory) is passed
   in the search parameters, so other tenants' items are never candidates; the
   user's exclude list is a second selector combined with it. Every kind
-  (flat, IVF, HNSW) takes the same selectors.
+  (flat, IVF, IVF-PQ, HNSW) takes the same selectors.
 
 Ordering assumption: writers allocate ``change_seq`` from the ``items`` counter
 under a row lock held until commit (``store.db.next_counter``), so sequence
@@ -47,17 +51,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import faiss
 import numpy as np
+from pigment.models.loader import (
+    sha256_file,  # one file hash for weights and the index (torch-free)
+)
 from pigment.services.common.errors import FailedPrecondition, InvalidInput
 from pigment.services.history.index_factory import (  # noqa: F401  (re-exported)
     FLAT,
     HNSW,
     IVF,
+    IVFPQ,
     IndexConfig,
     build_index,
     check_gpu,
@@ -68,12 +76,12 @@ from pigment.services.history.index_factory import (  # noqa: F401  (re-exported
     index_kind,
     index_nbytes,
     new_index,
+    nlist_of,
     read_index,
     remove_ids,
     search_parameters,
     write_index,
 )
-from pigment.models.loader import sha256_file  # one file hash for weights and the index (torch-free)
 from pigment.services.history.index_factory import search as index_search
 from pigment.services.history.index_files import (
     MANIFEST,
@@ -82,6 +90,8 @@ from pigment.services.history.index_files import (
     WriterLock,
     write_atomic,
 )
+from pigment.services.history.index_maintenance import Maintenance
+from pigment.services.history.index_pq import one_thread
 from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
     PAGE_ROWS,
     ItemRow,
@@ -93,9 +103,10 @@ from pigment.services.history.index_rows import (  # noqa: F401  (re-exported)
 )
 from pigment.services.history.index_tuning import (
     RecallReport,
+    Sample,
     build_tuned,
+    cheap_enough,
     draw_sample,
-    ivf_is_enough,
     tune,
     warn_if_below,
 )
@@ -104,7 +115,8 @@ from sqlalchemy.orm import Session
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-_AFTER_ALL_PKS = 2**31 - 1  # above any Item.pk (INTEGER in SQL); must fit the column type on PostgreSQL
+# Above any Item.pk (INTEGER in SQL); must fit the column type on PostgreSQL.
+_AFTER_ALL_PKS = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- locks
@@ -146,6 +158,18 @@ class _RWLock:
 # --------------------------------------------------------------------------- the index
 
 
+@dataclass
+class _Built:
+    """An index built from SQL, not yet serving."""
+
+    index: Any
+    vis: Visibility
+    mark: tuple[int, int]
+    trained_on: int
+    report: RecallReport | None
+    started: float
+
+
 class ItemIndex:
     """Item embeddings of one embedding model, searchable by inner product, kept in step with SQL.
 
@@ -182,6 +206,8 @@ class ItemIndex:
         self._dirty = False
         self._rw = _RWLock()
         self._mutex = threading.Lock()  # one mutation (sync / rebuild / save) at a time
+        self._maintenance = Maintenance(self._maintain)
+        self._rebuild_wanted: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -226,6 +252,7 @@ class ItemIndex:
 
         The stack calls this when the server stops, so manifest and SQL agree after a clean stop.
         """
+        self._maintenance.stop()
         if self._lock is None:
             return
         try:
@@ -272,7 +299,7 @@ class ItemIndex:
         return self._report is not None and not self._report.meets_target
 
     def stats(self) -> dict[str, Any]:
-        nlist = faiss.extract_index_ivf(self._index).nlist if self.kind == IVF else None
+        nlist = nlist_of(self._index)
         pending = self._index.pending if self.kind == HNSW else 0
         return {
             "kind": self.kind,
@@ -321,7 +348,11 @@ class ItemIndex:
             sel, _keepalive = self._selector(tenant, exclude)
             visible = self._vis.visible_count(tenant) - len(exclude)
             exact = sel is not None and visible < self.config.filtered_exact_below * self.ntotal
-            scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
+            if len(queries) == 1:  # too small to share between threads (index_pq.one_thread)
+                with one_thread():
+                    scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
+            else:
+                scores, pks = index_search(self._index, queries, k, self._effort, sel, exact)
         return pks, scores
 
     def _check_queries(self, vectors: Any) -> np.ndarray:
@@ -368,8 +399,10 @@ class ItemIndex:
     def sync(self) -> int:
         """Apply every SQL change after the high-water mark; returns how many rows were applied.
 
-        Rebuilds when the catalog has outgrown (or shrunk below) the index kind, or when an
-        HNSW graph is due for compaction; re-measures recall after large changes.
+        A rebuild (the catalog outgrew or shrank below the index kind; an HNSW graph is due for
+        compaction) or a recall re-measurement after large changes is handed to the maintenance
+        thread (``IndexConfig.background_maintenance``, the default): the caller (an upsert, a
+        GDPR delete) never waits for it. Removals are applied here, at once, whatever the kind.
         """
         with self._mutex:
             applied = 0
@@ -378,30 +411,37 @@ class ItemIndex:
                     self._apply(rows)
                     applied += len(rows)
             self._changed_since_measure += applied
-            if reason := self._rebuild_reason():
+            reason = self._rebuild_reason()
+            due = reason is not None or self._remeasure_due()
+            if due and self.config.background_maintenance and not self.read_only:
+                self._maintenance.request(reason or "recall re-measurement")
+            elif reason:
                 log.info("rebuilding item index %s: %s", self.directory, reason)
                 self._rebuild_locked()
-            elif self._remeasure_due():
+            elif due:
                 self._remeasure_locked()
         if applied:
             log.debug("item index applied %d changes, mark=%d", applied, self.high_water_mark)
         return applied
 
     def _apply(self, rows: list[ItemRow]) -> None:
-        pks = np.array([r.pk for r in rows], dtype=np.int64)
-        adds = [(r, v) for r in rows if (v := self._vector(r)) is not None]
         with self._rw.write():
-            remove_ids(self._index, pks)
-            for r in rows:
-                self._vis.clear(r.pk)
-            if adds:
-                vectors = np.stack([v for _, v in adds])
-                ids = np.array([r.pk for r, _ in adds], dtype=np.int64)
-                self._index.add_with_ids(vectors, ids)
-                for r, _ in adds:
-                    self._vis.set(r.pk, r.tenant)
+            self._apply_to(self._index, self._vis, rows)
             self._mark = (rows[-1].change_seq, rows[-1].pk)
             self._dirty = True
+
+    def _apply_to(self, index: Any, vis: Visibility, rows: list[ItemRow]) -> None:
+        pks = np.array([r.pk for r in rows], dtype=np.int64)
+        adds = [(r, v) for r in rows if (v := self._vector(r)) is not None]
+        remove_ids(index, pks)
+        for r in rows:
+            vis.clear(r.pk)
+        if adds:
+            vectors = np.stack([v for _, v in adds])
+            ids = np.array([r.pk for r, _ in adds], dtype=np.int64)
+            index.add_with_ids(vectors, ids)
+            for r, _ in adds:
+                vis.set(r.pk, r.tenant)
 
     def _vector(self, row: ItemRow) -> np.ndarray | None:
         """The row's embedding if it belongs here; None if deleted, another model's, or bad."""
@@ -433,6 +473,11 @@ class ItemIndex:
         return self._report
 
     def _rebuild_locked(self) -> None:
+        self._install(self._build_from_sql())
+
+    def _build_from_sql(self) -> _Built:
+        """A new index of SQL's live items, measured and tuned; touches nothing being served,
+        so the maintenance thread runs it without any lock."""
         started = time.perf_counter()
         with self._session_factory() as session:
             # The mark is read first: rows changed while we read are re-applied by catch-up.
@@ -443,23 +488,58 @@ class ItemIndex:
         index, report, _ = build_tuned(vectors, pks, self.config, kind, sample)
         vis = Visibility()
         vis.set_many(pks, tenants)
+        return _Built(index, vis, (mark, _AFTER_ALL_PKS), len(pks), report, started)
+
+    def _install(self, built: _Built) -> None:
+        """Serve ``built`` (caller holds the mutex) after catching it up with SQL: a row changed
+        since its snapshot (a GDPR delete among them) is applied before it serves a search."""
+        with self._session_factory() as session:
+            while rows := changed_items_since(session, *built.mark):
+                self._apply_to(built.index, built.vis, rows)
+                built.mark = (rows[-1].change_seq, rows[-1].pk)
         with self._rw.write():
-            self._index, self._vis, self._mark = index, vis, (mark, _AFTER_ALL_PKS)
-            self._trained_on = len(pks)
-            self._set_report(report)
+            self._index, self._vis, self._mark = built.index, built.vis, built.mark
+            self._trained_on = built.trained_on
+            self._set_report(built.report)
             self._dirty = True
         log.info(
             "item index %s rebuilt: %s, %d items, mark=%d, %.1fs, %s",
             self.directory,
             self.kind,
-            len(pks),
-            mark,
-            time.perf_counter() - started,
-            _describe(report),
+            self.ntotal,
+            built.mark[0],
+            time.perf_counter() - built.started,
+            _describe(built.report),
         )
-        warn_if_below(report, str(self.directory))
+        warn_if_below(built.report, str(self.directory))
         if not self.read_only:
             self._save_locked()
+
+    def _maintain(self, why: str) -> None:
+        """The maintenance thread's work: a rebuild built off every lock (syncs and searches go
+        on meanwhile), installed under the mutex; or a re-measurement."""
+        with self._mutex:
+            reason = self._rebuild_reason()
+            if reason is None and not self._remeasure_due():
+                return  # a rebuild in between already did it
+            kind = self.kind
+        if reason is None and kind != HNSW:  # HNSW is re-measured by a rebuild
+            sample = self._remeasure_sample()  # reads SQL: no lock held
+            with self._mutex:
+                self._remeasure_locked(rebuild_in_place=False, sample=sample)
+                reason, self._rebuild_wanted = self._rebuild_wanted, None
+            if reason is None:
+                return
+        reason = reason or "HNSW recall re-measurement"
+        log.info("rebuilding item index %s in the background: %s", self.directory, reason)
+        built = self._build_from_sql()
+        with self._mutex:
+            self._install(built)
+
+    def wait_for_maintenance(self, timeout: float | None = None) -> bool:
+        """Block until no rebuild or re-measurement is pending or running (tests, ``pigment``
+        CLI); False if ``timeout`` passed first."""
+        return self._maintenance.wait_idle(timeout)
 
     def _set_report(self, report: RecallReport | None) -> None:
         self._report = report
@@ -472,7 +552,9 @@ class ItemIndex:
         base = self._report.ntotal if self._report is not None else 0
         return self._changed_since_measure > self.config.remeasure_fraction * max(base, 1)
 
-    def _remeasure_locked(self) -> None:
+    def _remeasure_locked(
+        self, rebuild_in_place: bool = True, sample: Sample | None = None
+    ) -> None:
         """Measure on SQL's live vectors (the truth), re-tune the effort; auto may switch kind.
 
         HNSW is rebuilt instead: its sample must be held out of the graph to be measured
@@ -481,29 +563,43 @@ class ItemIndex:
         """
         if self.kind == HNSW:
             log.info("item index %s: re-measuring HNSW recall by a rebuild", self.directory)
-            self._rebuild_locked()
+            self._rebuild_later_or_now("HNSW recall re-measurement", rebuild_in_place)
             return
-        with self._session_factory() as session:
-            pks, _, vectors = self._read_live(session)
-        sample = draw_sample(
-            vectors, pks, self.config.recall_sample, self.config.seed + 1, held_out=False
-        )
+        sample = sample or self._remeasure_sample()
         with self._rw.read():
             report = tune(self._index, sample, self.config)
         if (
             self.config.kind == "auto"
             and report is not None
-            and report.kind == IVF
-            and not ivf_is_enough(report, self._index, self.config)
+            and report.kind in (IVF, IVFPQ)
+            and not cheap_enough(report, self._index, self.config)
         ):
-            log.info("item index %s: IVF no longer meets the target cheaply: rebuilding", self.directory)
-            self._rebuild_locked()
+            log.info(
+                "item index %s: %s no longer meets the target cheaply: rebuilding",
+                self.directory,
+                report.kind,
+            )
+            self._rebuild_later_or_now(f"{report.kind} misses the target cheaply", rebuild_in_place)
             return
         with self._rw.write():
             self._set_report(report)
             self._dirty = True
         log.info("item index %s re-measured: %s", self.directory, _describe(report))
         warn_if_below(report, str(self.directory))
+
+    def _remeasure_sample(self) -> Sample | None:
+        """Catalog items from SQL (the truth) as queries, with exact neighbours."""
+        with self._session_factory() as session:
+            pks, _, vectors = self._read_live(session)
+        return draw_sample(
+            vectors, pks, self.config.recall_sample, self.config.seed + 1, held_out=False
+        )
+
+    def _rebuild_later_or_now(self, reason: str, now: bool) -> None:
+        if now:
+            self._rebuild_locked()
+        else:  # the maintenance thread builds it once it has let go of the mutex
+            self._rebuild_wanted = reason
 
     def _read_live(self, session: Session) -> tuple[np.ndarray, list[str | None], np.ndarray]:
         pks: list[int] = []
@@ -524,9 +620,10 @@ class ItemIndex:
             return HNSW
         if self.config.kind == FLAT or n < 39:  # IVF needs points to train on
             return FLAT
-        if self.config.kind == IVF:
-            return IVF
-        if current in (IVF, HNSW):  # hysteresis: keep it until the catalog halves below the threshold
+        if self.config.kind in (IVF, IVFPQ):
+            return self.config.kind
+        # Hysteresis: keep the kind until the catalog halves below the threshold.
+        if current in (IVF, IVFPQ, HNSW):
             return current if n >= self.config.flat_threshold // 2 else FLAT
         return IVF if n >= self.config.flat_threshold else FLAT
 
@@ -534,8 +631,9 @@ class ItemIndex:
         want = self._desired_kind(self.ntotal, self.kind)
         if want != self.kind:
             return f"{self.ntotal} items call for a {want} index, not {self.kind}"
-        if self.kind == IVF and self.ntotal > self.config.regrow_factor * max(self._trained_on, 1):
-            return f"IVF trained on {self._trained_on} items now holds {self.ntotal}: retraining"
+        grown = self.ntotal > self.config.regrow_factor * max(self._trained_on, 1)
+        if self.kind in (IVF, IVFPQ) and grown:
+            return f"{self.kind} trained on {self._trained_on} items now holds {self.ntotal}: retraining"
         if self.kind == HNSW:
             pending, since = self._index.pending, self._index.hidden_since
             if pending >= self.config.compact_after:
@@ -573,7 +671,7 @@ class ItemIndex:
                 index_bytes=path.stat().st_size,
                 index_sha256=digest,
                 trained_on=self._trained_on,
-                nlist=faiss.extract_index_ivf(self._index).nlist if self.kind == IVF else None,
+                nlist=nlist_of(self._index),
                 search_effort=self._effort,
                 recall=self._report.as_dict() if self._report is not None else None,
             )

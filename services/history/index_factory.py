@@ -1,10 +1,12 @@
 """Index kinds behind one interface: config, construction, search parameters.
 
-Three kinds, chosen by catalog size and by what a recall measurement on the
+Four kinds, chosen by catalog size and by what a recall measurement on the
 catalog shows (``index_tuning``):
 
 * ``flat``: exact inner-product search (``IndexIDMap(IndexFlatIP)``).
 * ``ivf``: inverted lists, the search effort is ``nprobe``.
+* ``ivfpq``: the same lists scanned as PQ fast-scan codes, the best
+  ``rerank * k`` re-ranked exactly (:class:`~index_pq.RerankedIVF`); effort ``nprobe``.
 * ``hnsw``: a graph (:class:`GraphIndex`), the search effort is ``efSearch``.
   FAISS cannot remove vectors from an HNSW graph, so removed ids are hidden by
   a bitmap inside the search at once, updated vectors live in a small exact
@@ -26,9 +28,10 @@ from typing import Any
 import faiss
 import numpy as np
 from pigment.services.common.errors import InvalidInput, ModelNotReady
+from pigment.services.history.index_pq import RerankedIVF
 
-FLAT, IVF, HNSW = "flat", "ivf", "hnsw"
-KINDS = (FLAT, IVF, HNSW)
+FLAT, IVF, IVFPQ, HNSW = "flat", "ivf", "ivfpq", "hnsw"
+KINDS = (FLAT, IVF, IVFPQ, HNSW)
 ADD_CHUNK = 100_000
 
 
@@ -37,8 +40,9 @@ class IndexConfig:
     """How the item index is built, searched and tuned."""
 
     kind: str = "auto"
-    """``auto`` (flat below ``flat_threshold``; above, IVF if the measured recall meets the target
-    within ``max_scan``, else HNSW), or a fixed ``flat``, ``ivf`` or ``hnsw``."""
+    """``auto`` (flat below ``flat_threshold``; above, the first of IVF, IVF-PQ re-ranked and HNSW
+    whose measured recall meets the target within its scan bound / the build budget), or a fixed
+    ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``."""
     flat_threshold: int = 50_000
     """Catalog size from which ``auto`` builds an approximate index instead of exact search."""
     target_recall: float = 0.95
@@ -54,7 +58,16 @@ class IndexConfig:
     """HNSW candidate list per query; None: the smallest meeting ``target_recall`` (tuned)."""
     max_scan: int = 6_000
     """``auto`` keeps IVF only if nprobe * (vectors per list) stays within this (about 2 ms at
-    512-d on 2 cores); beyond it HNSW is cheaper for the same recall."""
+    512-d on 2 cores); beyond it IVF-PQ, then HNSW, are tried."""
+    max_scan_codes: int = 60_000
+    """The same bound for ``ivfpq``, counted in PQ codes (64 B at 512-d, ~1/30 the cost of a
+    float vector) plus the ``rerank * k`` exact scores."""
+    rerank: int = 30
+    """``ivfpq`` re-ranks this many candidates per result exactly (k=10: 300 float vectors)."""
+    build_budget_s: float = 1200.0
+    """``auto`` skips HNSW when a timed build of ``hnsw_probe`` items projects the full graph past
+    what is left of this budget (issue 22: build under 20 min); the best measured index stays."""
+    hnsw_probe: int = 20_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     """40 left clusters of 50 unlinked at 200k-1M (bench/RESULTS.md: efSearch 658 for 0.95 at
@@ -66,6 +79,9 @@ class IndexConfig:
     """HNSW: hidden (removed or superseded) + side-index vectors that trigger a compaction."""
     compact_max_age_s: float = 24 * 3600.0
     """HNSW: a compaction also runs at the first sync after the oldest hidden vector is this old."""
+    background_maintenance: bool = True
+    """``ItemIndex.sync`` hands rebuilds (retraining, compaction) and recall re-measurements to a
+    background thread instead of running them inside the upsert that triggered them."""
     recall_sample: int = 200
     """Catalog items held out as queries when measuring recall."""
     remeasure_fraction: float = 0.1
@@ -85,15 +101,17 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", *KINDS):
-            raise InvalidInput(f"index kind={self.kind!r}: allowed 'auto', 'flat', 'ivf', 'hnsw'")
+            raise InvalidInput(
+                f"index kind={self.kind!r}: allowed 'auto', 'flat', 'ivf', 'ivfpq', 'hnsw'"
+            )
         if self.ivf_codec not in ("Flat", "SQfp16", "SQ8"):
             raise InvalidInput(f"ivf_codec={self.ivf_codec!r}: allowed 'Flat', 'SQfp16', 'SQ8'")
         if (self.nprobe is not None and self.nprobe < 1) or self.flat_threshold < 1:
             raise InvalidInput("nprobe and flat_threshold must be >= 1")
         if not 0.0 < self.target_recall <= 1.0:
             raise InvalidInput(f"target_recall={self.target_recall}: allowed (0, 1]")
-        if self.compact_after < 1 or self.recall_sample < 1:
-            raise InvalidInput("compact_after and recall_sample must be >= 1")
+        if self.compact_after < 1 or self.recall_sample < 1 or self.rerank < 1:
+            raise InvalidInput("compact_after, recall_sample and rerank must be >= 1")
 
 
 def size_kind(n: int, config: IndexConfig) -> str:
@@ -172,10 +190,14 @@ class GraphIndex:
             self.hidden = _grown(self.hidden, int(ids.max()))
         fresh = ~self.in_graph[ids]
         if fresh.any():
-            self.graph.add_with_ids(np.ascontiguousarray(x[fresh]), np.ascontiguousarray(ids[fresh]))
+            self.graph.add_with_ids(
+                np.ascontiguousarray(x[fresh]), np.ascontiguousarray(ids[fresh])
+            )
             self.in_graph[ids[fresh]] = True
         if (~fresh).any():  # the graph holds an old vector under this id: it stays hidden
-            self.side.add_with_ids(np.ascontiguousarray(x[~fresh]), np.ascontiguousarray(ids[~fresh]))
+            self.side.add_with_ids(
+                np.ascontiguousarray(x[~fresh]), np.ascontiguousarray(ids[~fresh])
+            )
 
     def remove_ids(self, sel: Any, ids: np.ndarray | None = None) -> int:
         """Remove ``ids`` (the selector is accepted for FAISS's signature; ids are what counts)."""
@@ -217,7 +239,9 @@ class GraphIndex:
         if exact:
             storage = faiss.downcast_index(self.graph.index).storage
             id_map = faiss.vector_to_array(self.graph.id_map)
-            translated = faiss.IDSelectorTranslated(self.graph.id_map, graph_sel) if graph_sel else None
+            translated = (
+                faiss.IDSelectorTranslated(self.graph.id_map, graph_sel) if graph_sel else None
+            )
             scores, rows = storage.search(x, k, params=faiss.SearchParameters(sel=translated))
             ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
         else:
@@ -284,8 +308,14 @@ def new_index(kind: str, dim: int, n: int, config: IndexConfig) -> Any:
         return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
     if kind == HNSW:
         return GraphIndex(dim, config.hnsw_m, config.hnsw_ef_construction)
+    if kind == IVFPQ:  # the float half is a plain IVF-Flat (its vectors re-rank exactly)
+        return RerankedIVF(new_ivf(dim, n, config, "Flat"), config.rerank)
+    return new_ivf(dim, n, config, config.ivf_codec)
+
+
+def new_ivf(dim: int, n: int, config: IndexConfig, codec: str) -> Any:
     nlist = default_nlist(n, config)
-    index = faiss.index_factory(dim, f"IVF{nlist},{config.ivf_codec}", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.spherical = True  # unit vectors: centroids on the sphere suit inner product
     ivf.cp.niter = config.kmeans_iters
@@ -302,15 +332,38 @@ def train_index(
     """Train an IVF index on a seeded subsample of ``rows`` (default all; no-op for flat, HNSW)."""
     if index.is_trained:
         return
-    ivf = faiss.extract_index_ivf(index)
-    rows = np.arange(len(vectors)) if rows is None else rows
-    want = ivf.nlist * config.train_points_per_list
-    if len(rows) > want:
-        rows = np.sort(np.random.default_rng(config.seed).choice(rows, want, replace=False))
+    ivf = faiss.extract_index_ivf(index.exact if isinstance(index, RerankedIVF) else index)
+    rows = train_rows(len(vectors), ivf.nlist, config, rows)
     gpu_keepalive = _gpu_clustering_index(ivf, config)
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     ivf.clustering_index = None
     del gpu_keepalive
+
+
+def train_rows(
+    n: int, nlist: int, config: IndexConfig, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """A seeded subsample of ``rows`` (default all n), ``train_points_per_list`` per list."""
+    rows = np.arange(n) if rows is None else rows
+    want = nlist * config.train_points_per_list
+    if len(rows) > want:
+        rows = np.sort(np.random.default_rng(config.seed).choice(rows, want, replace=False))
+    return rows
+
+
+def add_pq(
+    ivf: Any, vectors: np.ndarray, ids: np.ndarray, config: IndexConfig, rows: np.ndarray
+) -> RerankedIVF:
+    """An ``ivfpq`` index from an IVF-Flat already built over ``vectors[rows]`` (no new k-means)."""
+    train = train_rows(len(vectors), int(faiss.extract_index_ivf(ivf).nlist), config, rows)
+    index = RerankedIVF.from_ivf(ivf, vectors[train], config.rerank)
+    for start in range(0, len(rows), ADD_CHUNK):
+        chunk = rows[start : start + ADD_CHUNK]
+        index.pq.add_with_ids(
+            np.ascontiguousarray(vectors[chunk], dtype=np.float32),
+            np.ascontiguousarray(ids[chunk], dtype=np.int64),
+        )
+    return index
 
 
 def _gpu_clustering_index(ivf: Any, config: IndexConfig) -> Any:
@@ -350,13 +403,15 @@ def build_index(
 def index_kind(index: Any) -> str:
     if isinstance(index, GraphIndex):
         return HNSW
+    if isinstance(index, RerankedIVF):
+        return IVFPQ
     return FLAT if isinstance(index, faiss.IndexIDMap) else IVF
 
 
 def index_nbytes(index: Any) -> int:
     """Approximate memory held by the index: vectors/codes + ids (+ centroids or graph links)."""
     kind = index_kind(index)
-    if kind == HNSW:
+    if kind in (HNSW, IVFPQ):
         return int(index.nbytes())
     if kind == FLAT:
         return index.ntotal * (index.d * 4 + 8)
@@ -371,6 +426,8 @@ def index_ids(index: Any) -> np.ndarray:
         return index.ids()
     if kind == FLAT:
         return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if kind == IVFPQ:
+        return index_ids(index.exact)
     invlists = faiss.extract_index_ivf(index).invlists
     parts = [
         faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
@@ -384,6 +441,8 @@ def remove_ids(index: Any, pks: np.ndarray) -> None:
     kind = index_kind(index)
     if kind == HNSW:
         index.remove_ids(None, pks)
+    elif kind == IVFPQ:
+        index.remove_ids(pks)
     elif kind == FLAT:  # IndexIDMap tests membership per stored id: use a hash set
         index.remove_ids(faiss.IDSelectorBatch(len(pks), faiss.swig_ptr(pks)))
     else:  # IVF with a hashtable direct map removes exactly these ids
@@ -391,13 +450,15 @@ def remove_ids(index: Any, pks: np.ndarray) -> None:
 
 
 def effort_name(kind: str) -> str | None:
-    return {IVF: "nprobe", HNSW: "ef_search"}.get(kind)
+    return {IVF: "nprobe", IVFPQ: "nprobe", HNSW: "ef_search"}.get(kind)
 
 
 def max_effort(index: Any) -> int:
     kind = index_kind(index)
     if kind == IVF:
         return int(faiss.extract_index_ivf(index).nlist)
+    if kind == IVFPQ:
+        return index.nlist
     return 1024 if kind == HNSW else 1
 
 
@@ -418,17 +479,28 @@ def search(
     kind = index_kind(index)
     if kind == HNSW:
         return index.search(x, k, ef_search=int(effort or 64), sel=sel, exact=exact)
+    if kind == IVFPQ:
+        return index.search(x, k, nprobe=int(effort or 1), sel=sel, exact=exact)
     if exact and kind == IVF:
         effort = max_effort(index)
     return index.search(x, k, params=search_parameters(index, effort, sel))
 
 
 def write_index(index: Any, path: str) -> None:
-    if index_kind(index) == HNSW:
+    if index_kind(index) in (HNSW, IVFPQ):
         index.write(path)
     else:
         faiss.write_index(index, path)
 
 
 def read_index(path: str, kind: str) -> Any:
-    return GraphIndex.read(path) if kind == HNSW else faiss.read_index(path)
+    if kind == HNSW:
+        return GraphIndex.read(path)
+    return RerankedIVF.read(path) if kind == IVFPQ else faiss.read_index(path)
+
+
+def nlist_of(index: Any) -> int | None:
+    kind = index_kind(index)
+    if kind == IVFPQ:
+        return index.nlist
+    return int(faiss.extract_index_ivf(index).nlist) if kind == IVF else None

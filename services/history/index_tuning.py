@@ -22,13 +22,16 @@ from pigment.services.history.index_factory import (
     FLAT,
     HNSW,
     IVF,
+    IVFPQ,
     IndexConfig,
+    add_pq,
     build_index,
     effort_name,
     index_kind,
     max_effort,
     search,
 )
+from pigment.services.history.index_pq import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +112,14 @@ def recall_at(index: Any, sample: Sample, effort: int | None) -> float:
 
 
 def p50_ms(index: Any, sample: Sample, effort: int | None) -> float:
+    """Batch-1 latency as ItemIndex serves it: on one OpenMP thread (1M manifold, same index,
+    same minute on a busy host: 1.5 ms on one thread, 27 ms on two, mostly barrier waits)."""
     times = []
-    for q in sample.queries[:LATENCY_QUERIES]:
-        t0 = time.perf_counter()
-        search(index, q[None], K, effort)
-        times.append(time.perf_counter() - t0)
+    with one_thread():
+        for q in sample.queries[:LATENCY_QUERIES]:
+            t0 = time.perf_counter()
+            search(index, q[None], K, effort)
+            times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1000) if times else 0.0
 
 
@@ -148,19 +154,24 @@ def _smallest_effort(
     return best, best_r, curve
 
 
+def scan_bound(kind: str, config: IndexConfig) -> int | None:
+    """Vectors (IVF) or PQ codes (IVF-PQ) one query may scan before another kind is cheaper."""
+    return {IVF: config.max_scan, IVFPQ: config.max_scan_codes}.get(kind)
+
+
 def tune(
-    index: Any, sample: Sample | None, config: IndexConfig, max_scan: int | None = None
+    index: Any, sample: Sample | None, config: IndexConfig, bounded: bool = False
 ) -> RecallReport | None:
     """Measure recall@10 on ``sample`` and choose the search effort (unless the config fixes it).
 
-    ``max_scan`` (IVF) stops the search for an effort once it would scan more vectors per query
-    than that: ``auto`` then tries HNSW instead of measuring hopeless nprobes.
+    ``bounded`` (IVF, IVF-PQ) stops the search for an effort once a query would scan more than
+    ``scan_bound`` per query: ``auto`` then tries the next kind instead of hopeless nprobes.
     """
     if sample is None:
         return None
     started = time.perf_counter()
     kind = index_kind(index)
-    fixed = {IVF: config.nprobe, HNSW: config.ef_search}.get(kind)
+    fixed = {IVF: config.nprobe, IVFPQ: config.nprobe, HNSW: config.ef_search}.get(kind)
     curve: list[dict[str, float]] = []
     if kind == FLAT:
         effort, recall = None, recall_at(index, sample, None)
@@ -168,10 +179,11 @@ def tune(
         effort = min(fixed, max_effort(index))
         recall = recall_at(index, sample, effort)
     else:
-        lo, hi = (1 if kind == IVF else K), max_effort(index)
-        if kind == IVF and max_scan is not None:
+        lo, hi = (K if kind == HNSW else 1), max_effort(index)
+        bound = scan_bound(kind, config) if bounded else None
+        if bound is not None:
             per_list = max(1.0, index.ntotal / hi)
-            hi = max(1, min(hi, int(2 * max_scan / per_list)))  # one doubling past the bound
+            hi = max(1, min(hi, int(2 * bound / per_list)))  # one doubling past the bound
         aim = min(1.0, config.target_recall + config.tune_margin)
         effort, recall, curve = _smallest_effort(index, sample, aim, lo, hi)
     return RecallReport(
@@ -190,12 +202,27 @@ def tune(
     )
 
 
-def ivf_is_enough(report: RecallReport, index: Any, config: IndexConfig) -> bool:
-    """IVF meets the target scanning at most ``max_scan`` vectors per query."""
-    if report.kind != IVF or not report.meets_target:
+def cheap_enough(report: RecallReport | None, index: Any, config: IndexConfig) -> bool:
+    """Meets the target, and (IVF, IVF-PQ) within its kind's ``scan_bound`` per query."""
+    if report is None or not report.meets_target:
         return False
+    bound = scan_bound(report.kind, config)
+    if bound is None:
+        return True
     per_list = report.ntotal / max_effort(index)  # max_effort of IVF = nlist
-    return (report.effort or 1) * per_list <= config.max_scan
+    return (report.effort or 1) * per_list <= bound
+
+
+def _rank(report: RecallReport | None, index: Any, config: IndexConfig) -> tuple:
+    """Higher is better: within bound, meets the target, then faster (if met) or higher recall."""
+    if report is None:
+        return (False, False, -1.0)
+    met = report.meets_target
+    return (
+        cheap_enough(report, index, config),
+        met,
+        -report.p50_ms if met else report.recall_at_10,
+    )
 
 
 def warn_if_below(report: RecallReport | None, where: str) -> None:
@@ -219,50 +246,107 @@ class Attempt:
     kind: str
     build_s: float
     report: RecallReport | None
+    skipped: str | None = None
+    """Why this kind was not built (``report`` is None then)."""
+
+
+def project_hnsw_build_s(
+    vectors: np.ndarray, pks: np.ndarray, rows: np.ndarray, config: IndexConfig
+) -> float:
+    """Seconds a full HNSW build of ``rows`` would take, from a timed build of ``hnsw_probe``
+    random rows (graph insertion costs about log n each: scaled by n log n)."""
+    m = min(config.hnsw_probe, len(rows))
+    probe = np.sort(np.random.default_rng(config.seed).choice(rows, m, replace=False))
+    t0 = time.perf_counter()
+    build_index(vectors, pks, config, kind=HNSW, rows=probe)
+    spent = time.perf_counter() - t0
+    n = len(rows)
+    return spent * (n / m) * np.log(max(n, 2)) / np.log(max(m, 2))
 
 
 def build_tuned(
     vectors: np.ndarray, pks: np.ndarray, config: IndexConfig, kind: str, sample: Sample | None
 ) -> tuple[Any, RecallReport | None, list[Attempt]]:
-    """Build ``kind`` and tune it; under ``auto``, an IVF that misses the target within
-    ``max_scan`` is replaced by HNSW when that measures better. What ItemIndex and the
-    benchmark both run.
+    """Build ``kind`` and tune it. Under ``auto`` an IVF that misses the target within its scan
+    bound gets PQ fast-scan codes on the same lists (``ivfpq``, no second k-means); if that
+    misses too, HNSW is built when a timed probe projects it within ``build_budget_s``; the best
+    measured index is kept. What ItemIndex and the benchmark both run.
 
     The sample's items are held out of the build until it has been measured: a query already
     in a graph leads the search straight to its own neighbourhood, which overstates recall
     (0.95 measured that way was 0.89 on outside queries, 100k manifold data).
     """
+    started = time.perf_counter()
     attempts: list[Attempt] = []
-    rest = None if sample is None else np.setdiff1d(np.arange(len(pks)), sample.rows)
+    rest = np.arange(len(pks)) if sample is None else np.setdiff1d(np.arange(len(pks)), sample.rows)
 
-    def attempt(kind: str, max_scan: int | None) -> tuple[Any, RecallReport | None]:
+    def attempt(kind: str, bounded: bool) -> tuple[Any, RecallReport | None]:
         t0 = time.perf_counter()
         index = build_index(vectors, pks, config, kind=kind, rows=rest)
-        built = time.perf_counter() - t0
-        report = tune(index, sample, config, max_scan)
-        attempts.append(Attempt(kind, built, report))
-        return index, report
+        return index, measured(kind, index, time.perf_counter() - t0, bounded)
+
+    def measured(kind: str, index: Any, built_s: float, bounded: bool) -> RecallReport | None:
+        report = tune(index, sample, config, bounded)
+        attempts.append(Attempt(kind, built_s, report))
+        return report
 
     auto = config.kind == "auto"
-    index, report = attempt(kind, config.max_scan if auto else None)
-    if auto and kind == IVF and report is not None and not ivf_is_enough(report, index, config):
-        log.info(
-            "IVF reaches recall@10 %.3f at nprobe %s (target %.2f within max_scan %d): trying HNSW",
-            report.recall_at_10,
-            report.effort,
-            config.target_recall,
-            config.max_scan,
+    index, report = attempt(kind, auto)
+    if auto and kind == IVF and sample is not None and not cheap_enough(report, index, config):
+        index, report = _beyond_ivf(
+            vectors, pks, config, sample, rest, index, report, attempts, started
         )
-        del index  # never two catalog-sized indexes in memory at once
-        graph, graph_report = attempt(HNSW, None)
-        if graph_report is not None and (
-            graph_report.meets_target or graph_report.recall_at_10 > report.recall_at_10
-        ):
-            index, report = graph, graph_report
-        else:  # rare: the graph measured worse; rebuild the IVF (same seed, same index)
-            del graph
-            index, report = attempt(IVF, config.max_scan)
     if sample is not None:  # measured: now the held-out items join the catalog
         index.add_with_ids(vectors[sample.rows], pks[sample.rows])
         report.ntotal = int(index.ntotal)
     return index, report, attempts
+
+
+def _beyond_ivf(
+    vectors: np.ndarray,
+    pks: np.ndarray,
+    config: IndexConfig,
+    sample: Sample,
+    rest: np.ndarray,
+    ivf: Any,
+    ivf_report: RecallReport,
+    attempts: list[Attempt],
+    started: float,
+) -> tuple[Any, RecallReport]:
+    """IVF missed: try IVF-PQ on its lists, then (budget allowing) HNSW; keep the best."""
+    log.info(
+        "IVF reaches recall@10 %.3f at nprobe %s (target %.2f within max_scan %d): trying IVF-PQ",
+        ivf_report.recall_at_10,
+        ivf_report.effort,
+        config.target_recall,
+        config.max_scan,
+    )
+    t0 = time.perf_counter()
+    pq = add_pq(ivf, vectors, pks, config, rest)
+    built = attempts[-1].build_s + time.perf_counter() - t0
+    pq_report = tune(pq, sample, config, bounded=True)
+    attempts.append(Attempt(IVFPQ, built, pq_report))
+    candidates = [(ivf, ivf_report), (pq, pq_report)]
+    best, best_report = max(candidates, key=lambda c: _rank(c[1], c[0], config))
+    if cheap_enough(best_report, best, config):
+        return best, best_report
+    left = config.build_budget_s - (time.perf_counter() - started)
+    projected = project_hnsw_build_s(vectors, pks, rest, config)
+    if projected > left:
+        why = f"projected build {projected:.0f}s > {left:.0f}s left of build_budget_s"
+        log.warning("item index: not building HNSW (%s); keeping %s", why, best_report.kind)
+        attempts.append(Attempt(HNSW, 0.0, None, skipped=why))
+        return best, best_report
+    best_kind, best_rank = best_report.kind, _rank(best_report, best, config)
+    del ivf, pq, best, candidates  # never two catalog-sized indexes in memory at once
+    t0 = time.perf_counter()
+    graph = build_index(vectors, pks, config, kind=HNSW, rows=rest)
+    graph_report = tune(graph, sample, config)
+    attempts.append(Attempt(HNSW, time.perf_counter() - t0, graph_report))
+    if _rank(graph_report, graph, config) >= best_rank:
+        return graph, graph_report
+    del graph  # rare: the graph measured worse; rebuild the best (same seed, same index)
+    index = build_index(vectors, pks, config, kind=IVF, rows=rest)
+    if best_kind == IVFPQ:
+        index = add_pq(index, vectors, pks, config, rest)
+    return index, tune(index, sample, config, bounded=True)
