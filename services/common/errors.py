@@ -63,3 +63,22 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
     """Raise InvalidInput naming the field and its allowed range."""
     if not (low <= value <= high):
         raise InvalidInput(f"{field}={value} is out of range: allowed {low}..{high}")
+
+
+def to_rpc_status(exc: Exception):
+    """The google.rpc.Status of an error, as gRPC and HTTP callers receive it: its code, message and details
+    (RetryInfo on RateLimited). Anything not a PigmentError is INTERNAL without its text (it is logged).
+    A minimal version: the structured-errors work adds BadRequest and ErrorInfo details."""
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+    if not isinstance(exc, PigmentError):
+        return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__} (logged)")
+    status = status_pb2.Status(code=code_pb2.Code.Value(exc.status), message=str(exc)[:1000])
+    if isinstance(exc, RateLimited):
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(int(max(0.0, exc.retry_after_s) * 1e9))
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status.details.append(detail)
+    return status

@@ -6,14 +6,13 @@ content it is ALREADY_EXISTS, and ``duplicate`` is only ever answered for a row 
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-
 from pigment.services.common.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied
 from pigment.services.common.ids import check_id, check_key
 from pigment.services.common.limits import check_finite
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Feedback, Generation, User
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 KINDS = ("like", "dislike", "rating", "pick", "click")
 MAX_OTHERS = 64
