@@ -167,7 +167,7 @@ class GenerationsCore:
         if delivery == "none" or not uri:
             return None
         if delivery == "url":
-            return ImageRef(self.storage.size(uri), "", *self.url(kind, ident, base_url))
+            return ImageRef(self.storage.size(uri), b"", *self.url(kind, ident, base_url))
         data = self.storage.get(uri)
         limit = self.inline_max_bytes if budget is None else budget
         if delivery == "auto" and len(data) > limit and self.can_sign(base_url):

@@ -214,7 +214,7 @@ class HTTPServer:
     def __init__(self, ctx: HttpContext, host: str = "127.0.0.1", port: int = 0, tls=None):
         import uvicorn
 
-        self.host = host
+        self.ctx, self.host = ctx, host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -35,7 +35,7 @@ def _field(f: FieldDescriptor, out: dict) -> dict:
         add_schemas(f.message_type, out)
     else:
         schema = dict(SCALARS[f.type])
-    return {"type": "array", "items": schema} if f.label == FieldDescriptor.LABEL_REPEATED else schema
+    return {"type": "array", "items": schema} if f.is_repeated else schema
 
 
 def add_schemas(descriptor: Descriptor, out: dict) -> dict:
