@@ -12,13 +12,12 @@ import uuid
 
 import pytest
 from conftest import make_settings, running_stack
-from sqlalchemy import select
-
 from pigment.services.common import auth
 from pigment.services.common.grpc_auth import bearer_channel
 from pigment.services.store.tables import Feedback
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from sqlalchemy import select
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian's chromium and chromium-driver are "
