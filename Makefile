@@ -26,6 +26,7 @@ test-deps:
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 	  --grpc_python_out=protos protos/pigment/v1/*.proto
+	$(BIN)/python clients/python/generate.py
 
 check-protos: $(STAMP)
 	$(BIN)/python -m pigment.services.common.protocheck

@@ -105,7 +105,7 @@ class PigmentClient:
         self.history = history_pb2_grpc.HistoryServiceStub(self.channel)
         self.preference = preference_pb2_grpc.PreferenceServiceStub(self.channel)
 
-    def __enter__(self) -> PigmentClient:
+    def __enter__(self) -> PigmentClient:  # noqa: PYI034 - not subclassed
         return self
 
     def __exit__(self, *exc) -> None:
