@@ -14,7 +14,7 @@ from google.rpc import status_pb2
 from pigment.services.common.auth import Principal, reset_principal, set_principal
 from pigment.services.common.errors import InvalidInput
 from pigment.services.common.ids import show
-from pigment.services.gateway.http import authenticate, read_json, status_body, to_json
+from pigment.services.gateway.http_io import authenticate, read_json, status_body, to_json
 from pigment.services.gateway.openapi_pb import add_schemas, ref
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import history_pb2 as hpb

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from pigment.services.common.errors import PermissionDenied
+from pigment.services.common.errors import FailedPrecondition, PermissionDenied
 
 KINDS = ("generations", "items")
 
@@ -25,12 +25,18 @@ KINDS = ("generations", "items")
 def load_secret(path: Path) -> bytes:
     """The signing secret in ``path``, created (32 random bytes, mode 0600) when absent."""
     path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-    return path.read_bytes()
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return path.read_bytes()
+    except FileExistsError:  # another process created it between the check and the open
+        return path.read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(f"URL signing key {path}: {exc.strerror}; create it (head -c 32 /dev/urandom "
+                                 "> FILE) and point PIGMENT_URL_SIGNING_KEY_FILE at it") from exc
 
 
 class UrlSigner:
