@@ -267,9 +267,9 @@ def _http(port, body, key=None, scheme="http", context=None):
                                  headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10, context=context) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
+            return resp.status, resp.headers, json.loads(resp.read())  # headers: case-insensitive
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
+        return e.code, e.headers, json.loads(e.read())
 
 
 def test_http_feedback_needs_the_key_and_stays_in_the_tenant(secured):
