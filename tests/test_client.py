@@ -151,3 +151,34 @@ def test_client_retries_unavailable_until_the_server_is_up(server, tmp_path):
         if "server" in started:
             started["server"].stop(0)
     assert out["logged"] == 0 and out["s"] >= 1.5  # it waited for the server rather than failing at once
+
+
+def test_client_waits_as_retry_info_says_on_a_rate_limit(server, tmp_path):
+    """A second gateway on the same database with a call limit of 2/second: a plain stub's third call in a row
+    is RESOURCE_EXHAUSTED with RetryInfo; the client waits as told and all its calls get through."""
+    import grpc
+    from pigment.services.stack import Stack
+    from pigment.v1 import history_pb2, history_pb2_grpc
+
+    limited = Stack(server["stack"].settings.model_copy(update={"rate_limit_calls": "2/second"}))
+    grpc_server, port = limited.server(port=0)
+    grpc_server.start()
+    try:
+        stub = history_pb2_grpc.HistoryServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        metadata = (("authorization", f"Bearer {server['key']}"),)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in range(5):
+                stub.LogInteractions(history_pb2.LogInteractionsRequest(user_id=f"rl{RUN}", create_user=True),
+                                     metadata=metadata, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        time.sleep(1.5)  # the window passes
+        script = ("import json, os, time\nfrom pigment_client import PigmentClient\n"
+                  f"c = PigmentClient('127.0.0.1:{port}', os.environ['PIGMENT_API_KEY'])\n"
+                  "t = time.monotonic()\n"
+                  f"n = [c.log_interactions('rl{RUN}', []) for _ in range(6)]\n"
+                  "print(json.dumps({'n': n, 's': time.monotonic() - t}))\n")
+        out = run([sys.executable, "-c", script], server, tmp_path, timeout=120)
+    finally:
+        grpc_server.stop(0)
+        limited.close()
+    assert len(out["n"]) == 6 and out["s"] >= 0.5, out  # six calls at 2/second: it waited for the window
