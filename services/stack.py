@@ -259,6 +259,11 @@ class Stack:
         server = HTTPServer(ctx, s.host, port, tls=(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
                             if s.tls_cert_file else None)
         if not self.url_signer.base_url:
+            from pigment.services.common.auth import is_loopback
+
+            if not is_loopback(s.host):
+                log.warning("signed image URLs point at %s, the address the HTTP face binds: set "
+                            "PIGMENT_PUBLIC_HTTP_URL to where clients reach it", server.url)
             self.url_signer.base_url = server.url
         return server
 

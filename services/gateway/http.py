@@ -139,6 +139,7 @@ class HTTPServer:
         config = uvicorn.Config(
             create_app(ctx), log_level="warning", access_log=False, lifespan="off",
             timeout_keep_alive=int(max(1, ctx.settings.http_keep_alive_s)),
+            # past this many open connections uvicorn answers 503 at once instead of queueing without bound
             limit_concurrency=ctx.settings.max_concurrent_rpcs * 4, timeout_graceful_shutdown=5,
             ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
             ssl_ca_certs=str(ca) if ca else None, ssl_cert_reqs=ssl.CERT_REQUIRED if ca else ssl.CERT_NONE)
