@@ -20,8 +20,11 @@ from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
 from sqlalchemy import select
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian's chromium and chromium-driver are "
-                                "not installed (`make test-deps`, or apt-get install -y chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="Debian's chromium and chromium-driver are "
+    "not installed (`make test-deps`, or apt-get install -y chromium chromium-driver)",
+)
 RUN = uuid.uuid4().hex[:6]
 USER = f"gal{RUN}"
 
@@ -46,13 +49,35 @@ def site(tmp_path_factory, tiny_preset, pg_database):
         http = stack.http_server(0).start()
         ch = bearer_channel(channel, key)
         history = history_pb2_grpc.HistoryServiceStub(ch)
-        history.UpsertItems(history_pb2.UpsertItemsRequest(items=[
-            history_pb2.Item(item_id=f"star-{RUN}", caption="a small blue star on a light background",
-                             tenant=f"t{RUN}", image_png=blue_png())]))
-        history.LogInteractions(history_pb2.LogInteractionsRequest(user_id=USER, create_user=True, interactions=[
-            history_pb2.Interaction(item_id=f"star-{RUN}", kind="like")]))
-        first = generation_pb2_grpc.GenerationServiceStub(ch).GeneratePersonalized(gpb.GenerateRequest(
-            request_id=f"g-{RUN}", user_id=USER, prompt="a star", num_images=2, num_inference_steps=2), timeout=120)
+        history.UpsertItems(
+            history_pb2.UpsertItemsRequest(
+                items=[
+                    history_pb2.Item(
+                        item_id=f"star-{RUN}",
+                        caption="a small blue star on a light background",
+                        tenant=f"t{RUN}",
+                        image_png=blue_png(),
+                    )
+                ]
+            )
+        )
+        history.LogInteractions(
+            history_pb2.LogInteractionsRequest(
+                user_id=USER,
+                create_user=True,
+                interactions=[history_pb2.Interaction(item_id=f"star-{RUN}", kind="like")],
+            )
+        )
+        first = generation_pb2_grpc.GenerationServiceStub(ch).GeneratePersonalized(
+            gpb.GenerateRequest(
+                request_id=f"g-{RUN}",
+                user_id=USER,
+                prompt="a star",
+                num_images=2,
+                num_inference_steps=2,
+            ),
+            timeout=120,
+        )
         yield {"stack": stack, "url": http.url, "key": key, "first": first}
         http.stop()
 
@@ -64,8 +89,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(DRIVER))
     yield driver
@@ -79,7 +109,9 @@ def test_gallery_shows_generations_and_posts_real_feedback(site, browser, tmp_pa
 
     wait = WebDriverWait(browser, 60)
     browser.get(site["url"] + "/")
-    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "401"))  # keys on: the page asks for one
+    wait.until(
+        ec.text_to_be_present_in_element((By.ID, "status"), "401")
+    )  # keys on: the page asks for one
     browser.find_element(By.ID, "api-key").send_keys(site["key"])
     browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == 2)
@@ -91,14 +123,25 @@ def test_gallery_shows_generations_and_posts_real_feedback(site, browser, tmp_pa
     assert {c.get_attribute("data-generation-id") for c in cards} == ids
     first = cards[0]
     assert first.find_element(By.CSS_SELECTOR, ".badge").text == "GENERATED"
-    keywords = list(site["first"].keywords)  # what the gateway reported, shown as it is (none is said so)
+    keywords = list(
+        site["first"].keywords
+    )  # what the gateway reported, shown as it is (none is said so)
     assert first.find_element(By.CSS_SELECTOR, ".keywords").text == (
-        "keywords: " + ", ".join(keywords) if keywords else "no keywords")
-    assert [f.text for f in first.find_elements(By.CSS_SELECTOR, ".flag")] == list(site["first"].flags)
-    wait.until(lambda d: d.execute_script(  # the signed image URLs load without the key
-        "return [...document.querySelectorAll('#generations img')].every(i => i.complete && i.naturalWidth > 0)"))
-    wait.until(lambda d: d.execute_script(  # the user's history shows too, with the item's image
-        "return [...document.querySelectorAll('#history img')].some(i => i.complete && i.naturalWidth == 32)"))
+        "keywords: " + ", ".join(keywords) if keywords else "no keywords"
+    )
+    assert [f.text for f in first.find_elements(By.CSS_SELECTOR, ".flag")] == list(
+        site["first"].flags
+    )
+    wait.until(
+        lambda d: d.execute_script(  # the signed image URLs load without the key
+            "return [...document.querySelectorAll('#generations img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+    wait.until(
+        lambda d: d.execute_script(  # the user's history shows too, with the item's image
+            "return [...document.querySelectorAll('#history img')].some(i => i.complete && i.naturalWidth == 32)"
+        )
+    )
     shot = tmp_path / "gallery.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5000
 

@@ -17,25 +17,45 @@ def generate() -> dict[str, str]:
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "pigment" / "v1").glob("*.proto"))
-        args = ["protoc", f"-I{PROTOS}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}"]
+        files = sorted(
+            str(p.relative_to(PROTOS)) for p in (PROTOS / "pigment" / "v1").glob("*.proto")
+        )
+        args = [
+            "protoc",
+            f"-I{PROTOS}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+        ]
         if protoc.main([*args, *files]) != 0:
             raise SystemExit("protoc failed")
-        return {p.name: p.read_text().replace("from pigment.v1 import", "from pigment_client.v1 import")
-                for p in sorted((Path(tmp) / "pigment" / "v1").iterdir()) if p.suffix in (".py", ".pyi")}
+        return {
+            p.name: p.read_text().replace("from pigment.v1 import", "from pigment_client.v1 import")
+            for p in sorted((Path(tmp) / "pigment" / "v1").iterdir())
+            if p.suffix in (".py", ".pyi")
+        }
 
 
 def main() -> int:
     stubs = generate()
     if "--check" in sys.argv:
-        stale = [n for n, text in stubs.items() if not (OUT / n).exists() or (OUT / n).read_text() != text]
+        stale = [
+            n
+            for n, text in stubs.items()
+            if not (OUT / n).exists() or (OUT / n).read_text() != text
+        ]
         if stale:
-            print(f"client stubs out of date: {stale}; run python clients/python/generate.py", file=sys.stderr)
+            print(
+                f"client stubs out of date: {stale}; run python clients/python/generate.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     for name, text in stubs.items():
         (OUT / name).write_text(text)
-    (OUT / "__init__.py").write_text('"""Generated from protos/pigment/v1 by clients/python/generate.py."""\n')
+    (OUT / "__init__.py").write_text(
+        '"""Generated from protos/pigment/v1 by clients/python/generate.py."""\n'
+    )
     print(f"wrote {len(stubs)} files to {OUT}")
     return 0
 

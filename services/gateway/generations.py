@@ -47,10 +47,19 @@ def _ms(dt) -> int:
 def _view(g: Generation, req: RenderRequest | None) -> GenerationView:
     cond, params = (req.conditioning or {}, req.params or {}) if req is not None else ({}, {})
     return GenerationView(
-        generation_id=g.generation_id, request_id=g.request_id, user_id=g.user_id,
-        source="retrieved" if g.retrieved_item_id else "generated", item_id=g.retrieved_item_id or "",
-        prompt=params.get("prompt", ""), keywords=list(cond.get("keywords", [])), flags=list(cond.get("flags", [])),
-        create_time_ms=_ms(g.created_at), seed=g.seed, model_version=g.model_version, method=g.method)
+        generation_id=g.generation_id,
+        request_id=g.request_id,
+        user_id=g.user_id,
+        source="retrieved" if g.retrieved_item_id else "generated",
+        item_id=g.retrieved_item_id or "",
+        prompt=params.get("prompt", ""),
+        keywords=list(cond.get("keywords", [])),
+        flags=list(cond.get("flags", [])),
+        create_time_ms=_ms(g.created_at),
+        seed=g.seed,
+        model_version=g.model_version,
+        method=g.method,
+    )
 
 
 class GenerationsCore:
@@ -65,51 +74,76 @@ class GenerationsCore:
         check_key("generation_id", generation_id)
         g = s.get(Generation, generation_id)
         owner = s.get(User, g.user_id) if g is not None else None
-        if g is None or (principal is not None and (owner is None or not principal.sees(owner.tenant))):
+        if g is None or (
+            principal is not None and (owner is None or not principal.sees(owner.tenant))
+        ):
             raise NotFound(f"generation {generation_id!r} not found")
         return g
 
     def _item(self, s, item_id: str, principal) -> Item:
         check_id("item_id", item_id)
         item = s.scalar(select(Item).where(Item.item_id == item_id, Item.deleted.is_(False)))
-        if item is None or (principal is not None and item.tenant is not None and not principal.sees(item.tenant)):
+        if item is None or (
+            principal is not None and item.tenant is not None and not principal.sees(item.tenant)
+        ):
             raise NotFound(f"item {item_id!r} not found")
         if not item.image_uri:
             raise NotFound(f"item {item_id!r} has no image (upsert it with image_png)")
         return item
 
-    def get(self, generation_id: str, principal, delivery: str = "auto", base_url: str | None = None
-            ) -> GenerationView:
+    def get(
+        self, generation_id: str, principal, delivery: str = "auto", base_url: str | None = None
+    ) -> GenerationView:
         with transaction(self.sessions) as s:
             g = self._generation(s, generation_id, principal)
             view, uri = _view(g, s.get(RenderRequest, g.request_id)), g.storage_uri
         view.image = self.image_ref("generations", generation_id, uri, delivery, base_url)
         return view
 
-    def list(self, user_id: str, principal, page_size: int = 0, page_token: str = "", delivery: str = "none",
-             base_url: str | None = None) -> tuple[list[GenerationView], str]:
+    def list(
+        self,
+        user_id: str,
+        principal,
+        page_size: int = 0,
+        page_token: str = "",
+        delivery: str = "none",
+        base_url: str | None = None,
+    ) -> tuple[list[GenerationView], str]:
         """A user's generations, newest first; (page, next_page_token or "")."""
         check_id("user_id", user_id)
         if not 0 <= page_size <= PAGE_MAX:
-            raise InvalidInput(f"page_size={page_size} is out of range: 0 (server default {PAGE_DEFAULT}) "
-                               f"to {PAGE_MAX}")
-        if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 9):
-            raise InvalidInput(f"page_token={show(page_token)} is not one this server issued: pass a previous "
-                               "ListGenerations' next_page_token, or \"\" for the first page")
+            raise InvalidInput(
+                f"page_size={page_size} is out of range: 0 (server default {PAGE_DEFAULT}) "
+                f"to {PAGE_MAX}"
+            )
+        if page_token and not (
+            page_token.isascii() and page_token.isdigit() and len(page_token) <= 9
+        ):
+            raise InvalidInput(
+                f"page_token={show(page_token)} is not one this server issued: pass a previous "
+                'ListGenerations\' next_page_token, or "" for the first page'
+            )
         offset, limit = int(page_token or 0), page_size or PAGE_DEFAULT
         with transaction(self.sessions) as s:
             user = s.get(User, user_id)
             if user is None or (principal is not None and not principal.sees(user.tenant)):
                 raise NotFound(f"user {user_id!r} not found")
-            rows = s.execute(select(Generation, RenderRequest)
-                             .join(RenderRequest, RenderRequest.request_id == Generation.request_id)
-                             .where(Generation.user_id == user_id)
-                             .order_by(Generation.created_at.desc(), Generation.request_id,
-                                       Generation.image_index).offset(offset).limit(limit + 1)).all()
+            rows = s.execute(
+                select(Generation, RenderRequest)
+                .join(RenderRequest, RenderRequest.request_id == Generation.request_id)
+                .where(Generation.user_id == user_id)
+                .order_by(
+                    Generation.created_at.desc(), Generation.request_id, Generation.image_index
+                )
+                .offset(offset)
+                .limit(limit + 1)
+            ).all()
         views = []
         for g, req in rows[:limit]:
             view = _view(g, req)
-            view.image = self.image_ref("generations", g.generation_id, g.storage_uri, delivery, base_url)
+            view.image = self.image_ref(
+                "generations", g.generation_id, g.storage_uri, delivery, base_url
+            )
             views.append(view)
         return views, str(offset + limit) if len(rows) > limit else ""
 
@@ -132,7 +166,9 @@ class GenerationsCore:
             uri = self._item(s, item_id, principal).image_uri
         return self._read(uri, f"item {item_id!r}")
 
-    def item_ref(self, item_id: str, principal, delivery: str = "auto", base_url: str | None = None) -> ImageRef:
+    def item_ref(
+        self, item_id: str, principal, delivery: str = "auto", base_url: str | None = None
+    ) -> ImageRef:
         with transaction(self.sessions) as s:
             uri = self._item(s, item_id, principal).image_uri
         return self.image_ref("items", item_id, uri, delivery, base_url)
@@ -154,12 +190,21 @@ class GenerationsCore:
 
     def url(self, kind: str, ident: str, base_url: str | None = None) -> tuple[str, int]:
         if not self.can_sign(base_url):
-            raise FailedPrecondition("image URLs need the HTTP face (`pigment serve --http-port N`, or "
-                                     "PIGMENT_PUBLIC_HTTP_URL): ask for inline delivery or stream the image")
+            raise FailedPrecondition(
+                "image URLs need the HTTP face (`pigment serve --http-port N`, or "
+                "PIGMENT_PUBLIC_HTTP_URL): ask for inline delivery or stream the image"
+            )
         return self.signer.sign(kind, ident, base_url)
 
-    def image_ref(self, kind: str, ident: str, uri: str | None, delivery: str, base_url: str | None = None,
-                  budget: int | None = None) -> ImageRef | None:
+    def image_ref(
+        self,
+        kind: str,
+        ident: str,
+        uri: str | None,
+        delivery: str,
+        base_url: str | None = None,
+        budget: int | None = None,
+    ) -> ImageRef | None:
         """The image as ``delivery`` asks: auto = inline up to ``budget`` (default inline_max_bytes), else a URL
         (inline when no URL can be made)."""
         if delivery not in DELIVERIES:

@@ -68,10 +68,15 @@ def create_app(ctx: HttpContext) -> FastAPI:
     from fastapi.staticfiles import StaticFiles
     from pigment.services.gateway import http_api
 
-    app = FastAPI(title="pigment", version="v1", docs_url="/docs", redoc_url=None,
-                  description="pigment's HTTP/JSON face: the gRPC API's messages in protobuf's JSON mapping. "
-                              "Send `Authorization: Bearer <api key>` when the server has keys. Errors are "
-                              "google.rpc.Status JSON.")
+    app = FastAPI(
+        title="pigment",
+        version="v1",
+        docs_url="/docs",
+        redoc_url=None,
+        description="pigment's HTTP/JSON face: the gRPC API's messages in protobuf's JSON mapping. "
+        "Send `Authorization: Bearer <api key>` when the server has keys. Errors are "
+        "google.rpc.Status JSON.",
+    )
     app.state.ctx = ctx
     install_error_handlers(app)
     timeout = ctx.settings.http_request_timeout_s
@@ -83,13 +88,20 @@ def create_app(ctx: HttpContext) -> FastAPI:
         except TimeoutError:
             from pigment.services.common.errors import DeadlineExceeded
 
-            return error_response(DeadlineExceeded(f"{request.url.path} not answered within {timeout:g}s "
-                                                   "(http_request_timeout_s)"))
+            return error_response(
+                DeadlineExceeded(
+                    f"{request.url.path} not answered within {timeout:g}s (http_request_timeout_s)"
+                )
+            )
 
     if ctx.settings.http_cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(ctx.settings.http_cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(ctx.settings.http_cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
     app.include_router(http_api.router)
     app.mount("/gallery", StaticFiles(directory=GALLERY_DIR), name="gallery")
 
@@ -137,12 +149,19 @@ class HTTPServer:
         self.scheme = "https" if tls else "http"
         cert, key, ca = tls or (None, None, None)
         config = uvicorn.Config(
-            create_app(ctx), log_level="warning", access_log=False, lifespan="off",
+            create_app(ctx),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
             timeout_keep_alive=int(max(1, ctx.settings.http_keep_alive_s)),
             # past this many open connections uvicorn answers 503 at once instead of queueing without bound
-            limit_concurrency=ctx.settings.max_concurrent_rpcs * 4, timeout_graceful_shutdown=5,
-            ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
-            ssl_ca_certs=str(ca) if ca else None, ssl_cert_reqs=ssl.CERT_REQUIRED if ca else ssl.CERT_NONE)
+            limit_concurrency=ctx.settings.max_concurrent_rpcs * 4,
+            timeout_graceful_shutdown=5,
+            ssl_certfile=str(cert) if cert else None,
+            ssl_keyfile=str(key) if key else None,
+            ssl_ca_certs=str(ca) if ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if ca else ssl.CERT_NONE,
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -152,8 +171,9 @@ class HTTPServer:
         return f"{self.scheme}://{host}:{self.port}"
 
     def start(self, ready_s: float = 10.0) -> HTTPServer:
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                        name="http-face", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="http-face", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + ready_s
         while not self.server.started:

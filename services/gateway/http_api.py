@@ -29,17 +29,26 @@ IMAGE_CACHE = "private, max-age=300"
 
 def doc(request_cls=None, response_cls=None, ok: int = 200) -> dict:
     """OpenAPI for a route whose body and answer are protobuf messages (the schemas come from the .proto)."""
-    extra: dict = {"responses": {
-        "default": {"description": "an error: google.rpc.Status", "content": {"application/json": {
-            "schema": ref(status_pb2.Status.DESCRIPTOR)}}}}}
+    extra: dict = {
+        "responses": {
+            "default": {
+                "description": "an error: google.rpc.Status",
+                "content": {"application/json": {"schema": ref(status_pb2.Status.DESCRIPTOR)}},
+            }
+        }
+    }
     if request_cls is not None:
         SCHEMAS.append(request_cls.DESCRIPTOR)
-        extra["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": ref(request_cls.DESCRIPTOR)}}}
+        extra["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref(request_cls.DESCRIPTOR)}},
+        }
     if response_cls is not None:
         SCHEMAS.append(response_cls.DESCRIPTOR)
-        extra["responses"][str(ok)] = {"description": response_cls.DESCRIPTOR.name, "content": {
-            "application/json": {"schema": ref(response_cls.DESCRIPTOR)}}}
+        extra["responses"][str(ok)] = {
+            "description": response_cls.DESCRIPTOR.name,
+            "content": {"application/json": {"schema": ref(response_cls.DESCRIPTOR)}},
+        }
     return extra
 
 
@@ -47,7 +56,9 @@ def openapi(app) -> dict:
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         for descriptor in SCHEMAS:
             add_schemas(descriptor, schemas)
@@ -93,7 +104,9 @@ def enum_value(enum, name: str, field: str) -> int:
     try:
         return enum.Value(name)
     except ValueError:
-        raise InvalidInput(f"{field}={show(name, 40)} is unknown: allowed {', '.join(enum.keys())}") from None
+        raise InvalidInput(
+            f"{field}={show(name, 40)} is unknown: allowed {', '.join(enum.keys())}"
+        ) from None
 
 
 def delivery(name: str) -> int:
@@ -101,26 +114,43 @@ def delivery(name: str) -> int:
 
 
 # -- generation --------------------------------------------------------------------------------------------
-@router.post("/generate", tags=["generation"], openapi_extra=doc(gpb.GenerateRequest, gpb.GenerateResponse),
-             summary="GeneratePersonalized: blocks until the images are ready")
+@router.post(
+    "/generate",
+    tags=["generation"],
+    openapi_extra=doc(gpb.GenerateRequest, gpb.GenerateResponse),
+    summary="GeneratePersonalized: blocks until the images are ready",
+)
 async def generate(request: Request, principal: Caller):
     message = await read_json(request, gpb.GenerateRequest())
-    return to_json(await call(request, _ctx(request).generation.GeneratePersonalized, message, principal))
+    return to_json(
+        await call(request, _ctx(request).generation.GeneratePersonalized, message, principal)
+    )
 
 
 def _sse(event: str, payload: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-@router.post("/generate/stream", tags=["generation"], openapi_extra={
-    **doc(gpb.GenerateRequest, gpb.GenerateEvent), "responses": {"200": {
-        "description": "text/event-stream: `progress` events (Progress), then one `result` (GenerateResponse); "
-                       "an `error` event (google.rpc.Status) if it fails after starting",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}}}}},
-    summary="GeneratePersonalizedStream as Server-Sent Events")
+@router.post(
+    "/generate/stream",
+    tags=["generation"],
+    openapi_extra={
+        **doc(gpb.GenerateRequest, gpb.GenerateEvent),
+        "responses": {
+            "200": {
+                "description": "text/event-stream: `progress` events (Progress), then one `result` (GenerateResponse); "
+                "an `error` event (google.rpc.Status) if it fails after starting",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        },
+    },
+    summary="GeneratePersonalizedStream as Server-Sent Events",
+)
 async def generate_stream(request: Request, principal: Caller):
     message = await read_json(request, gpb.GenerateRequest())
-    events = _ctx(request).generation.GeneratePersonalizedStream(message, _Context(_deadline(request)))
+    events = _ctx(request).generation.GeneratePersonalizedStream(
+        message, _Context(_deadline(request))
+    )
     # the first event is pulled before answering, so a refused request gets its HTTP status, not a 200 stream
     first = await run_in_threadpool(_as, principal, next, events, None)
 
@@ -134,14 +164,26 @@ async def generate_stream(request: Request, principal: Caller):
         except Exception as exc:  # noqa: BLE001 - after the 200: the failure travels as an event
             yield _sse("error", status_body(exc))
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
 
 
-@router.get("/generations/{generation_id}", tags=["generation"], openapi_extra=doc(None, gpb.GetGenerationResponse),
-            summary="GetGeneration (the image as a signed URL unless delivery says otherwise)")
-async def get_generation(request: Request, principal: Caller, generation_id: str,
-                         delivery_name: str = Query("IMAGE_DELIVERY_URL", alias="delivery")):
-    message = gpb.GetGenerationRequest(generation_id=generation_id, delivery=delivery(delivery_name))
+@router.get(
+    "/generations/{generation_id}",
+    tags=["generation"],
+    openapi_extra=doc(None, gpb.GetGenerationResponse),
+    summary="GetGeneration (the image as a signed URL unless delivery says otherwise)",
+)
+async def get_generation(
+    request: Request,
+    principal: Caller,
+    generation_id: str,
+    delivery_name: str = Query("IMAGE_DELIVERY_URL", alias="delivery"),
+):
+    message = gpb.GetGenerationRequest(
+        generation_id=generation_id, delivery=delivery(delivery_name)
+    )
     return to_json(await call(request, _ctx(request).generation.GetGeneration, message, principal))
 
 
@@ -159,20 +201,35 @@ async def _image(request: Request, kind: str, ident: str, expires: str, sig: str
 IMAGE_DOC = {"responses": {"200": {"description": "the PNG", "content": {"image/png": {}}}}}
 
 
-@router.get("/generations/{generation_id}/image", tags=["generation"], openapi_extra=IMAGE_DOC,
-            response_class=Response, summary="A generation's PNG: a signed URL, or with the bearer key")
+@router.get(
+    "/generations/{generation_id}/image",
+    tags=["generation"],
+    openapi_extra=IMAGE_DOC,
+    response_class=Response,
+    summary="A generation's PNG: a signed URL, or with the bearer key",
+)
 async def generation_image(request: Request, generation_id: str, expires: str = "", sig: str = ""):
     return await _image(request, "generations", generation_id, expires, sig)
 
 
-@router.get("/items/{item_id}/image", tags=["history"], openapi_extra=IMAGE_DOC, response_class=Response,
-            summary="A catalog item's PNG: a signed URL, or with the bearer key")
+@router.get(
+    "/items/{item_id}/image",
+    tags=["history"],
+    openapi_extra=IMAGE_DOC,
+    response_class=Response,
+    summary="A catalog item's PNG: a signed URL, or with the bearer key",
+)
 async def item_image(request: Request, item_id: str, expires: str = "", sig: str = ""):
     return await _image(request, "items", item_id, expires, sig)
 
 
-@router.post("/feedback", tags=["generation"], openapi_extra=doc(gpb.LogFeedbackRequest, gpb.LogFeedbackResponse, 201),
-             status_code=201, summary="LogFeedback: 201 when stored, 200 when a replay of a stored one")
+@router.post(
+    "/feedback",
+    tags=["generation"],
+    openapi_extra=doc(gpb.LogFeedbackRequest, gpb.LogFeedbackResponse, 201),
+    status_code=201,
+    summary="LogFeedback: 201 when stored, 200 when a replay of a stored one",
+)
 async def feedback(request: Request, principal: Caller):
     message = await read_json(request, gpb.LogFeedbackRequest())
     out = await call(request, _ctx(request).generation.LogFeedback, message, principal)
@@ -180,49 +237,97 @@ async def feedback(request: Request, principal: Caller):
 
 
 # -- users and history -----------------------------------------------------------------------------------------
-@router.get("/users", tags=["history"], summary="User ids the caller may see, newest first (the gallery's picker)",
-            openapi_extra={"responses": {"200": {"description": "{\"userIds\": [...]}", "content": {
-                "application/json": {"schema": {"type": "object", "properties": {"userIds": {
-                    "type": "array", "items": {"type": "string"}}}}}}}}})
+@router.get(
+    "/users",
+    tags=["history"],
+    summary="User ids the caller may see, newest first (the gallery's picker)",
+    openapi_extra={
+        "responses": {
+            "200": {
+                "description": '{"userIds": [...]}',
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "userIds": {"type": "array", "items": {"type": "string"}}
+                            },
+                        }
+                    }
+                },
+            }
+        }
+    },
+)
 async def users(request: Request, principal: Caller, limit: int = Query(200, ge=1, le=1000)):
-    return {"userIds": await run_in_threadpool(_ctx(request).generations.list_users, principal, limit)}
+    return {
+        "userIds": await run_in_threadpool(_ctx(request).generations.list_users, principal, limit)
+    }
 
 
-@router.get("/users/{user_id}/generations", tags=["generation"],
-            openapi_extra=doc(None, gpb.ListGenerationsResponse), summary="ListGenerations (images as signed URLs)")
-async def list_generations(request: Request, principal: Caller, user_id: str, page_size: int = Query(0, alias="pageSize"),
-                           page_token: str = Query("", alias="pageToken"),
-                           delivery_name: str = Query("IMAGE_DELIVERY_URL", alias="delivery")):
-    message = gpb.ListGenerationsRequest(user_id=user_id, page_size=page_size, page_token=page_token,
-                                         delivery=delivery(delivery_name))
-    return to_json(await call(request, _ctx(request).generation.ListGenerations, message, principal))
+@router.get(
+    "/users/{user_id}/generations",
+    tags=["generation"],
+    openapi_extra=doc(None, gpb.ListGenerationsResponse),
+    summary="ListGenerations (images as signed URLs)",
+)
+async def list_generations(
+    request: Request,
+    principal: Caller,
+    user_id: str,
+    page_size: int = Query(0, alias="pageSize"),
+    page_token: str = Query("", alias="pageToken"),
+    delivery_name: str = Query("IMAGE_DELIVERY_URL", alias="delivery"),
+):
+    message = gpb.ListGenerationsRequest(
+        user_id=user_id,
+        page_size=page_size,
+        page_token=page_token,
+        delivery=delivery(delivery_name),
+    )
+    return to_json(
+        await call(request, _ctx(request).generation.ListGenerations, message, principal)
+    )
 
 
-@router.get("/users/{user_id}/history", tags=["history"], openapi_extra=doc(None, hpb.GetHistoryResponse),
-            summary="GetHistory (item images as signed URLs in imageUrl)")
+@router.get(
+    "/users/{user_id}/history",
+    tags=["history"],
+    openapi_extra=doc(None, hpb.GetHistoryResponse),
+    summary="GetHistory (item images as signed URLs in imageUrl)",
+)
 async def history(request: Request, principal: Caller, user_id: str, limit: int = 0):
     message = hpb.GetHistoryRequest(user_id=user_id, limit=limit)
     return to_json(await call(request, _ctx(request).history.GetHistory, message, principal))
 
 
 # -- batch jobs ----------------------------------------------------------------------------------------------------
-@router.post("/jobs", tags=["jobs"], openapi_extra=doc(gpb.SubmitBatchRequest, gpb.SubmitBatchResponse),
-             summary="SubmitBatch")
+@router.post(
+    "/jobs",
+    tags=["jobs"],
+    openapi_extra=doc(gpb.SubmitBatchRequest, gpb.SubmitBatchResponse),
+    summary="SubmitBatch",
+)
 async def submit_job(request: Request, principal: Caller):
     message = await read_json(request, gpb.SubmitBatchRequest())
     return to_json(await call(request, _ctx(request).generation.SubmitBatch, message, principal))
 
 
 @router.get("/jobs/{job_id}", tags=["jobs"], openapi_extra=doc(None, gpb.Job), summary="GetJob")
-async def get_job(request: Request, principal: Caller, job_id: str, page_size: int = Query(0, alias="pageSize"),
-                  page_token: str = Query("", alias="pageToken")):
+async def get_job(
+    request: Request,
+    principal: Caller,
+    job_id: str,
+    page_size: int = Query(0, alias="pageSize"),
+    page_token: str = Query("", alias="pageToken"),
+):
     message = gpb.GetJobRequest(job_id=job_id, page_size=page_size, page_token=page_token)
     return to_json(await call(request, _ctx(request).generation.GetJob, message, principal))
 
 
-@router.post("/jobs/{job_id}/cancel", tags=["jobs"], openapi_extra=doc(None, gpb.Job), summary="CancelJob")
+@router.post(
+    "/jobs/{job_id}/cancel", tags=["jobs"], openapi_extra=doc(None, gpb.Job), summary="CancelJob"
+)
 async def cancel_job(request: Request, principal: Caller, job_id: str):
     message = gpb.CancelJobRequest(job_id=job_id)
     return to_json(await call(request, _ctx(request).generation.CancelJob, message, principal))
-
-

@@ -18,9 +18,16 @@ from pigment.services.common.ids import show
 log = logging.getLogger("pigment.http")
 # google.rpc.Code -> HTTP, as Google APIs map them (google/rpc/code.proto)
 HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 400, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504, "INTERNAL": 500,
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "FAILED_PRECONDITION": 400,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "INTERNAL": 500,
 }
 
 
@@ -53,7 +60,9 @@ def status_body(exc: Exception) -> dict:
 def error_response(exc: Exception) -> JSONResponse:
     if not isinstance(exc, PigmentError):
         log.error("unhandled error on the HTTP face", exc_info=exc)
-    status = getattr(exc, "http_status", None) or HTTP_STATUS.get(getattr(exc, "status", "INTERNAL"), 500)
+    status = getattr(exc, "http_status", None) or HTTP_STATUS.get(
+        getattr(exc, "status", "INTERNAL"), 500
+    )
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
@@ -66,7 +75,11 @@ def error_response(exc: Exception) -> JSONResponse:
 def authenticate(request: Request) -> Principal:
     """The caller, from ``Authorization: Bearer`` like the gRPC interceptor; charges its call limit."""
     ctx: HttpContext = request.app.state.ctx
-    principal = LOCAL_ADMIN if ctx.keys is None else ctx.keys.authenticate(request.headers.get("authorization"))
+    principal = (
+        LOCAL_ADMIN
+        if ctx.keys is None
+        else ctx.keys.authenticate(request.headers.get("authorization"))
+    )
     if ctx.limiter is not None:
         ctx.limiter.charge(principal, "calls")
     return principal
@@ -88,11 +101,10 @@ async def read_json(request: Request, message):
     try:
         return json_format.Parse(body or b"{}", message)
     except (json_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidInput(f"body is not a valid {message.DESCRIPTOR.name} in protobuf JSON: "
-                           f"{str(exc)[:300]}") from None
+        raise InvalidInput(
+            f"body is not a valid {message.DESCRIPTOR.name} in protobuf JSON: {str(exc)[:300]}"
+        ) from None
 
 
 def to_json(message) -> dict:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-
-

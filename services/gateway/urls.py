@@ -35,8 +35,10 @@ def load_secret(path: Path) -> bytes:
     except FileExistsError:  # another process created it between the check and the open
         return path.read_bytes()
     except OSError as exc:
-        raise FailedPrecondition(f"URL signing key {path}: {exc.strerror}; create it (head -c 32 /dev/urandom "
-                                 "> FILE) and point PIGMENT_URL_SIGNING_KEY_FILE at it") from exc
+        raise FailedPrecondition(
+            f"URL signing key {path}: {exc.strerror}; create it (head -c 32 /dev/urandom "
+            "> FILE) and point PIGMENT_URL_SIGNING_KEY_FILE at it"
+        ) from exc
 
 
 class UrlSigner:
@@ -58,12 +60,17 @@ class UrlSigner:
         expires_ms = int((time.time() + self.ttl_s) * 1000)
         base = self.base_url if base_url is None else base_url.rstrip("/")
         path = f"/v1/{kind}/{quote(ident, safe='')}/image"
-        return f"{base}{path}?expires={expires_ms}&sig={self._sig(kind, ident, expires_ms)}", expires_ms
+        return (
+            f"{base}{path}?expires={expires_ms}&sig={self._sig(kind, ident, expires_ms)}",
+            expires_ms,
+        )
 
     def check(self, kind: str, ident: str, expires: str, sig: str) -> None:
         """PermissionDenied unless ``sig`` is this server's signature for (kind, ident, expires), not expired."""
         if not (expires.isascii() and expires.isdigit() and len(expires) <= 15):
-            raise PermissionDenied("the image URL's expires parameter is malformed: ask for a fresh URL")
+            raise PermissionDenied(
+                "the image URL's expires parameter is malformed: ask for a fresh URL"
+            )
         good = self._sig(kind, ident, int(expires))
         if not hmac.compare_digest(good, sig.lower()):
             raise PermissionDenied("the image URL's signature does not match: ask for a fresh URL")

@@ -1,11 +1,11 @@
 """``python -m pigment_client``: a few calls from a shell, answers as protobuf JSON (one object per line).
 
-    python -m pigment_client --target HOST:PORT [--api-key KEY] generate USER [PROMPT] [--images N] [--steps N]
-    python -m pigment_client get-generation ID [--png FILE]
-    python -m pigment_client feedback USER GENERATION_ID like|dislike|pick|click|rating [--value V] [--other ID]
-    python -m pigment_client history USER
-    python -m pigment_client interactions USER ITEM_ID:KIND ...
-    python -m pigment_client item ITEM_ID CAPTION [--tenant T]
+python -m pigment_client --target HOST:PORT [--api-key KEY] generate USER [PROMPT] [--images N] [--steps N]
+python -m pigment_client get-generation ID [--png FILE]
+python -m pigment_client feedback USER GENERATION_ID like|dislike|pick|click|rating [--value V] [--other ID]
+python -m pigment_client history USER
+python -m pigment_client interactions USER ITEM_ID:KIND ...
+python -m pigment_client item ITEM_ID CAPTION [--tenant T]
 """
 
 from __future__ import annotations
@@ -26,17 +26,32 @@ def _print(message) -> None:
 
 def run(args, client: PigmentClient) -> None:
     if args.command == "generate":
-        _print(client.generate(args.user, args.prompt, request_id=args.request_id, num_images=args.images,
-                               num_inference_steps=args.steps))
+        _print(
+            client.generate(
+                args.user,
+                args.prompt,
+                request_id=args.request_id,
+                num_images=args.images,
+                num_inference_steps=args.steps,
+            )
+        )
     elif args.command == "get-generation":
-        generation = client.get_generation(args.generation_id, delivery="inline" if args.png else "none")
+        generation = client.get_generation(
+            args.generation_id, delivery="inline" if args.png else "none"
+        )
         if args.png:
             Path(args.png).write_bytes(generation.image.png)
             generation.image.ClearField("png")  # the bytes went to the file, not the terminal
         _print(generation)
     elif args.command == "feedback":
-        duplicate = client.log_feedback(args.user, args.generation_id, args.kind, value=args.value,
-                                        other_generation_ids=args.other, feedback_id=args.feedback_id)
+        duplicate = client.log_feedback(
+            args.user,
+            args.generation_id,
+            args.kind,
+            value=args.value,
+            other_generation_ids=args.other,
+            feedback_id=args.feedback_id,
+        )
         print(f'{{"duplicate": {str(duplicate).lower()}}}')
     elif args.command == "history":
         for entry in client.get_history(args.user):
@@ -52,8 +67,11 @@ def run(args, client: PigmentClient) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pigment_client", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pigment_client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--target", default=os.environ.get("PIGMENT_TARGET", "127.0.0.1:50051"))
     p.add_argument("--api-key", default=os.environ.get("PIGMENT_API_KEY"))
     sub = p.add_subparsers(dest="command", required=True)
