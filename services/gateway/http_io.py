@@ -12,7 +12,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from google.protobuf import json_format
 from pigment.services.common.auth import LOCAL_ADMIN, Principal
-from pigment.services.common.errors import InvalidInput, PigmentError, RateLimited, to_rpc_status
+from pigment.services.common.errors import (
+    InvalidInput,
+    PigmentError,
+    RateLimited,
+    Unauthenticated,
+    to_rpc_status,
+)
 from pigment.services.common.ids import show
 
 log = logging.getLogger("pigment.http")
@@ -75,11 +81,18 @@ def error_response(exc: Exception) -> JSONResponse:
 def authenticate(request: Request) -> Principal:
     """The caller, from ``Authorization: Bearer`` like the gRPC interceptor; charges its call limit."""
     ctx: HttpContext = request.app.state.ctx
-    principal = (
-        LOCAL_ADMIN
-        if ctx.keys is None
-        else ctx.keys.authenticate(request.headers.get("authorization"))
-    )
+    try:
+        principal = (
+            LOCAL_ADMIN
+            if ctx.keys is None
+            else ctx.keys.authenticate(request.headers.get("authorization"))
+        )
+    except (
+        Unauthenticated
+    ) as exc:  # an audit trail of refused calls, as on gRPC (never the key itself)
+        peer = request.client.host if request.client else "?"
+        log.warning("refused %s %s from %s: %s", request.method, request.url.path, peer, exc)
+        raise
     if ctx.limiter is not None:
         ctx.limiter.charge(principal, "calls")
     return principal
@@ -91,7 +104,10 @@ async def read_json(request: Request, message):
     if ctype != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {show(ctype, 40)}")
     cap = request.app.state.ctx.settings.http_max_body_bytes
-    if int(request.headers.get("content-length") or 0) > cap:
+    length = request.headers.get("content-length") or "0"
+    if not (length.isascii() and length.isdigit()):
+        raise InvalidInput("Content-Length is malformed")
+    if int(length) > cap:
         raise BodyTooLarge(f"body over {cap} bytes")
     body = b""
     async for part in request.stream():
