@@ -283,7 +283,7 @@ def test_http_json_face_speaks_protobuf_json(face):
     )
     assert result["images"][0]["source"] == "RESULT_SOURCE_GENERATED"
 
-    # SSE: progress events, then the result (a replay of the same request_id streams its stored result)
+    # SSE: progress events, then the result
     status, headers, raw = http(
         f"{url}/v1/generate/stream", {**body, "requestId": f"s-{RUN}"}, key=key
     )
