@@ -131,19 +131,18 @@ def _sse(event: str, payload: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+SSE_DOC = doc(gpb.GenerateRequest, gpb.GenerateEvent)
+SSE_DOC["responses"]["200"] = {
+    "description": "text/event-stream: `progress` events (Progress), then one `result` (GenerateResponse); "
+    "an `error` event (google.rpc.Status) if it fails after the stream started",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
 @router.post(
     "/generate/stream",
     tags=["generation"],
-    openapi_extra={
-        **doc(gpb.GenerateRequest, gpb.GenerateEvent),
-        "responses": {
-            "200": {
-                "description": "text/event-stream: `progress` events (Progress), then one `result` (GenerateResponse); "
-                "an `error` event (google.rpc.Status) if it fails after starting",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            }
-        },
-    },
+    openapi_extra=SSE_DOC,
     summary="GeneratePersonalizedStream as Server-Sent Events",
 )
 async def generate_stream(request: Request, principal: Caller):
