@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos check-protos api-docs buf buf-install contract lock clean
+.PHONY: demo test test-deps protos check-protos api-docs buf buf-install contract lock clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,11 +13,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	# every role's extras on this CPU machine: render + train + the CPU variants (README "Operations")
 	$(BIN)/pip install -q -e '.[all,dev]'
+	# the client package (clients/python: stubs + typed client, no torch), tested against the server
+	$(BIN)/pip install -q -e clients/python
 	touch $(STAMP)
+
+# Debian's headless Chromium for the gallery test (tests/test_gallery.py skips, saying why, without it)
+# and Node's gRPC packages for examples/node (skipped without node). Needs root; CI runs it in .ci/run.
+test-deps:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	command -v node >/dev/null && cd examples/node && npm install --no-audit --no-fund --silent || true
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 	  --grpc_python_out=protos protos/pigment/v1/*.proto
+	$(BIN)/python clients/python/generate.py
 
 check-protos: $(STAMP)
 	$(BIN)/python -m pigment.services.common.protocheck

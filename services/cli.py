@@ -35,8 +35,8 @@ def cmd_serve(args, settings: Settings) -> int:
     print(f"pigment serving on {settings.host}:{port} (preset {stack.preset_dir}, db {redact(settings.database_url)}, "
           f"broker {redact(settings.broker_url)}); Ctrl-C to stop", flush=True)
     if http:
-        scheme = "https" if settings.tls_cert_file else "http"
-        print(f"HTTP on {scheme}://{settings.host}:{http.port} (/v1/feedback, /healthz, /metrics)", flush=True)
+        print(f"HTTP/JSON API on {http.url}/v1 (OpenAPI at {http.url}/openapi.json, /healthz, /metrics); "
+              f"gallery: open {http.url}/ in a browser", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,6 +122,10 @@ def cmd_stack(args, settings: Settings) -> int:
     prod = ProductionStack(settings, args.port, Path(args.log_dir), http_port=args.http_port).start()
     print(f"pigment production stack: gateway on {settings.host}:{args.port}, processes "
           f"{', '.join(prod.procs)}; logs in {args.log_dir}; Ctrl-C to stop", flush=True)
+    if args.http_port is not None:
+        scheme = "https" if settings.tls_cert_file else "http"
+        print(f"gallery: open {scheme}://{settings.host}:{args.http_port}/ in a browser "
+              f"(HTTP/JSON API under /v1, OpenAPI at /openapi.json)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -177,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the embedded stack (gRPC + render worker) until interrupted")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default from settings: 50051)")
     p.add_argument("--no-worker", action="store_true", help="do not start a render worker (one runs elsewhere)")
-    p.add_argument("--http-port", type=int, default=None, help="also serve HTTP feedback (POST /v1/feedback) "
-                   "and Prometheus /metrics on this port (0 = a free one); off by default")
+    p.add_argument("--http-port", type=int, default=None, help="also serve the HTTP/JSON API (/v1, OpenAPI at "
+                   "/openapi.json), the gallery (/) and Prometheus /metrics on this port (0 = a free one); off by "
+                   "default")
     p.add_argument("--no-migrate", action="store_true", help="do not migrate at start (a one-shot job does)")
     p.set_defaults(func=cmd_serve)
 
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="run the production topology here: migrate once, gateway, a worker per "
                        "queue and beat as separate processes (needs PostgreSQL and Redis/RabbitMQ)")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None, help="the gateway's HTTP/JSON API and gallery port")
     p.add_argument("--log-dir", default="pigment-stack-logs")
     p.set_defaults(func=cmd_stack)
 

@@ -124,7 +124,6 @@ class Stack:
     @cached_property
     def preference(self):
         from pigment.services.preference.core import PreferenceCore
-
         from pigment.services.registry import Registry
 
         def encoder(adapter_dir=None):
@@ -150,7 +149,12 @@ class Stack:
 
     def make_gateway(self, dispatch):
         """A GatewayCore handing renders to ``dispatch(request_id)``: the queue, or a local render core (batch jobs)."""
-        from pigment.models.loader import image_limits, preset_file, preset_version, sampler_defaults
+        from pigment.models.loader import (
+            image_limits,
+            preset_file,
+            preset_version,
+            sampler_defaults,
+        )
         from pigment.services.gateway.core import GatewayCore
         from pigment.services.registry import Registry
 
@@ -215,32 +219,63 @@ class Stack:
         return JobsCore(self.settings, self.sessions, chunk_dispatcher(self.celery, self.settings),
                         charge_images=self._charge_images)
 
+    @cached_property
+    def url_signer(self):
+        """Signs short-lived image URLs the HTTP face serves (services/gateway/urls.py)."""
+        from pigment.services.gateway.urls import UrlSigner, load_secret
+
+        s = self.settings
+        secret = load_secret(s.url_signing_key_file or s.data_dir / "url-signing.key")
+        return UrlSigner(secret, s.image_url_ttl_s, s.public_http_url)
+
+    @cached_property
+    def generations(self):
+        from pigment.services.gateway.generations import GenerationsCore
+
+        return GenerationsCore(self.sessions, self.storage, self.url_signer, self.settings.inline_image_max_bytes)
+
+    @cached_property
+    def servicers(self) -> dict:
+        """The gRPC servicers by service name; the HTTP face transcodes to the same objects."""
+        from pigment.services.gateway.servicer import GenerationServicer
+        from pigment.services.history.servicer import HistoryServicer
+        from pigment.services.preference.servicer import PreferenceServicer
+
+        return {"pigment.v1.HistoryService": HistoryServicer(self.history, self.generations),
+                "pigment.v1.PreferenceService": PreferenceServicer(self.preference, self.history),
+                "pigment.v1.GenerationService": GenerationServicer(self.gateway, self.feedback, self.jobs,
+                                                                   self.generations)}
+
     def http_server(self, port: int = 0):
-        """The HTTP feedback endpoint (not started); port 0 binds a free one. Same keys, limits and TLS as gRPC."""
-        from pigment.services.gateway.http import FeedbackHTTPServer
+        """The HTTP/JSON face and gallery (not started); port 0 binds a free one. Same keys, limits and TLS as
+        gRPC. Unless PIGMENT_PUBLIC_HTTP_URL says otherwise, signed image URLs point at it."""
+        from pigment.services.gateway.http import HttpContext, HTTPServer
 
         self.check_exposure()
         s = self.settings
-        return FeedbackHTTPServer(self.feedback, s.host, port, keys=self.keys, limiter=self.limiter,
-                                  tls=(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) if s.tls_cert_file
-                                  else None)
+        ctx = HttpContext(generation=self.servicers["pigment.v1.GenerationService"],
+                          history=self.servicers["pigment.v1.HistoryService"], generations=self.generations,
+                          sessions=self.sessions, settings=s, keys=self.keys, limiter=self.limiter)
+        server = HTTPServer(ctx, s.host, port, tls=(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+                            if s.tls_cert_file else None)
+        if not self.url_signer.base_url:
+            from pigment.services.common.auth import is_loopback
+
+            if not is_loopback(s.host):
+                log.warning("signed image URLs point at %s, the address the HTTP face binds: set "
+                            "PIGMENT_PUBLIC_HTTP_URL to where clients reach it", server.url)
+            self.url_signer.base_url = server.url
+        return server
 
     def server(self, port: int | None = None):
         """A gRPC server with all three services; returns (server, bound port)."""
         from pigment.services.common.server import create_server
-        from pigment.services.gateway.servicer import GenerationServicer
-        from pigment.services.history.servicer import HistoryServicer
-        from pigment.services.preference.servicer import PreferenceServicer
         from pigment.v1 import generation_pb2_grpc, history_pb2_grpc, preference_pb2_grpc
 
-        registrations = [
-            (history_pb2_grpc.add_HistoryServiceServicer_to_server, HistoryServicer(self.history),
-             "pigment.v1.HistoryService"),
-            (preference_pb2_grpc.add_PreferenceServiceServicer_to_server,
-             PreferenceServicer(self.preference, self.history), "pigment.v1.PreferenceService"),
-            (generation_pb2_grpc.add_GenerationServiceServicer_to_server,
-             GenerationServicer(self.gateway, self.feedback, self.jobs), "pigment.v1.GenerationService"),
-        ]
+        adders = {"pigment.v1.HistoryService": history_pb2_grpc.add_HistoryServiceServicer_to_server,
+                  "pigment.v1.PreferenceService": preference_pb2_grpc.add_PreferenceServiceServicer_to_server,
+                  "pigment.v1.GenerationService": generation_pb2_grpc.add_GenerationServiceServicer_to_server}
+        registrations = [(adders[name], servicer, name) for name, servicer in self.servicers.items()]
         from pigment.services.common.grpc_auth import AuthInterceptor, server_credentials
         from pigment.services.common.metrics import watch_queue_depth
 

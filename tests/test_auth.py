@@ -268,17 +268,17 @@ def _http(port, body, key=None, scheme="http", context=None):
                                  headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10, context=context) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
+            return resp.status, resp.headers, json.loads(resp.read())  # headers: case-insensitive
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
+        return e.code, e.headers, json.loads(e.read())
 
 
 def test_http_feedback_needs_the_key_and_stays_in_the_tenant(secured):
     gen_id = secured["b"].generate(f"bh-{RUN}", BOB).images[0].generation_id
     port, keys = secured["http"].port, secured["keys"]
-    body = {"feedback_id": f"h1-{RUN}", "user_id": BOB, "generation_id": gen_id, "kind": "like"}
+    body = {"feedback_id": f"h1-{RUN}", "user_id": BOB, "generation_id": gen_id, "kind": "FEEDBACK_KIND_LIKE"}
     code, headers, payload = _http(port, body)
-    assert code == 401 and payload["error"] == "UNAUTHENTICATED" and headers["WWW-Authenticate"].startswith("Bearer")
+    assert code == 401 and payload["code"] == 16 and headers["WWW-Authenticate"].startswith("Bearer")
     assert _http(port, body, key="pgm_wrong")[0] == 401
     assert _http(port, body, key=keys["a"])[0] == 404
     assert _http(port, body, key=keys["b"])[:3:2] == (201, {"duplicate": False})
@@ -322,7 +322,7 @@ def test_call_rate_limit_answers_retry_info_grpc_and_http(tmp_path, tiny_preset)
         http = stack.http_server(0).start()
         try:
             code, headers, _ = _http(http.port, {"feedback_id": "x", "user_id": "r0", "generation_id": "g",
-                                                 "kind": "like"}, key=k1)
+                                                 "kind": "FEEDBACK_KIND_LIKE"}, key=k1)
         finally:
             http.stop()
         assert code == 429 and 1 <= int(headers["Retry-After"]) <= 60
@@ -429,7 +429,7 @@ def test_tls_and_mtls_round_trip(tmp_path, tiny_preset):
                 if mtls:
                     ctx.load_cert_chain(str(pki["client"][0]), str(pki["client"][1]))
                 code, _, payload = _http(http.port, {"feedback_id": "t1", "user_id": "t-user", "generation_id": "g",
-                                                     "kind": "like"}, key=key, scheme="https", context=ctx)
+                                                     "kind": "FEEDBACK_KIND_LIKE"}, key=key, scheme="https", context=ctx)
                 assert code == 404 and "generation" in payload["message"]  # authenticated, served over TLS
             finally:
                 http.stop()

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from google.rpc import code_pb2
 from safetensors.torch import save_file
 from sqlalchemy import func, select
 
@@ -81,25 +82,25 @@ def test_http_feedback_end_to_end_and_pairs_from_it(loop):
 
     with urllib.request.urlopen(f"http://127.0.0.1:{loop['http'].port}/healthz", timeout=10) as resp:
         assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
-    pick = {"feedback_id": "fb-pick-1", "user_id": "alice", "generation_id": a, "kind": "pick",
+    pick = {"feedback_id": "fb-pick-1", "user_id": "alice", "generation_id": a, "kind": "FEEDBACK_KIND_PICK",
             "other_generation_ids": [b]}
     assert post(loop, pick) == (201, {"duplicate": False})
     assert post(loop, pick) == (200, {"duplicate": True})  # the same content again: a replay
     status, err = post(loop, {**pick, "generation_id": b, "other_generation_ids": [a]})  # the id, other content
-    assert status == 409 and err["error"] == "ALREADY_EXISTS" and "different content" in err["message"]
-    assert post(loop, {"feedback_id": "fb-r1", "user_id": "alice", "generation_id": a, "kind": "rating",
+    assert status == 409 and err["code"] == code_pb2.ALREADY_EXISTS and "different content" in err["message"]
+    assert post(loop, {"feedback_id": "fb-r1", "user_id": "alice", "generation_id": a, "kind": "FEEDBACK_KIND_RATING",
                        "value": 5})[0] == 201
-    assert post(loop, {"feedback_id": "fb-r2", "user_id": "alice", "generation_id": b, "kind": "dislike"})[0] == 201
+    assert post(loop, {"feedback_id": "fb-r2", "user_id": "alice", "generation_id": b, "kind": "FEEDBACK_KIND_DISLIKE"})[0] == 201
 
-    status, err = post(loop, {"feedback_id": "fb-x", "user_id": "alice", "generation_id": "nope", "kind": "like"})
-    assert status == 404 and err["error"] == "NOT_FOUND"
-    status, err = post(loop, {"feedback_id": "fb-y", "user_id": "alice", "generation_id": bob, "kind": "like"})
+    status, err = post(loop, {"feedback_id": "fb-x", "user_id": "alice", "generation_id": "nope", "kind": "FEEDBACK_KIND_LIKE"})
+    assert status == 404 and err["code"] == code_pb2.NOT_FOUND
+    status, err = post(loop, {"feedback_id": "fb-y", "user_id": "alice", "generation_id": bob, "kind": "FEEDBACK_KIND_LIKE"})
     assert status == 403 and "another user" in err["message"]
-    status, err = post(loop, {"feedback_id": "fb-z", "user_id": "alice", "generation_id": a, "kind": "rating",
+    status, err = post(loop, {"feedback_id": "fb-z", "user_id": "alice", "generation_id": a, "kind": "FEEDBACK_KIND_RATING",
                               "value": 9})
     assert status == 400 and "1..5" in err["message"]
     assert post(loop, b"{not json")[0] == 400
-    assert post(loop, {"feedback_id": "fb-w", "user_id": "alice", "generation_id": a, "kind": "wow"})[0] == 400
+    assert post(loop, {"feedback_id": "fb-w", "user_id": "alice", "generation_id": a, "kind": "FEEDBACK_KIND_WOW"})[0] == 400
     assert post(loop, {}, path="/v1/other")[0] == 404
 
     with loop["stack"].sessions() as s:

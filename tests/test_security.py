@@ -199,7 +199,7 @@ def http_post(sec, body: bytes, content_type: str | None) -> tuple[int, dict]:
 
 def test_http_feedback_accepts_only_json(sec):
     """A cross-site form posts text/plain or form bodies without a preflight: refused with 415."""
-    body = json.dumps({"feedback_id": "fb-x", "user_id": "alice", "generation_id": "g", "kind": "like"}).encode()
+    body = json.dumps({"feedback_id": "fb-x", "user_id": "alice", "generation_id": "g", "kind": "FEEDBACK_KIND_LIKE"}).encode()
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         status, err = http_post(sec, body, ctype)
         assert status == 415 and "application/json" in err["message"], (ctype, status, err)

@@ -169,7 +169,8 @@ class Audience:
              others: list[str] | None = None) -> dict:
         """``POST /v1/feedback``; raises on any status but 200/201."""
         body = json.dumps({"feedback_id": feedback_id, "user_id": user_id, "generation_id": generation_id,
-                           "kind": kind, "value": value, "other_generation_ids": others or []}).encode()
+                           "kind": f"FEEDBACK_KIND_{kind.upper()}", "value": value,
+                           "other_generation_ids": others or []}).encode()
         req = urllib.request.Request(self.feedback_url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:

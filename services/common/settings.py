@@ -14,7 +14,12 @@ import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 REPO_PRESETS = Path(__file__).resolve().parents[2] / "models" / "presets"
 
@@ -126,6 +131,25 @@ class Settings(BaseSettings):
                                                           "overrides, e.g. {\"acme\": {\"images\": \"1000/day\"}} "
                                                           "(\"\" = no limit for that tenant).")
 
+    # -- the HTTP/JSON face and image delivery (services/gateway/http.py); README "HTTP/JSON and the gallery"
+    public_http_url: str = Field("", description="Base URL of the HTTP face as callers reach it (e.g. "
+                                 "https://api.example.com), used in signed image URLs; empty = the scheme, host "
+                                 "and port this process serves HTTP on (no HTTP face: images always inline).")
+    inline_image_max_bytes: int = Field(1 << 20, ge=0, description="Images travel inline up to this many bytes "
+                                        "per response (GeneratePersonalized, GetGeneration); the rest as signed "
+                                        "URLs, when an HTTP face serves them.")
+    image_url_ttl_s: float = Field(900.0, gt=0, le=7 * 86400, description="How long a signed image URL stays "
+                                   "valid.")
+    url_signing_key_file: Path | None = Field(None, description="Secret for signed image URLs (any bytes; every "
+                                              "gateway of a deployment needs the same file); default "
+                                              "data_dir/url-signing.key, created on first use.")
+    http_cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the HTTP "
+                                         "face from a browser (CORS); empty = none (same-origin only).")
+    http_max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest HTTP request body (413 above).")
+    http_request_timeout_s: float = Field(330.0, gt=0, description="An HTTP request's deadline (504 after it); "
+                                          "a blocking generate waits at most this long.")
+    http_keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this long.")
+
     # -- operations (deploy/, README "Operations")
     log_format: str = Field("text", pattern="^(text|json)$", description="text | json (one object per line "
                             "with request_id and trace_id; the images set json).")
@@ -174,7 +198,7 @@ class Settings(BaseSettings):
     preference_explore_seed: int = Field(0, description="Seed of the exploration draws (reproducible runs).")
 
     @model_validator(mode="after")
-    def _derive_paths(self) -> "Settings":
+    def _derive_paths(self) -> Settings:
         self.data_dir = Path(self.data_dir).absolute()
         if not self.database_url:
             self.database_secret = SecretStr(f"sqlite:///{self.data_dir / 'pigment.db'}")

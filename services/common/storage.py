@@ -61,6 +61,12 @@ class ImageStorage:
         except FileNotFoundError:
             raise NotFound(f"image {show(uri)} is no longer stored") from None
 
+    def size(self, uri: str) -> int:
+        try:
+            return int(self.fs.size(self._path(uri)))
+        except FileNotFoundError:
+            raise NotFound(f"image {show(uri)} is no longer stored") from None
+
     def exists(self, uri: str) -> bool:
         try:
             return self.fs.exists(self._path(uri))

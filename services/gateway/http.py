@@ -1,181 +1,189 @@
-"""HTTP for web clients and operators: ``POST /v1/feedback``, ``GET /healthz``, ``GET /metrics`` (stdlib only).
+"""The HTTP/JSON face: FastAPI on uvicorn, in the gateway's process, beside gRPC.
 
-The same FeedbackCore as the gRPC ``LogFeedback``; domain errors map to HTTP
-statuses the way the gRPC interceptor maps them to status codes. Bodies are
-JSON in and out; an error answers ``{"error": STATUS, "message": ...}``.
-With keys configured, ``POST`` needs ``Authorization: Bearer <key>`` (401
-otherwise) and acts as that key's tenant; ``GET /healthz`` stays open. A spent
-rate limit answers 429 with ``Retry-After``.
+It transcodes: a JSON body is parsed into the RPC's request message with protobuf's JSON mapping (camelCase or
+snake_case names, enum names such as ``FEEDBACK_KIND_LIKE``), the same servicer method the gRPC server calls
+runs with the same principal, and its response message goes back as protobuf JSON. So both faces share one
+validation, one authorization and one error body: a ``google.rpc.Status`` (``{"code", "message",
+"details"}``), with the HTTP status of its code, ``Retry-After`` on 429 and ``WWW-Authenticate`` on 401.
+
+Bodies are JSON only (415 otherwise: a cross-site form can post text/plain without a CORS preflight) and at
+most ``http_max_body_bytes`` (413). CORS is off unless ``http_cors_origins`` names origins. Each request has
+``http_request_timeout_s`` (504 after it; a blocking generate gets it as its deadline); idle keep-alive
+connections close after ``http_keep_alive_s``. ``GET /healthz``, ``/metrics``, ``/openapi.json``, the gallery
+(``/``) and signed image URLs need no key; everything else under ``/v1`` does when keys are configured.
+Routes live in services/gateway/http_api.py, shared plumbing in http_io.py.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import math
+import socket
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from pathlib import Path
 
-from sqlalchemy import text
-
-from pigment.services.common.auth import LOCAL_ADMIN
-from pigment.services.common.errors import InvalidInput, PigmentError
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pigment.services.common.errors import InvalidInput, NotFound, PigmentError
 from pigment.services.common.ids import show
-from pigment.services.store.db import transaction
+from pigment.services.gateway.http_io import HttpContext, error_response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("pigment.http")
-MAX_BODY = 64 * 1024
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409,
-    "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
-}
-FIELDS = {"feedback_id": str, "user_id": str, "generation_id": str, "kind": str, "value": (int, float),
-          "other_generation_ids": list}
-REQUIRED = ("feedback_id", "user_id", "generation_id", "kind")
+GALLERY_DIR = Path(__file__).with_name("gallery")
+__all__ = ["HTTPServer", "HttpContext", "create_app"]
 
 
-def parse_feedback(body: bytes) -> dict:
-    """The keyword arguments of ``FeedbackCore.log`` from a JSON body; InvalidInput names what is wrong."""
-    try:
-        data = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidInput(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidInput("body must be a JSON object")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise InvalidInput(f"unknown fields {unknown}: allowed {sorted(FIELDS)}")
-    missing = [f for f in REQUIRED if not data.get(f)]
-    if missing:
-        raise InvalidInput(f"missing fields {missing}")
-    for name, kind in FIELDS.items():
-        if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
-            raise InvalidInput(f"{name} has the wrong type ({type(data[name]).__name__})")
-    others = data.get("other_generation_ids", [])
-    if not all(isinstance(o, str) for o in others):
-        raise InvalidInput("other_generation_ids must be a list of strings")
-    try:
-        value = float(data.get("value", 0.0))
-    except OverflowError:  # an integer too large for a float
-        raise InvalidInput("value is out of range: allowed a finite number") from None
-    return {**data, "value": value, "other_generation_ids": others}
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PigmentError)
+    async def pigment_error(request: Request, exc: PigmentError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no such path {show(request.url.path, 100)}"))
+        if exc.status_code == 405:
+            err = InvalidInput(f"{request.method} is not allowed on {show(request.url.path, 100)}")
+            err.http_status = 405
+            return error_response(err)
+        return error_response(PigmentError(str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(InvalidInput(where[:500]))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        return error_response(exc)
 
 
-class FeedbackHandler(BaseHTTPRequestHandler):
-    server_version = "pigment"
-    protocol_version = "HTTP/1.1"
+# -- the app --------------------------------------------------------------------------------------------------
+def create_app(ctx: HttpContext) -> FastAPI:
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.staticfiles import StaticFiles
+    from pigment.services.gateway import http_api
 
-    def do_POST(self):
-        if self.path.rstrip("/") != "/v1/feedback":
-            return self._reply(404, {"error": "NOT_FOUND", "message": f"no such path {self.path}"})
-        # Only JSON: a cross-site HTML form can post text/plain or form bodies without a CORS preflight.
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            self.close_connection = True
-            return self._reply(415, {"error": "INVALID_ARGUMENT",
-                                     "message": f"Content-Type must be application/json, got {show(ctype, 40)}"})
+    app = FastAPI(
+        title="pigment",
+        version="v1",
+        docs_url="/docs",
+        redoc_url=None,
+        description="pigment's HTTP/JSON face: the gRPC API's messages in protobuf's JSON mapping. "
+        "Send `Authorization: Bearer <api key>` when the server has keys. Errors are "
+        "google.rpc.Status JSON.",
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    timeout = ctx.settings.http_request_timeout_s
+
+    @app.middleware("http")
+    async def deadline(request: Request, call_next):
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            return self._reply(400, {"error": "INVALID_ARGUMENT", "message": "Content-Length is malformed"})
-        if length > MAX_BODY:
-            self.close_connection = True
-            return self._reply(413, {"error": "INVALID_ARGUMENT", "message": f"body over {MAX_BODY} bytes"})
-        body = self.rfile.read(length)
+            return await asyncio.wait_for(call_next(request), timeout)
+        except TimeoutError:
+            from pigment.services.common.errors import DeadlineExceeded
+
+            return error_response(
+                DeadlineExceeded(
+                    f"{request.url.path} not answered within {timeout:g}s (http_request_timeout_s)"
+                )
+            )
+
+    if ctx.settings.http_cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(ctx.settings.http_cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
+    app.include_router(http_api.router)
+    app.mount("/gallery", StaticFiles(directory=GALLERY_DIR), name="gallery")
+
+    @app.get("/", include_in_schema=False)
+    def gallery():
+        return Response((GALLERY_DIR / "index.html").read_bytes(), media_type="text/html")
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz():
+        from pigment.services.store.db import transaction
+        from sqlalchemy import text
+
         try:
-            principal = self._principal()
-            duplicate = self.server.feedback.log(**parse_feedback(body), principal=principal)
-        except PigmentError as exc:
-            return self._reply(HTTP_STATUS.get(exc.status, 500), {"error": exc.status, "message": str(exc)[:1000]},
-                               self._error_headers(exc))
-        except Exception as exc:
-            log.exception("POST /v1/feedback failed")
-            return self._reply(500, {"error": "INTERNAL", "message": f"internal error: {type(exc).__name__} (logged)"})
-        self._reply(200 if duplicate else 201, {"duplicate": duplicate})
-
-    def _principal(self):
-        keys, limiter = self.server.keys, self.server.limiter
-        principal = LOCAL_ADMIN if keys is None else keys.authenticate(self.headers.get("Authorization"))
-        if limiter is not None:
-            limiter.charge(principal, "calls")
-        return principal
-
-    @staticmethod
-    def _error_headers(exc: PigmentError) -> dict:
-        if exc.status == "UNAUTHENTICATED":
-            return {"WWW-Authenticate": 'Bearer realm="pigment"'}
-        if getattr(exc, "retry_after_s", None) is not None:
-            return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        return {}
-
-    def do_GET(self):
-        if self.path.split("?", 1)[0].rstrip("/") == "/metrics":  # Prometheus scrape
-            from pigment.services.common.metrics import exposition
-
-            return self._reply_raw(200, *exposition())
-        if self.path.rstrip("/") != "/healthz":
-            return self._reply(404, {"error": "NOT_FOUND", "message": f"no such path {self.path}"})
-        try:
-            with transaction(self.server.feedback.sessions) as s:
+            with transaction(ctx.sessions) as s:
                 s.execute(text("SELECT 1"))
         except PigmentError as exc:
-            return self._reply(503, {"status": "unavailable", "message": str(exc)})
-        self._reply(200, {"status": "ok"})
+            return JSONResponse({"status": "unavailable", "message": str(exc)}, 503)
+        return {"status": "ok"}
 
-    def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        self._reply_raw(status, json.dumps(payload).encode(), "application/json", headers)
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        from pigment.services.common.metrics import exposition
 
-    def _reply_raw(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        data, content_type = exposition()
+        return Response(data, media_type=content_type)
 
-    def log_message(self, fmt, *args):
-        log.info("%s %s", self.address_string(), fmt % args)
+    app.openapi = lambda: http_api.openapi(app)
+    return app
 
 
-def tls_context(cert, key, client_ca=None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if client_ca:
-        ctx.load_verify_locations(client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+# -- the server -----------------------------------------------------------------------------------------------
+class HTTPServer:
+    """uvicorn in a daemon thread. ``start()`` binds (port 0: a free one), ``stop()`` closes.
+    ``tls``: (cert, key, client CA or None) PEM paths; with a CA, client certificates are required."""
 
+    def __init__(self, ctx: HttpContext, host: str = "127.0.0.1", port: int = 0, tls=None):
+        import uvicorn
 
-class FeedbackHTTPServer:
-    """Lifecycle: ``start()`` serves in a daemon thread (port 0 binds a free port), ``stop()`` closes."""
-
-    def __init__(self, feedback, host: str = "127.0.0.1", port: int = 0, keys=None, limiter=None, tls=None):
-        """``keys``: a KeyStore (None: every caller is the local admin; the stack allows that on loopback only).
-        ``tls``: (cert, key, client CA or None) PEM paths."""
-        self.httpd = ThreadingHTTPServer((host, port), FeedbackHandler)
-        self.httpd.daemon_threads = True
-        self.httpd.feedback = feedback
-        self.httpd.keys = keys
-        self.httpd.limiter = limiter
-        if tls is not None:
-            self.httpd.socket = tls_context(*tls).wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
+        self.ctx, self.host = ctx, host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
+        self.scheme = "https" if tls else "http"
+        cert, key, ca = tls or (None, None, None)
+        config = uvicorn.Config(
+            create_app(ctx),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=int(max(1, ctx.settings.http_keep_alive_s)),
+            # past this many open connections uvicorn answers 503 at once instead of queueing without bound
+            limit_concurrency=ctx.settings.max_concurrent_rpcs * 4,
+            timeout_graceful_shutdown=5,
+            ssl_certfile=str(cert) if cert else None,
+            ssl_keyfile=str(key) if key else None,
+            ssl_ca_certs=str(ca) if ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if ca else ssl.CERT_NONE,
+        )
+        self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
-    def start(self) -> FeedbackHTTPServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http-feedback", daemon=True)
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def start(self, ready_s: float = 10.0) -> HTTPServer:
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="http-face", daemon=True
+        )
         self._thread.start()
+        deadline = time.monotonic() + ready_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP face did not start on {self.url}")
+            time.sleep(0.02)
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.should_exit = True
         if self._thread:
-            self._thread.join(5)
-
+            self._thread.join(10)
+        self.sock.close()

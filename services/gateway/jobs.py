@@ -27,9 +27,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
-
 from pigment.services.common.errors import (
     AlreadyExists,
     InvalidInput,
@@ -53,6 +50,8 @@ from pigment.services.gateway.core import (
 )
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Job, JobUser, User
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 log = logging.getLogger("pigment.jobs")
 DEFAULT_CHUNK_SIZE = 8

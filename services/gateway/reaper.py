@@ -16,14 +16,13 @@ instead of killing another worker. Plain Python: no grpc, no celery.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from collections.abc import Callable
-
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from datetime import timedelta
 
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import RenderRequest, utcnow
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("pigment.reaper")
 SWEEP_LIMIT = 500  # rows per sweep; the next sweep takes the rest

@@ -7,10 +7,12 @@ import time
 from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
 from pigment.services.common.ids import show
+from pigment.services.common.media import DELIVERIES, chunks_to_pb, image_to_pb
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
+from pigment.services.gateway.generations import GenerationView
 from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.v1 import generation_pb2 as pb
-from pigment.v1 import generation_pb2_grpc
+from pigment.v1 import generation_pb2_grpc, media_pb2
 
 METHOD_NAMES = {
     pb.METHOD_UNSPECIFIED: "", pb.METHOD_PMG: "pmg", pb.METHOD_PMG_KEYWORDS: "pmg_keywords",
@@ -59,11 +61,21 @@ def result_to_pb(res: GenerateResult) -> pb.GenerateResponse:
         timings_ms={k.removesuffix("_ms"): v for k, v in res.timings_ms.items()},
         method=METHOD_ENUMS.get(res.method, pb.METHOD_UNSPECIFIED),
         images=[pb.GeneratedImage(png=i.png, generation_id=i.generation_id, seed=i.seed, storage_uri=i.storage_uri,
-                                  source=SOURCES[i.source], item_id=i.item_id, score=i.score) for i in res.images],
-        decision=pb.Decision(policy=POLICIES.get(res.decision.get("policy", ""), pb.DECISION_POLICY_UNSPECIFIED), retrieved=res.decision.get("retrieve", False),
+                                  source=SOURCES[i.source], item_id=i.item_id, score=i.score, url=i.url)
+                for i in res.images],
+        decision=pb.Decision(policy=POLICIES.get(res.decision.get("policy", ""), pb.DECISION_POLICY_UNSPECIFIED),
+                             retrieved=res.decision.get("retrieve", False),
                              score=res.decision.get("score", 0.0), reason=res.decision.get("reason", "")),
         conditioning=pb.ConditioningReport(**res.conditioning) if res.conditioning else None,
     )
+
+
+def generation_to_pb(v: GenerationView) -> pb.Generation:
+    return pb.Generation(
+        generation_id=v.generation_id, request_id=v.request_id, user_id=v.user_id, source=SOURCES[v.source],
+        item_id=v.item_id, prompt=v.prompt, keywords=v.keywords, flags=v.flags, create_time_ms=v.create_time_ms,
+        seed=v.seed, model_version=v.model_version, method=METHOD_ENUMS.get(v.method, pb.METHOD_UNSPECIFIED),
+        image=image_to_pb(v.image))
 
 
 def deadline_of(context) -> float | None:
@@ -72,14 +84,20 @@ def deadline_of(context) -> float | None:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, core: GatewayCore, feedback=None, jobs=None):
+    def __init__(self, core: GatewayCore, feedback=None, jobs=None, generations=None):
         self.core = core
         self.feedback = feedback
         self.jobs = jobs
+        self.generations = generations  # GenerationsCore: lookups, and URLs for images past the inline budget
+
+    def _deliver(self, result: GenerateResult) -> pb.GenerateResponse:
+        if self.generations is not None:
+            self.generations.deliver(result.images)
+        return result_to_pb(result)
 
     def GeneratePersonalized(self, request, context):
-        return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context),
-                                              principal=current_principal()))
+        return self._deliver(self.core.generate(params_from_pb(request), deadline_of(context),
+                                                principal=current_principal()))
 
     def GeneratePersonalizedStream(self, request, context):
         for event in self.core.progress_stream(params_from_pb(request.request), deadline_of(context),
@@ -88,7 +106,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield pb.GeneratePersonalizedStreamResponse(progress=pb.Progress(
                     step=event.step, total_steps=event.total_steps, status=PROGRESS[event.status]))
             else:
-                yield pb.GeneratePersonalizedStreamResponse(result=result_to_pb(event))
+                yield pb.GeneratePersonalizedStreamResponse(result=self._deliver(event))
 
     def LogFeedback(self, request, context):
         duplicate = self.feedback.log(
@@ -114,6 +132,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def CancelJob(self, request, context):
         return pb.CancelJobResponse(job=job_to_pb(self.jobs.cancel(request.job_id, JOB_PAGE_SIZE,
                                                                     principal=current_principal())))
+
+    def GetGeneration(self, request, context):
+        view = self.generations.get(request.generation_id, current_principal(),
+                                    DELIVERIES.get(request.delivery, "?"))
+        return pb.GetGenerationResponse(generation=generation_to_pb(view))
+
+    def StreamGenerationImage(self, request, context):
+        data = self.generations.image(request.generation_id, current_principal())
+        for chunk in chunks_to_pb(data, given(request, "chunk_bytes") or 0):
+            yield pb.StreamGenerationImageResponse(chunk=chunk)
+
+    def ListGenerations(self, request, context):
+        delivery = "none" if request.delivery == media_pb2.IMAGE_DELIVERY_UNSPECIFIED else \
+            DELIVERIES.get(request.delivery, "?")
+        views, token = self.generations.list(request.user_id, current_principal(), given(request, "page_size") or 0,
+                                             request.page_token, delivery)
+        return pb.ListGenerationsResponse(generations=[generation_to_pb(v) for v in views], next_page_token=token)
 
 
 JOB_PAGE_SIZE, JOB_MAX_PAGE_SIZE = 1000, 10000  # a page stays far below gRPC's 4 MB message limit

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from pigment.services.common.auth import current_principal
+from pigment.services.common.media import DELIVERIES, chunks_to_pb, image_to_pb
 from pigment.services.history.core import HistoryCore, InteractionRecord, ItemRecord
 from pigment.v1 import history_pb2 as pb
 from pigment.v1 import history_pb2_grpc
 
 
-def item_to_pb(item: ItemRecord) -> pb.Item:
+def item_to_pb(item: ItemRecord, image_url: str = "") -> pb.Item:
     return pb.Item(item_id=item.item_id, caption=item.caption, image_uri=item.image_uri or "",
-                   tenant=item.tenant or "", attributes={k: str(v) for k, v in item.attributes.items()})
+                   tenant=item.tenant or "", attributes={k: str(v) for k, v in item.attributes.items()},
+                   image_url=image_url)
 
 
 class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
-    def __init__(self, core: HistoryCore):
+    def __init__(self, core: HistoryCore, images=None):
         self.core = core
+        self.images = images  # GenerationsCore (services/gateway/generations.py): item images by id, signed URLs
+
+    def item_url(self, item: ItemRecord, base_url: str | None = None) -> str:
+        if self.images is None or not item.image_uri or not self.images.can_sign(base_url):
+            return ""
+        return self.images.url("items", item.item_id, base_url)[0]
 
     def LogInteractions(self, request, context):
         records = [InteractionRecord(i.item_id, i.kind, i.value, i.timestamp_ms if i.HasField("timestamp_ms") else None)
@@ -28,7 +36,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
         page = self.core.history_page(request.user_id, request.page_size if request.HasField("page_size") else 20,
                                       request.page_token, principal=current_principal())
         return pb.GetHistoryResponse(next_page_token=page.next_page_token, total_size=page.total, entries=[
-            pb.HistoryEntry(item=item_to_pb(e.item), interaction=pb.Interaction(
+            pb.HistoryEntry(item=item_to_pb(e.item, self.item_url(e.item)), interaction=pb.Interaction(
                 item_id=e.item.item_id, kind=e.interaction.kind, value=e.interaction.value,
                 timestamp_ms=e.interaction.timestamp_ms)) for e in page.entries])
 
@@ -52,3 +60,12 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     def DeleteUser(self, request, context):
         n_inter, n_items = self.core.delete_user(request.user_id, principal=current_principal())
         return pb.DeleteUserResponse(interactions_deleted=n_inter, items_deleted=n_items)
+
+    def GetItemImage(self, request, context):
+        ref = self.images.item_ref(request.item_id, current_principal(), DELIVERIES.get(request.delivery, "?"))
+        return pb.GetItemImageResponse(item_id=request.item_id, image=image_to_pb(ref))
+
+    def StreamItemImage(self, request, context):
+        data = self.images.item_image(request.item_id, current_principal())
+        for chunk in chunks_to_pb(data, request.chunk_bytes):
+            yield pb.StreamItemImageResponse(chunk=chunk)

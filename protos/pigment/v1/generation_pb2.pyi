@@ -1,3 +1,4 @@
+from pigment.v1 import media_pb2 as _media_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -146,7 +147,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
-    __slots__ = ("png", "generation_id", "seed", "storage_uri", "source", "item_id", "score")
+    __slots__ = ("png", "generation_id", "seed", "storage_uri", "source", "item_id", "score", "url")
     PNG_FIELD_NUMBER: _ClassVar[int]
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +155,7 @@ class GeneratedImage(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     generation_id: str
     seed: int
@@ -161,7 +163,8 @@ class GeneratedImage(_message.Message):
     source: ResultSource
     item_id: str
     score: float
-    def __init__(self, png: _Optional[bytes] = ..., generation_id: _Optional[str] = ..., seed: _Optional[int] = ..., storage_uri: _Optional[str] = ..., source: _Optional[_Union[ResultSource, str]] = ..., item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    url: str
+    def __init__(self, png: _Optional[bytes] = ..., generation_id: _Optional[str] = ..., seed: _Optional[int] = ..., storage_uri: _Optional[str] = ..., source: _Optional[_Union[ResultSource, str]] = ..., item_id: _Optional[str] = ..., score: _Optional[float] = ..., url: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("policy", "retrieved", "score", "reason")
@@ -345,3 +348,81 @@ class Job(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[JobUserResult]
     next_page_token: str
     def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., results: _Optional[_Iterable[_Union[JobUserResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class Generation(_message.Message):
+    __slots__ = ("generation_id", "request_id", "user_id", "source", "item_id", "prompt", "keywords", "flags", "create_time_ms", "seed", "model_version", "method", "image")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    KEYWORDS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    request_id: str
+    user_id: str
+    source: ResultSource
+    item_id: str
+    prompt: str
+    keywords: _containers.RepeatedScalarFieldContainer[str]
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    create_time_ms: int
+    seed: int
+    model_version: str
+    method: Method
+    image: _media_pb2.Image
+    def __init__(self, generation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., source: _Optional[_Union[ResultSource, str]] = ..., item_id: _Optional[str] = ..., prompt: _Optional[str] = ..., keywords: _Optional[_Iterable[str]] = ..., flags: _Optional[_Iterable[str]] = ..., create_time_ms: _Optional[int] = ..., seed: _Optional[int] = ..., model_version: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., image: _Optional[_Union[_media_pb2.Image, _Mapping]] = ...) -> None: ...
+
+class GetGenerationRequest(_message.Message):
+    __slots__ = ("generation_id", "delivery")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    delivery: _media_pb2.ImageDelivery
+    def __init__(self, generation_id: _Optional[str] = ..., delivery: _Optional[_Union[_media_pb2.ImageDelivery, str]] = ...) -> None: ...
+
+class GetGenerationResponse(_message.Message):
+    __slots__ = ("generation",)
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ...) -> None: ...
+
+class StreamGenerationImageRequest(_message.Message):
+    __slots__ = ("generation_id", "chunk_bytes")
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    generation_id: str
+    chunk_bytes: int
+    def __init__(self, generation_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class StreamGenerationImageResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: _media_pb2.ImageChunk
+    def __init__(self, chunk: _Optional[_Union[_media_pb2.ImageChunk, _Mapping]] = ...) -> None: ...
+
+class ListGenerationsRequest(_message.Message):
+    __slots__ = ("user_id", "page_size", "page_token", "delivery")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    page_size: int
+    page_token: str
+    delivery: _media_pb2.ImageDelivery
+    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., delivery: _Optional[_Union[_media_pb2.ImageDelivery, str]] = ...) -> None: ...
+
+class ListGenerationsResponse(_message.Message):
+    __slots__ = ("generations", "next_page_token")
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    generations: _containers.RepeatedCompositeFieldContainer[Generation]
+    next_page_token: str
+    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class GenerationServiceStub:
-    """The gateway: one personalized generation request end to end, feedback, and batch jobs.
+    """The gateway: one personalized generation request end to end, feedback, batch jobs, and stored generations.
     """
 
     def __init__(self, channel):
@@ -65,10 +65,25 @@ class GenerationServiceStub:
                 request_serializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=pigment_dot_v1_dot_generation__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.GetGeneration = channel.unary_unary(
+                '/pigment.v1.GenerationService/GetGeneration',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.GetGenerationRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.GetGenerationResponse.FromString,
+                _registered_method=True)
+        self.StreamGenerationImage = channel.unary_stream(
+                '/pigment.v1.GenerationService/StreamGenerationImage',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.StreamGenerationImageRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.StreamGenerationImageResponse.FromString,
+                _registered_method=True)
+        self.ListGenerations = channel.unary_unary(
+                '/pigment.v1.GenerationService/ListGenerations',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
-    """The gateway: one personalized generation request end to end, feedback, and batch jobs.
+    """The gateway: one personalized generation request end to end, feedback, batch jobs, and stored generations.
     """
 
     def GeneratePersonalized(self, request, context):
@@ -117,6 +132,27 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetGeneration(self, request, context):
+        """One generation by id, with its image inline or as a signed URL; another tenant's is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamGenerationImage(self, request, context):
+        """The image of one generation in chunks (for images above a client's message size limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGenerations(self, request, context):
+        """A user's generations, newest first, in pages (the gallery's list).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +186,21 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     request_deserializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.FromString,
                     response_serializer=pigment_dot_v1_dot_generation__pb2.CancelJobResponse.SerializeToString,
             ),
+            'GetGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGeneration,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.GetGenerationRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.GetGenerationResponse.SerializeToString,
+            ),
+            'StreamGenerationImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamGenerationImage,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.StreamGenerationImageRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.StreamGenerationImageResponse.SerializeToString,
+            ),
+            'ListGenerations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGenerations,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'pigment.v1.GenerationService', rpc_method_handlers)
@@ -159,7 +210,7 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GenerationService:
-    """The gateway: one personalized generation request end to end, feedback, and batch jobs.
+    """The gateway: one personalized generation request end to end, feedback, batch jobs, and stored generations.
     """
 
     @staticmethod
@@ -314,6 +365,87 @@ class GenerationService:
             '/pigment.v1.GenerationService/CancelJob',
             pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
             pigment_dot_v1_dot_generation__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/GetGeneration',
+            pigment_dot_v1_dot_generation__pb2.GetGenerationRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.GetGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamGenerationImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pigment.v1.GenerationService/StreamGenerationImage',
+            pigment_dot_v1_dot_generation__pb2.StreamGenerationImageRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.StreamGenerationImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGenerations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/ListGenerations',
+            pigment_dot_v1_dot_generation__pb2.ListGenerationsRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.ListGenerationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from pigment.v1 import media_pb2 as pigment_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pigment/v1/history.proto\x12\npigment.v1\"\xc7\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x11\n\timage_png\x18\x03 \x01(\x0c\x12\x11\n\timage_uri\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x34\n\nattributes\x18\x06 \x03(\x0b\x32 .pigment.v1.Item.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x19\n\x0ctimestamp_ms\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_timestamp_ms\"\x8f\x01\n\x16LogInteractionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12-\n\x0cinteractions\x18\x02 \x03(\x0b\x32\x17.pigment.v1.Interaction\x12\x13\n\x0b\x63reate_user\x18\x03 \x01(\x08\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\"<\n\x17LogInteractionsResponse\x12\x0e\n\x06logged\x18\x01 \x01(\x05\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"^\n\x11GetHistoryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\tpage_size\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\tB\x0c\n\n_page_size\"\\\n\x0cHistoryEntry\x12\x1e\n\x04item\x18\x01 \x01(\x0b\x32\x10.pigment.v1.Item\x12,\n\x0binteraction\x18\x02 \x01(\x0b\x32\x17.pigment.v1.Interaction\"l\n\x12GetHistoryResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.pigment.v1.HistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"5\n\x12UpsertItemsRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.pigment.v1.Item\"@\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\x17\n\x0f\x65mbedding_model\x18\x02 \x01(\t\"\xae\x01\n\x12SearchItemsRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x13\n\timage_png\x18\x02 \x01(\x0cH\x00\x12-\n\x06vector\x18\x03 \x01(\x0b\x32\x1b.pigment.v1.EmbeddingVectorH\x00\x12\x0e\n\x01k\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x14\n\x0cinclude_seen\x18\x06 \x01(\x08\x42\x07\n\x05queryB\x04\n\x02_k\"!\n\x0f\x45mbeddingVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\";\n\nScoredItem\x12\x1e\n\x04item\x18\x01 \x01(\x0b\x32\x10.pigment.v1.Item\x12\r\n\x05score\x18\x02 \x01(\x02\">\n\x13SearchItemsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.pigment.v1.ScoredItem\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"I\n\x12\x44\x65leteUserResponse\x12\x1c\n\x14interactions_deleted\x18\x01 \x01(\x05\x12\x15\n\ritems_deleted\x18\x02 \x01(\x05\x32\xa6\x03\n\x0eHistoryService\x12Z\n\x0fLogInteractions\x12\".pigment.v1.LogInteractionsRequest\x1a#.pigment.v1.LogInteractionsResponse\x12K\n\nGetHistory\x12\x1d.pigment.v1.GetHistoryRequest\x1a\x1e.pigment.v1.GetHistoryResponse\x12N\n\x0bUpsertItems\x12\x1e.pigment.v1.UpsertItemsRequest\x1a\x1f.pigment.v1.UpsertItemsResponse\x12N\n\x0bSearchItems\x12\x1e.pigment.v1.SearchItemsRequest\x1a\x1f.pigment.v1.SearchItemsResponse\x12K\n\nDeleteUser\x12\x1d.pigment.v1.DeleteUserRequest\x1a\x1e.pigment.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pigment/v1/history.proto\x12\npigment.v1\x1a\x16pigment/v1/media.proto\"\xda\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x11\n\timage_png\x18\x03 \x01(\x0c\x12\x11\n\timage_uri\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x34\n\nattributes\x18\x06 \x03(\x0b\x32 .pigment.v1.Item.AttributesEntry\x12\x11\n\timage_url\x18\x1e \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x19\n\x0ctimestamp_ms\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_timestamp_ms\"\x8f\x01\n\x16LogInteractionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12-\n\x0cinteractions\x18\x02 \x03(\x0b\x32\x17.pigment.v1.Interaction\x12\x13\n\x0b\x63reate_user\x18\x03 \x01(\x08\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\"<\n\x17LogInteractionsResponse\x12\x0e\n\x06logged\x18\x01 \x01(\x05\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"^\n\x11GetHistoryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\tpage_size\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\npage_token\x18\x03 \x01(\tB\x0c\n\n_page_size\"\\\n\x0cHistoryEntry\x12\x1e\n\x04item\x18\x01 \x01(\x0b\x32\x10.pigment.v1.Item\x12,\n\x0binteraction\x18\x02 \x01(\x0b\x32\x17.pigment.v1.Interaction\"l\n\x12GetHistoryResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.pigment.v1.HistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"5\n\x12UpsertItemsRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.pigment.v1.Item\"@\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\x17\n\x0f\x65mbedding_model\x18\x02 \x01(\t\"\xae\x01\n\x12SearchItemsRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x13\n\timage_png\x18\x02 \x01(\x0cH\x00\x12-\n\x06vector\x18\x03 \x01(\x0b\x32\x1b.pigment.v1.EmbeddingVectorH\x00\x12\x0e\n\x01k\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x14\n\x0cinclude_seen\x18\x06 \x01(\x08\x42\x07\n\x05queryB\x04\n\x02_k\"!\n\x0f\x45mbeddingVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\";\n\nScoredItem\x12\x1e\n\x04item\x18\x01 \x01(\x0b\x32\x10.pigment.v1.Item\x12\r\n\x05score\x18\x02 \x01(\x02\">\n\x13SearchItemsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.pigment.v1.ScoredItem\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"I\n\x12\x44\x65leteUserResponse\x12\x1c\n\x14interactions_deleted\x18\x01 \x01(\x05\x12\x15\n\ritems_deleted\x18\x02 \x01(\x05\"S\n\x13GetItemImageRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12+\n\x08\x64\x65livery\x18\x02 \x01(\x0e\x32\x19.pigment.v1.ImageDelivery\"I\n\x14GetItemImageResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.pigment.v1.Image\"S\n\x16StreamItemImageRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x18\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_chunk_bytes\"@\n\x17StreamItemImageResponse\x12%\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.pigment.v1.ImageChunk2\xd7\x04\n\x0eHistoryService\x12Z\n\x0fLogInteractions\x12\".pigment.v1.LogInteractionsRequest\x1a#.pigment.v1.LogInteractionsResponse\x12K\n\nGetHistory\x12\x1d.pigment.v1.GetHistoryRequest\x1a\x1e.pigment.v1.GetHistoryResponse\x12N\n\x0bUpsertItems\x12\x1e.pigment.v1.UpsertItemsRequest\x1a\x1f.pigment.v1.UpsertItemsResponse\x12N\n\x0bSearchItems\x12\x1e.pigment.v1.SearchItemsRequest\x1a\x1f.pigment.v1.SearchItemsResponse\x12K\n\nDeleteUser\x12\x1d.pigment.v1.DeleteUserRequest\x1a\x1e.pigment.v1.DeleteUserResponse\x12Q\n\x0cGetItemImage\x12\x1f.pigment.v1.GetItemImageRequest\x1a .pigment.v1.GetItemImageResponse\x12\\\n\x0fStreamItemImage\x12\".pigment.v1.StreamItemImageRequest\x1a#.pigment.v1.StreamItemImageResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +34,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITEM_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_ITEM_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_ITEM']._serialized_start=41
-  _globals['_ITEM']._serialized_end=240
-  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_start=191
-  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_end=240
-  _globals['_INTERACTION']._serialized_start=242
-  _globals['_INTERACTION']._serialized_end=345
-  _globals['_LOGINTERACTIONSREQUEST']._serialized_start=348
-  _globals['_LOGINTERACTIONSREQUEST']._serialized_end=491
-  _globals['_LOGINTERACTIONSRESPONSE']._serialized_start=493
-  _globals['_LOGINTERACTIONSRESPONSE']._serialized_end=553
-  _globals['_GETHISTORYREQUEST']._serialized_start=555
-  _globals['_GETHISTORYREQUEST']._serialized_end=649
-  _globals['_HISTORYENTRY']._serialized_start=651
-  _globals['_HISTORYENTRY']._serialized_end=743
-  _globals['_GETHISTORYRESPONSE']._serialized_start=745
-  _globals['_GETHISTORYRESPONSE']._serialized_end=853
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=855
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=908
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=910
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=974
-  _globals['_SEARCHITEMSREQUEST']._serialized_start=977
-  _globals['_SEARCHITEMSREQUEST']._serialized_end=1151
-  _globals['_EMBEDDINGVECTOR']._serialized_start=1153
-  _globals['_EMBEDDINGVECTOR']._serialized_end=1186
-  _globals['_SCOREDITEM']._serialized_start=1188
-  _globals['_SCOREDITEM']._serialized_end=1247
-  _globals['_SEARCHITEMSRESPONSE']._serialized_start=1249
-  _globals['_SEARCHITEMSRESPONSE']._serialized_end=1311
-  _globals['_DELETEUSERREQUEST']._serialized_start=1313
-  _globals['_DELETEUSERREQUEST']._serialized_end=1349
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1351
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1424
-  _globals['_HISTORYSERVICE']._serialized_start=1427
-  _globals['_HISTORYSERVICE']._serialized_end=1849
+  _globals['_ITEM']._serialized_start=65
+  _globals['_ITEM']._serialized_end=283
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_start=234
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_end=283
+  _globals['_INTERACTION']._serialized_start=285
+  _globals['_INTERACTION']._serialized_end=388
+  _globals['_LOGINTERACTIONSREQUEST']._serialized_start=391
+  _globals['_LOGINTERACTIONSREQUEST']._serialized_end=534
+  _globals['_LOGINTERACTIONSRESPONSE']._serialized_start=536
+  _globals['_LOGINTERACTIONSRESPONSE']._serialized_end=596
+  _globals['_GETHISTORYREQUEST']._serialized_start=598
+  _globals['_GETHISTORYREQUEST']._serialized_end=692
+  _globals['_HISTORYENTRY']._serialized_start=694
+  _globals['_HISTORYENTRY']._serialized_end=786
+  _globals['_GETHISTORYRESPONSE']._serialized_start=788
+  _globals['_GETHISTORYRESPONSE']._serialized_end=896
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=898
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=951
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=953
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1017
+  _globals['_SEARCHITEMSREQUEST']._serialized_start=1020
+  _globals['_SEARCHITEMSREQUEST']._serialized_end=1194
+  _globals['_EMBEDDINGVECTOR']._serialized_start=1196
+  _globals['_EMBEDDINGVECTOR']._serialized_end=1229
+  _globals['_SCOREDITEM']._serialized_start=1231
+  _globals['_SCOREDITEM']._serialized_end=1290
+  _globals['_SEARCHITEMSRESPONSE']._serialized_start=1292
+  _globals['_SEARCHITEMSRESPONSE']._serialized_end=1354
+  _globals['_DELETEUSERREQUEST']._serialized_start=1356
+  _globals['_DELETEUSERREQUEST']._serialized_end=1392
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1394
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1467
+  _globals['_GETITEMIMAGEREQUEST']._serialized_start=1469
+  _globals['_GETITEMIMAGEREQUEST']._serialized_end=1552
+  _globals['_GETITEMIMAGERESPONSE']._serialized_start=1554
+  _globals['_GETITEMIMAGERESPONSE']._serialized_end=1627
+  _globals['_STREAMITEMIMAGEREQUEST']._serialized_start=1629
+  _globals['_STREAMITEMIMAGEREQUEST']._serialized_end=1712
+  _globals['_STREAMITEMIMAGERESPONSE']._serialized_start=1714
+  _globals['_STREAMITEMIMAGERESPONSE']._serialized_end=1778
+  _globals['_HISTORYSERVICE']._serialized_start=1781
+  _globals['_HISTORYSERVICE']._serialized_end=2380
 # @@protoc_insertion_point(module_scope)

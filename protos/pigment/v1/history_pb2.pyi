@@ -1,3 +1,4 @@
+from pigment.v1 import media_pb2 as _media_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "caption", "image_png", "image_uri", "tenant", "attributes")
+    __slots__ = ("item_id", "caption", "image_png", "image_uri", "tenant", "attributes", "image_url")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,13 +22,15 @@ class Item(_message.Message):
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URL_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     caption: str
     image_png: bytes
     image_uri: str
     tenant: str
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, item_id: _Optional[str] = ..., caption: _Optional[str] = ..., image_png: _Optional[bytes] = ..., image_uri: _Optional[str] = ..., tenant: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    image_url: str
+    def __init__(self, item_id: _Optional[str] = ..., caption: _Optional[str] = ..., image_png: _Optional[bytes] = ..., image_uri: _Optional[str] = ..., tenant: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., image_url: _Optional[str] = ...) -> None: ...
 
 class Interaction(_message.Message):
     __slots__ = ("item_id", "kind", "value", "timestamp_ms")
@@ -154,3 +157,33 @@ class DeleteUserResponse(_message.Message):
     interactions_deleted: int
     items_deleted: int
     def __init__(self, interactions_deleted: _Optional[int] = ..., items_deleted: _Optional[int] = ...) -> None: ...
+
+class GetItemImageRequest(_message.Message):
+    __slots__ = ("item_id", "delivery")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    delivery: _media_pb2.ImageDelivery
+    def __init__(self, item_id: _Optional[str] = ..., delivery: _Optional[_Union[_media_pb2.ImageDelivery, str]] = ...) -> None: ...
+
+class GetItemImageResponse(_message.Message):
+    __slots__ = ("item_id", "image")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    image: _media_pb2.Image
+    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[_Union[_media_pb2.Image, _Mapping]] = ...) -> None: ...
+
+class StreamItemImageRequest(_message.Message):
+    __slots__ = ("item_id", "chunk_bytes")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    chunk_bytes: int
+    def __init__(self, item_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class StreamItemImageResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: _media_pb2.ImageChunk
+    def __init__(self, chunk: _Optional[_Union[_media_pb2.ImageChunk, _Mapping]] = ...) -> None: ...

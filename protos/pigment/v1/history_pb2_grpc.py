@@ -61,6 +61,16 @@ class HistoryServiceStub:
                 request_serializer=pigment_dot_v1_dot_history__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=pigment_dot_v1_dot_history__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.GetItemImage = channel.unary_unary(
+                '/pigment.v1.HistoryService/GetItemImage',
+                request_serializer=pigment_dot_v1_dot_history__pb2.GetItemImageRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_history__pb2.GetItemImageResponse.FromString,
+                _registered_method=True)
+        self.StreamItemImage = channel.unary_stream(
+                '/pigment.v1.HistoryService/StreamItemImage',
+                request_serializer=pigment_dot_v1_dot_history__pb2.StreamItemImageRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_history__pb2.StreamItemImageResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServiceServicer:
@@ -104,6 +114,20 @@ class HistoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetItemImage(self, request, context):
+        """A catalog item's image (public items, and the caller's tenant's): inline or as a signed URL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamItemImage(self, request, context):
+        """The same image in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +155,16 @@ def add_HistoryServiceServicer_to_server(servicer, server):
                     servicer.DeleteUser,
                     request_deserializer=pigment_dot_v1_dot_history__pb2.DeleteUserRequest.FromString,
                     response_serializer=pigment_dot_v1_dot_history__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'GetItemImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetItemImage,
+                    request_deserializer=pigment_dot_v1_dot_history__pb2.GetItemImageRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_history__pb2.GetItemImageResponse.SerializeToString,
+            ),
+            'StreamItemImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamItemImage,
+                    request_deserializer=pigment_dot_v1_dot_history__pb2.StreamItemImageRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_history__pb2.StreamItemImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +304,60 @@ class HistoryService:
             '/pigment.v1.HistoryService/DeleteUser',
             pigment_dot_v1_dot_history__pb2.DeleteUserRequest.SerializeToString,
             pigment_dot_v1_dot_history__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetItemImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.HistoryService/GetItemImage',
+            pigment_dot_v1_dot_history__pb2.GetItemImageRequest.SerializeToString,
+            pigment_dot_v1_dot_history__pb2.GetItemImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamItemImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pigment.v1.HistoryService/StreamItemImage',
+            pigment_dot_v1_dot_history__pb2.StreamItemImageRequest.SerializeToString,
+            pigment_dot_v1_dot_history__pb2.StreamItemImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

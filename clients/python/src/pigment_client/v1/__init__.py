@@ -1,0 +1,1 @@
+"""Generated from protos/pigment/v1 by clients/python/generate.py."""
