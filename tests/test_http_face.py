@@ -332,10 +332,11 @@ def test_http_errors_are_rpc_status_json(face):
     status, _, raw = http(f"{url}/v1/generate", b"{}", key=key, ctype="text/plain")
     assert status == 415 and "application/json" in json.loads(raw)["message"]
     status, _, raw = http(f"{url}/v1/generations/nope-{RUN}", key=key)
-    assert status == 404 and json.loads(raw) == {
-        "code": code_pb2.NOT_FOUND,
-        "message": f"generation 'nope-{RUN}' not found",
-    }
+    err = json.loads(raw)
+    assert status == 404 and err["code"] == code_pb2.NOT_FOUND
+    assert err["message"] == f'generation "nope-{RUN}" not found'
+    assert err["details"] == [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "domain": "pigment.dev",
+                               "reason": "GENERATION_NOT_FOUND"}]
     status, _, raw = http(f"{url}/v1/generations/x?delivery=IMAGE_DELIVERY_FAX", key=key)
     assert status == 400 and "IMAGE_DELIVERY_URL" in json.loads(raw)["message"]
     assert json.loads(http(f"{url}/v1/nowhere")[2])["code"] == code_pb2.NOT_FOUND

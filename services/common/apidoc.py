@@ -49,7 +49,8 @@ REASONS = {
     "INVALID_ARGUMENT": ("INVALID_ARGUMENT", "Another invalid input; the message says what is allowed."),
     "USER_NOT_FOUND": ("NOT_FOUND", "The user does not exist (or belongs to a tenant the caller cannot see)."),
     "ITEM_NOT_FOUND": ("NOT_FOUND", "Interactions name unknown items; BadRequest lists every such row."),
-    "GENERATION_NOT_FOUND": ("NOT_FOUND", "Feedback names an unknown generation."),
+    "GENERATION_NOT_FOUND": ("NOT_FOUND", "An unknown generation (or another tenant's) in feedback or GetGeneration."),
+    "IMAGE_NOT_FOUND": ("NOT_FOUND", "The item or generation exists but has no stored image."),
     "JOB_NOT_FOUND": ("NOT_FOUND", "GetJob or CancelJob names an unknown job (or another tenant's)."),
     "NOT_FOUND": ("NOT_FOUND", "Another missing resource (a model version)."),
     "IDEMPOTENCY_KEY_REUSED": ("ALREADY_EXISTS", "request_id, feedback_id, job_id or batch_id reused with "

@@ -30,10 +30,9 @@ def check_chunk(chunk_bytes: int) -> int:
     if chunk_bytes == 0:
         return CHUNK_DEFAULT
     if not CHUNK_MIN <= chunk_bytes <= CHUNK_MAX:
-        raise InvalidInput(
-            f"chunk_bytes={chunk_bytes} is out of range: 0 (server default {CHUNK_DEFAULT}) "
-            f"or {CHUNK_MIN}..{CHUNK_MAX}"
-        )
+        allowed = f"allowed {CHUNK_MIN}..{CHUNK_MAX} (unset: {CHUNK_DEFAULT})"
+        raise InvalidInput(f"chunk_bytes={chunk_bytes} is out of range: {allowed}", reason="OUT_OF_RANGE",
+                           field="chunk_bytes", allowed=allowed)
     return chunk_bytes
 
 

@@ -77,7 +77,7 @@ class GenerationsCore:
         if g is None or (
             principal is not None and (owner is None or not principal.sees(owner.tenant))
         ):
-            raise NotFound(f"generation {generation_id!r} not found")
+            raise NotFound(f"generation {show(generation_id)} not found", reason="GENERATION_NOT_FOUND")
         return g
 
     def _item(self, s, item_id: str, principal) -> Item:
@@ -86,9 +86,9 @@ class GenerationsCore:
         if item is None or (
             principal is not None and item.tenant is not None and not principal.sees(item.tenant)
         ):
-            raise NotFound(f"item {item_id!r} not found")
+            raise NotFound(f"item {show(item_id)} not found", reason="ITEM_NOT_FOUND")
         if not item.image_uri:
-            raise NotFound(f"item {item_id!r} has no image (upsert it with image_png)")
+            raise NotFound(f"item {show(item_id)} has no image (upsert it with image_png)", reason="IMAGE_NOT_FOUND")
         return item
 
     def get(
@@ -112,22 +112,22 @@ class GenerationsCore:
         """A user's generations, newest first; (page, next_page_token or "")."""
         check_id("user_id", user_id)
         if not 0 <= page_size <= PAGE_MAX:
-            raise InvalidInput(
-                f"page_size={page_size} is out of range: 0 (server default {PAGE_DEFAULT}) "
-                f"to {PAGE_MAX}"
-            )
+            allowed = f"allowed 1..{PAGE_MAX} (unset: {PAGE_DEFAULT})"
+            raise InvalidInput(f"page_size={page_size} is out of range: {allowed}", reason="OUT_OF_RANGE",
+                               field="page_size", allowed=allowed)
         if page_token and not (
             page_token.isascii() and page_token.isdigit() and len(page_token) <= 9
         ):
             raise InvalidInput(
                 f"page_token={show(page_token)} is not one this server issued: pass a previous "
-                'ListGenerations\' next_page_token, or "" for the first page'
+                'ListGenerations\' next_page_token, or "" for the first page',
+                reason="INVALID_PAGE_TOKEN", field="page_token",
             )
         offset, limit = int(page_token or 0), page_size or PAGE_DEFAULT
         with transaction(self.sessions) as s:
             user = s.get(User, user_id)
             if user is None or (principal is not None and not principal.sees(user.tenant)):
-                raise NotFound(f"user {user_id!r} not found")
+                raise NotFound(f"user {show(user_id)} not found", reason="USER_NOT_FOUND")
             rows = s.execute(
                 select(Generation, RenderRequest)
                 .join(RenderRequest, RenderRequest.request_id == Generation.request_id)
@@ -182,7 +182,7 @@ class GenerationsCore:
 
     def _read(self, uri: str | None, what: str) -> bytes:
         if not uri:
-            raise NotFound(f"{what} has no stored image")
+            raise NotFound(f"{what} has no stored image", reason="IMAGE_NOT_FOUND")
         return self.storage.get(uri)
 
     def can_sign(self, base_url: str | None) -> bool:
@@ -208,7 +208,8 @@ class GenerationsCore:
         """The image as ``delivery`` asks: auto = inline up to ``budget`` (default inline_max_bytes), else a URL
         (inline when no URL can be made)."""
         if delivery not in DELIVERIES:
-            raise InvalidInput(f"delivery={delivery!r} is unknown: allowed {', '.join(DELIVERIES)}")
+            raise InvalidInput(f"delivery={show(delivery)} is unknown: allowed {', '.join(DELIVERIES)}",
+                               reason="UNKNOWN_ENUM_VALUE", field="delivery", allowed=", ".join(DELIVERIES))
         if delivery == "none" or not uri:
             return None
         if delivery == "url":

@@ -131,7 +131,7 @@ def _sse(event: str, payload: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-SSE_DOC = doc(gpb.GenerateRequest, gpb.GenerateEvent)
+SSE_DOC = doc(gpb.GenerateRequest, gpb.GeneratePersonalizedStreamResponse)
 SSE_DOC["responses"]["200"] = {
     "description": "text/event-stream: `progress` events (Progress), then one `result` (GenerateResponse); "
     "an `error` event (google.rpc.Status) if it fails after the stream started",
@@ -148,7 +148,7 @@ SSE_DOC["responses"]["200"] = {
 async def generate_stream(request: Request, principal: Caller):
     message = await read_json(request, gpb.GenerateRequest())
     events = _ctx(request).generation.GeneratePersonalizedStream(
-        message, _Context(_deadline(request))
+        gpb.GeneratePersonalizedStreamRequest(request=message), _Context(_deadline(request))
     )
     # the first event is pulled before answering, so a refused request gets its HTTP status, not a 200 stream
     first = await run_in_threadpool(_as, principal, next, events, None)
@@ -295,8 +295,16 @@ async def list_generations(
     openapi_extra=doc(None, hpb.GetHistoryResponse),
     summary="GetHistory (item images as signed URLs in imageUrl)",
 )
-async def history(request: Request, principal: Caller, user_id: str, limit: int = 0):
-    message = hpb.GetHistoryRequest(user_id=user_id, limit=limit)
+async def history(
+    request: Request,
+    principal: Caller,
+    user_id: str,
+    page_size: int | None = Query(None, alias="pageSize"),
+    page_token: str = Query("", alias="pageToken"),
+):
+    message = hpb.GetHistoryRequest(user_id=user_id, page_token=page_token)
+    if page_size is not None:
+        message.page_size = page_size
     return to_json(await call(request, _ctx(request).history.GetHistory, message, principal))
 
 
@@ -312,7 +320,7 @@ async def submit_job(request: Request, principal: Caller):
     return to_json(await call(request, _ctx(request).generation.SubmitBatch, message, principal))
 
 
-@router.get("/jobs/{job_id}", tags=["jobs"], openapi_extra=doc(None, gpb.Job), summary="GetJob")
+@router.get("/jobs/{job_id}", tags=["jobs"], openapi_extra=doc(None, gpb.GetJobResponse), summary="GetJob")
 async def get_job(
     request: Request,
     principal: Caller,
@@ -325,7 +333,7 @@ async def get_job(
 
 
 @router.post(
-    "/jobs/{job_id}/cancel", tags=["jobs"], openapi_extra=doc(None, gpb.Job), summary="CancelJob"
+    "/jobs/{job_id}/cancel", tags=["jobs"], openapi_extra=doc(None, gpb.CancelJobResponse), summary="CancelJob"
 )
 async def cancel_job(request: Request, principal: Caller, job_id: str):
     message = gpb.CancelJobRequest(job_id=job_id)

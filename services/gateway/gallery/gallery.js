@@ -97,7 +97,7 @@ async function loadGenerations(append) {
 async function loadHistory() {
   const user = $("user").value;
   if (!user) return;
-  const data = await api(`/v1/users/${encodeURIComponent(user)}/history?limit=50`);
+  const data = await api(`/v1/users/${encodeURIComponent(user)}/history?pageSize=50`);
   $("history").replaceChildren(...(data.entries || []).map((e) => el("div", { class: "card" },
     e.item.imageUrl ? el("img", { src: e.item.imageUrl, alt: e.item.caption }) : "",
     el("div", {}, el("b", {}, e.interaction.kind || "view"), " ", e.item.caption || e.item.itemId))));
@@ -130,10 +130,11 @@ async function loadUsers() {
 // Server-Sent Events over fetch (EventSource cannot POST or send a key): progress, then the result.
 async function generate(ev) {
   ev.preventDefault();
-  const body = {
-    requestId: "web-" + crypto.randomUUID(), userId: $("user").value, prompt: $("prompt").value,
-    numImages: Number($("num-images").value) || 0, numInferenceSteps: Number($("steps").value) || 0,
-  };
+  const body = { requestId: "web-" + crypto.randomUUID(), userId: $("user").value, prompt: $("prompt").value };
+  // optional fields: left out when empty, so the server's defaults apply
+  const images = Number($("num-images").value), steps = Number($("steps").value);
+  if (images) body.numImages = images;
+  if (steps) body.numInferenceSteps = steps;
   $("generate").disabled = true;
   $("progress").hidden = false;
   $("progress").value = 0;

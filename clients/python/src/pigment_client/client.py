@@ -153,24 +153,18 @@ class PigmentClient:
         prompt: str = "",
         *,
         request_id: str | None = None,
-        num_images: int = 0,
-        num_inference_steps: int = 0,
-        seed: int = 0,
+        num_images: int | None = None,
+        num_inference_steps: int | None = None,
+        seed: int | None = None,
         method: int = gpb.METHOD_UNSPECIFIED,
         retrieval: int = gpb.RETRIEVAL_MODE_UNSPECIFIED,
         timeout_s: float | None = None,
     ) -> gpb.GenerateResponse:
-        """GeneratePersonalized; ``request_id`` (default a new one) makes retries replays."""
-        request = gpb.GenerateRequest(
-            request_id=request_id or _new_id("req"),
-            user_id=user_id,
-            prompt=prompt,
-            num_images=num_images,
-            num_inference_steps=num_inference_steps,
-            seed=seed,
-            method=method,
-            retrieval=retrieval,
-        )
+        """GeneratePersonalized; ``request_id`` (default a new one) makes retries replays. None leaves a
+        field unset, so the server's default applies."""
+        request = _generate_request(user_id, prompt, request_id, num_images=num_images,
+                                    num_inference_steps=num_inference_steps, seed=seed)
+        request.method, request.retrieval = method, retrieval
         return self.call(self.generation.GeneratePersonalized, request, timeout_s)
 
     def generate_stream(
@@ -179,19 +173,16 @@ class PigmentClient:
         prompt: str = "",
         *,
         request_id: str | None = None,
-        num_images: int = 0,
-        num_inference_steps: int = 0,
-    ) -> Iterator[gpb.GenerateEvent]:
+        num_images: int | None = None,
+        num_inference_steps: int | None = None,
+    ) -> Iterator[gpb.GeneratePersonalizedStreamResponse]:
         """GeneratePersonalizedStream: progress events, then one with ``result`` (not retried midway)."""
-        request = gpb.GenerateRequest(
-            request_id=request_id or _new_id("req"),
-            user_id=user_id,
-            prompt=prompt,
-            num_images=num_images,
-            num_inference_steps=num_inference_steps,
-        )
+        request = _generate_request(user_id, prompt, request_id, num_images=num_images,
+                                    num_inference_steps=num_inference_steps)
         return self.generation.GeneratePersonalizedStream(
-            request, timeout=self.timeout_s, metadata=self._metadata
+            gpb.GeneratePersonalizedStreamRequest(request=request),
+            timeout=self.timeout_s,
+            metadata=self._metadata,
         )
 
     def get_generation(self, generation_id: str, delivery: str = "auto") -> gpb.Generation:
@@ -201,13 +192,13 @@ class PigmentClient:
         )
         return self.call(self.generation.GetGeneration, request).generation
 
-    def download_image(self, generation_id: str, chunk_bytes: int = 0) -> bytes:
+    def download_image(self, generation_id: str, chunk_bytes: int | None = None) -> bytes:
         """A generation's PNG through StreamGenerationImage (any size, under every message limit)."""
         for attempt in self.retry.retrying():
             with attempt:
                 stream = self.generation.StreamGenerationImage(
                     gpb.StreamGenerationImageRequest(
-                        generation_id=generation_id, chunk_bytes=chunk_bytes
+                        generation_id=generation_id, **_given(chunk_bytes=chunk_bytes)
                     ),
                     timeout=self.timeout_s,
                     metadata=self._metadata,
@@ -216,7 +207,7 @@ class PigmentClient:
         raise AssertionError("unreachable")
 
     def list_generations(
-        self, user_id: str, page_size: int = 0, delivery: str = "none"
+        self, user_id: str, page_size: int | None = None, delivery: str = "none"
     ) -> Iterator[gpb.Generation]:
         """Every generation of a user, newest first, page by page."""
         token = ""
@@ -225,9 +216,9 @@ class PigmentClient:
                 self.generation.ListGenerations,
                 gpb.ListGenerationsRequest(
                     user_id=user_id,
-                    page_size=page_size,
                     page_token=token,
                     delivery=DELIVERIES[delivery],
+                    **_given(page_size=page_size),
                 ),
             )
             yield from page.generations
@@ -279,12 +270,18 @@ class PigmentClient:
             self.history.UpsertItems, history_pb2.UpsertItemsRequest(items=list(items))
         ).upserted
 
-    def get_history(self, user_id: str, limit: int = 0) -> list[history_pb2.HistoryEntry]:
-        return list(
-            self.call(
-                self.history.GetHistory, history_pb2.GetHistoryRequest(user_id=user_id, limit=limit)
-            ).entries
-        )
+    def get_history(self, user_id: str, page_size: int | None = None) -> Iterator[history_pb2.HistoryEntry]:
+        """Every history entry of a user, newest page first, page by page."""
+        token = ""
+        while True:
+            page = self.call(
+                self.history.GetHistory,
+                history_pb2.GetHistoryRequest(user_id=user_id, page_token=token, **_given(page_size=page_size)),
+            )
+            yield from page.entries
+            token = page.next_page_token
+            if not token:
+                return
 
     def item_image(self, item_id: str) -> bytes:
         """A catalog item's PNG (streamed)."""
@@ -294,3 +291,14 @@ class PigmentClient:
             metadata=self._metadata,
         )
         return b"".join(event.chunk.data for event in stream)
+
+
+def _given(**fields):
+    """Only the fields the caller set: an ``optional`` proto field left unset takes the server's default."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _generate_request(user_id: str, prompt: str, request_id: str | None, **optional) -> gpb.GenerateRequest:
+    return gpb.GenerateRequest(
+        request_id=request_id or _new_id("req"), user_id=user_id, prompt=prompt, **_given(**optional)
+    )
