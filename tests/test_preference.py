@@ -74,7 +74,6 @@ def test_soft_tokens_shape_and_cache(encoder):
 
 
 def test_vocabulary_from_the_preset_gates_generated_keywords(tiny_preset, tmp_path):
-    from pigment.models.loader import refresh_component
 
     preset = tmp_path / "tiny"
     shutil.copytree(tiny_preset, preset)

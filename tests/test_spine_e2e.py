@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime, timedelta
 
-import grpc
 import numpy as np
 import pytest
 from PIL import Image
