@@ -9,6 +9,7 @@ from pigment.services.common.errors import InvalidInput
 from pigment.services.common.ids import show
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
 from pigment.services.gateway.jobs import BatchParams, JobView
+from pigment.services.gateway.references import ReferenceInput
 from pigment.v1 import generation_pb2 as pb
 from pigment.v1 import generation_pb2_grpc
 
@@ -33,6 +34,7 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
         num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, height=r.height,
         width=r.width, method=METHOD_NAMES.get(r.method, "?"), keyword_weight=r.keyword_weight,
         soft_weight=r.soft_weight, retrieval=RETRIEVAL_NAMES.get(r.retrieval, "?"), include_seen=r.include_seen,
+        references=[ReferenceInput(x.item_id, x.image) for x in r.references],
     )
 
 
