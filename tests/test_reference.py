@@ -191,3 +191,23 @@ def test_preset_without_projector_is_failed_precondition(tmp_path, tiny_preset):
             stub.GeneratePersonalized(_request("no-proj", [gpb.ReferenceImage(image=b"\x89PNG")]), timeout=60)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "reference_projector" in err.value.details()
+
+
+def test_subject_protocol_shape_and_scoring():
+    """DreamBench's shape: held-out subjects never trained on, several prompts each, several seeds; prompts ask
+    for a background the reference does not show, so copying the reference cannot pass."""
+    held = ts.held_out_subjects()
+    assert not set(held) & set(ts.train_subjects()) and len(set(held) | set(ts.train_subjects())) == 36
+    cases = ts.eval_cases(held, prompts_per_subject=4, seeds=3)
+    assert len(cases) == 6 * 4 * 3
+    from pigment.training.toy_world import BACKGROUND_RGB
+
+    for c in cases:
+        corner = c.references[0][0, 0].astype(float)  # the corner pixel is background
+        shown = min(BACKGROUND_RGB, key=lambda b: np.abs(corner - BACKGROUND_RGB[b]).sum())
+        assert c.prompted["background"] != shown and f"{c.prompted['background']} background" in c.prompt
+        assert c.subject.shape not in c.prompt and c.subject.colour not in c.prompt
+    perfect = [{**c.subject.attrs, **c.prompted} for c in cases]
+    copied = [{**c.subject.attrs, "background": "x", "size": c.prompted["size"]} for c in cases]
+    assert ts.fidelity(cases, perfect)["subject_fidelity"] == 1.0 == ts.fidelity(cases, perfect)["prompt_fidelity"]
+    assert ts.fidelity(cases, copied)["prompt_fidelity"] == 0.5 and ts.fidelity(cases, copied)["prompt_joint"] == 0.0

@@ -218,8 +218,10 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
     adapters = {m: d for m, d in (adapters or {}).items() if d}
     subject_methods = [m for m in methods or [] if m in SUBJECT_METHODS]
     if subject_methods:
-        return _subject_report(preset_dir, [m for m in methods if m not in SUBJECT_METHODS], subject_methods,
-                               adapters, seed, steps, guidance, split, n_samples, world_seed, lpips_backbone)
+        other = [m for m in methods if m not in SUBJECT_METHODS]
+        report = evaluate(preset_dir, split, other, n_samples, seed, world_seed, steps, guidance, lpips_backbone,
+                          adapters) if other else {"preset": str(preset_dir), "methods": {}, "seconds": {}}
+        return _subject_rows(report, preset_dir, subject_methods, adapters, seed, steps, guidance)
     available = list(BASELINES) + list(PMG_METHODS) + list(ADAPTER_METHODS)
     everything = not methods or methods == ["all"]
     methods = [m for m in available if m not in ADAPTER_METHODS or m in adapters] if everything else methods
@@ -270,16 +272,14 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
     }
 
 
-def _subject_report(preset_dir: Path, other: list[str], subject_methods: list[str], adapters: dict, seed: int,
-                    steps: int | None, guidance: float | None, *rest) -> dict:
-    """The subject-driven rows, plus the usual rows when other methods were named too (one JSON)."""
+def _subject_rows(report: dict, preset_dir: Path, subject_methods: list[str], adapters: dict, seed: int,
+                  steps: int | None, guidance: float | None) -> dict:
+    """Add the subject-driven rows (eval_reference.py) to ``report`` (the usual rows, or an empty report)."""
     from pigment.training.eval_reference import SUBJECT_ADAPTERS, evaluate_subjects
 
     missing = [m for m in subject_methods if m in SUBJECT_ADAPTERS and m not in adapters]
     if missing:
         raise SystemExit(f"methods {missing} need their adapter directory (--{missing[0].replace('_', '-')} DIR)")
-    report = evaluate(preset_dir, rest[0], other, rest[1], seed, rest[2], steps, guidance, rest[3],
-                      adapters) if other else {"methods": {}, "seconds": {}, "skipped": {}}
     sampler = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v}
     t0 = time.perf_counter()
     with tqdm(desc="subject renders", unit="img") as bar:
