@@ -181,16 +181,16 @@ def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, 
         images = np.stack([np.asarray(im.convert("RGB")) for im in renderer.render(inputs).images])
         ref_feats, gen_feats = patches(list(refs), layer=QUALITY_LAYER), patches(list(images), layer=QUALITY_LAYER)
         raw = [patch_quality(g, list(ref_feats), patches.grid) for g in gen_feats]
-        drawn.append((prompt, refs, images, raw))
+        drawn.append((subject.name, prompt, refs, images, raw))
     lo, hi = calibrate([q for *_, raw in drawn for q in raw])
     records = []
-    for n, (prompt, refs, images, raw) in enumerate(drawn):
+    for n, (name, prompt, refs, images, raw) in enumerate(drawn):
         quality = [normalise(q, lo, hi) for q in raw]
         scores = [image_score(q) for q in quality]
         best, worst = int(np.argmax(scores)), int(np.argmin(scores))
         if scores[best] - scores[worst] < 1e-3:
             continue
-        rec = {"segments": [prompt], "scores": {"chosen": scores[best], "rejected": scores[worst]},
+        rec = {"subject": name, "segments": [prompt], "scores": {"chosen": scores[best], "rejected": scores[worst]},
                "chosen_quality": quality[best].round(4).tolist(), "rejected_quality": quality[worst].round(4).tolist(),
                "calibration": [lo, hi], "reference_images": []}
         for side, image in (("chosen", images[best]), ("rejected", images[worst]), ("reference", refs[0])):

@@ -251,7 +251,8 @@ def run(args) -> int:
     print(f"reference: {m['steps']} steps in {m['seconds']}s, loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}; "
           f"projector in {m['projector']}")
     if args.install:
-        command = f"pigment train reference --steps {cfg.steps} --out {cfg.out} --install"
+        command = f"pigment train reference --config {args.config} --install" if args.config else (
+            f"pigment train reference --steps {cfg.steps} --out {cfg.out} --install")
         install_component(cfg.preset, PROJECTOR, m["projector"], PROJECTOR, training_command=command,
                           data_seed=cfg.seed)
         print(f"installed {PROJECTOR} into {cfg.preset}")
