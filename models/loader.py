@@ -36,6 +36,8 @@ KINDS: dict[str, str] = {
     "clip_tokenizer": "transformers:AutoTokenizer",
     "preference_head": "pigment.models.preference_head:PreferenceHead",
     "probe": "pigment.models.probe:AttributeProbe",
+    "image_encoder": "transformers:CLIPVisionModel",
+    "reference_projector": "pigment.models.reference:ReferenceProjector",
 }
 _ALLOWED_MODULES = ("diffusers", "transformers", "pigment.models")
 

@@ -30,6 +30,7 @@ class RenderInputs:
     segment_weights: Sequence[float] | None = None
     soft_tokens: np.ndarray | None = None  # [M, text_dim]
     soft_weight: float = 1.0
+    reference_tokens: np.ndarray | None = None  # [K, text_dim] from models/reference.py (a subject's images)
     num_images: int = 1
     seed: int = 0
     # None: the preset's manifest defaults (``Renderer.defaults``); no sampler numbers live here
@@ -118,7 +119,25 @@ class Renderer:
                 raise ValueError(f"soft tokens must be [M, {self.text_dim}], got {tuple(soft.shape)}")
             pos.append(soft * inputs.soft_weight)
             neg.append(torch.zeros_like(soft))
+        if inputs.reference_tokens is not None:  # the unconditional side sees zeros, as in training
+            ref = torch.as_tensor(np.asarray(inputs.reference_tokens, dtype=np.float32), device=self.device)
+            if ref.ndim != 2 or ref.shape[1] != self.text_dim:
+                raise ValueError(f"reference tokens must be [K, {self.text_dim}], got {tuple(ref.shape)}")
+            pos.append(ref.to(self.dtype))
+            neg.append(torch.zeros_like(pos[-1]))
         return torch.cat(pos), torch.cat(neg)
+
+    def reference_tokens(self, images: Sequence) -> np.ndarray:
+        """A subject's reference images -> [K, text_dim] tokens (the preset's reference projector, loaded once).
+        ValueError when the preset has none: the request cannot be served by this model."""
+        from pigment.models.reference import ReferenceEncoder, has_reference
+
+        if self.__dict__.get("_reference") is None:
+            if not has_reference(self.preset_dir):
+                raise ValueError(f"the preset at {self.preset_dir} has no reference_projector: "
+                                 "it cannot render reference images")
+            self._reference = ReferenceEncoder(self.preset_dir, device=self.device)
+        return self._reference.tokens(images)
 
     def with_defaults(self, inputs: RenderInputs) -> RenderInputs:
         """``inputs`` with unset sampler fields taken from the preset's manifest."""
@@ -138,6 +157,7 @@ class Renderer:
         """Requests with equal keys can share one pipeline call (same shapes, schedule and token count)."""
         inputs = self.with_defaults(inputs)
         soft = 0 if inputs.soft_tokens is None else len(inputs.soft_tokens)
+        soft += 0 if inputs.reference_tokens is None else len(inputs.reference_tokens)
         tokens = len(inputs.segments) * self.tokenizer.model_max_length + soft
         return (inputs.height, inputs.width, inputs.num_inference_steps, inputs.guidance_scale, tokens)
 

@@ -168,7 +168,18 @@ class Stack:
                            decider=self._decider(), adapters=self._stamped_adapters(Registry(self.sessions)),
                            charge_images=self._charge_images,
                            limits=image_limits(self.preset_dir, self.settings.render_backend),
-                           notifier=self.notifier)
+                           notifier=self.notifier, references=self._references())
+
+    def _references(self):
+        """Reference images are accepted when the preset ships a reference projector (models/reference.py)."""
+        from pigment.models.loader import has_component
+        from pigment.services.common.limits import InputLimits
+        from pigment.services.gateway.references import References
+
+        why = None if has_component(self.preset_dir, "reference_projector") else (
+            f"the preset at {self.preset_dir} has no reference_projector (`pigment train reference --install` "
+            "trains one)")
+        return References(self.history, self.storage, InputLimits.from_settings(self.settings), unavailable=why)
 
     @cached_property
     def notifier(self):

@@ -7,7 +7,8 @@ import importlib
 # subcommand module -> its `register(subparsers)`; train commands register under `pigment train`.
 EVAL = "pigment.training.eval"
 TRAINERS = ("pigment.training.train_pmg", "pigment.training.train_decision",
-            "pigment.training.train_pigeon", "pigment.training.train_diffusion_dpo")
+            "pigment.training.train_pigeon", "pigment.training.train_diffusion_dpo",
+            "pigment.training.train_reference", "pigment.training.train_patchdpo")
 
 
 def register(sub) -> None:

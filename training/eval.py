@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pigment.models.loader import default_soft_weight, has_component, load_component, preset_defaults
 from pigment.training import toy_world as tw
+from pigment.training.eval_reference import SUBJECT_METHODS
 
 OPEN_ATTRIBUTES = ("colour", "background", "size")
 CONTENT_ATTRIBUTE = "shape"
@@ -40,6 +41,7 @@ PMG_METHODS = ("pmg", "pmg_keywords", "pmg_soft")
 # Rows scored only when their trained adapter directory is given (`--pigeon-sft DIR` ...);
 # without it they are listed under "skipped", never replaced by another method.
 ADAPTER_METHODS = ("pigeon_sft", "pigeon_dpo", "diffusion_dpo")
+# Subject-driven rows (eval_reference.py: held-out subjects x prompts x seeds) run only when named in --methods.
 
 
 @dataclass
@@ -214,6 +216,12 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
     if not has_component(preset_dir, "probe"):
         raise SystemExit(f"preset {preset_dir} has no attribute probe: evaluate with the toy preset")
     adapters = {m: d for m, d in (adapters or {}).items() if d}
+    subject_methods = [m for m in methods or [] if m in SUBJECT_METHODS]
+    if subject_methods:
+        other = [m for m in methods if m not in SUBJECT_METHODS]
+        report = evaluate(preset_dir, split, other, n_samples, seed, world_seed, steps, guidance, lpips_backbone,
+                          adapters) if other else {"preset": str(preset_dir), "methods": {}, "seconds": {}}
+        return _subject_rows(report, preset_dir, subject_methods, adapters, seed, steps, guidance)
     available = list(BASELINES) + list(PMG_METHODS) + list(ADAPTER_METHODS)
     everything = not methods or methods == ["all"]
     methods = [m for m in available if m not in ADAPTER_METHODS or m in adapters] if everything else methods
@@ -264,6 +272,27 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
     }
 
 
+def _subject_rows(report: dict, preset_dir: Path, subject_methods: list[str], adapters: dict, seed: int,
+                  steps: int | None, guidance: float | None) -> dict:
+    """Add the subject-driven rows (eval_reference.py) to ``report`` (the usual rows, or an empty report)."""
+    from pigment.training.eval_reference import SUBJECT_ADAPTERS, evaluate_subjects
+
+    missing = [m for m in subject_methods if m in SUBJECT_ADAPTERS and m not in adapters]
+    if missing:
+        raise SystemExit(f"methods {missing} need their adapter directory (--{missing[0].replace('_', '-')} DIR)")
+    sampler = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v}
+    t0 = time.perf_counter()
+    with tqdm(desc="subject renders", unit="img") as bar:
+        rows = evaluate_subjects(preset_dir, subject_methods, adapters, seed=seed, sampler=sampler, progress=bar)
+    report["methods"].update(rows)
+    report["seconds"]["subject_methods"] = round(time.perf_counter() - t0, 2)
+    report["subject_protocol"] = ("toy world (not DreamBench): 6 held-out (shape, colour) subjects x 4 prompts "
+                                  "(background, size) x 3 seeds, one fixed reference image each; the probe reads "
+                                  "identity (subject_fidelity) and prompted attributes (prompt_fidelity)")
+    report.setdefault("adapters", {}).update({m: str(adapters[m]) for m in subject_methods if m in adapters})
+    return report
+
+
 def _adapter_methods(preset_dir: Path, methods: list[str], adapters: dict, world, clip, renderer, impl) -> dict:
     """method -> (case -> conditioning, renderer) for the trained-adapter rows.
 
@@ -284,6 +313,22 @@ def _adapter_methods(preset_dir: Path, methods: list[str], adapters: dict, world
 
 
 def markdown_table(report: dict) -> str:
+    subject = {n: m for n, m in report["methods"].items() if "subject_fidelity" in m}
+    rest = {n: m for n, m in report["methods"].items() if n not in subject}
+    out = _subject_table(subject) if subject else ""
+    return out + (_pmg_table({**report, "methods": rest}) if rest else "")
+
+
+def _subject_table(rows: dict) -> str:
+    cols = ["subject_fidelity", "prompt_fidelity", "subject_joint", "prompt_joint", "acc_shape", "acc_colour",
+            "acc_background", "acc_size"]
+    lines = ["subject-driven rows (toy world, held-out subjects)", "", "| method | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |" for n, m in rows.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def _pmg_table(report: dict) -> str:
     cols = ["content_fidelity", *(f"pref_{a}" for a in OPEN_ATTRIBUTES), "joint", "target_agreement",
             "ssim_target", "lpips_target", "cpis", "cps"]
     lines = [f"split `{report['split']}`, {report['n_samples']} samples, model `{report['model_version']}`", "",
@@ -302,7 +347,8 @@ def run(args) -> int:
 
     preset = Path(args.preset) if args.preset else Settings().preset_dir
     n = 48 if args.quick and not args.n_samples else args.n_samples
-    adapters = {"pigeon_sft": args.pigeon_sft, "pigeon_dpo": args.pigeon_dpo, "diffusion_dpo": args.diffusion_dpo}
+    adapters = {"pigeon_sft": args.pigeon_sft, "pigeon_dpo": args.pigeon_dpo, "diffusion_dpo": args.diffusion_dpo,
+                "reference_patchdpo": args.reference_patchdpo}
     report = evaluate(preset, args.split, args.methods.split(","), n, args.seed, args.world_seed, args.steps,
                       args.guidance, args.lpips_backbone, adapters)
     out = Path(args.out)
@@ -319,7 +365,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="score methods on a toy-world split (JSON + markdown table)")
     p.add_argument("--split", default="test-users", choices=tw.SPLITS)
     p.add_argument("--methods", default="all",
-                   help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS + ADAPTER_METHODS))
+                   help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS + ADAPTER_METHODS)
+                   + "; subject-driven rows (named only): " + ", ".join(SUBJECT_METHODS))
     p.add_argument("--out", default="eval-output/eval.json")
     p.add_argument("--quick", action="store_true", help="48 samples (a few minutes on CPU)")
     p.add_argument("--n-samples", type=int, default=None)
@@ -332,4 +379,5 @@ def register(sub) -> None:
     p.add_argument("--pigeon-sft", default=None, metavar="DIR", help="`pigment train pigeon --stage sft` out/adapter")
     p.add_argument("--pigeon-dpo", default=None, metavar="DIR", help="`pigment train pigeon --stage dpo` out/adapter")
     p.add_argument("--diffusion-dpo", default=None, metavar="DIR", help="`pigment train diffusion-dpo` out/unet_lora")
+    p.add_argument("--reference-patchdpo", default=None, metavar="DIR", help="`pigment train patchdpo` out/unet_lora")
     p.set_defaults(func=lambda args, settings: run(args))

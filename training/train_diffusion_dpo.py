@@ -118,6 +118,8 @@ def read_image_pairs(path: str | Path) -> list[ImagePair]:
 
 
 class DiffusionDPOTrainer:
+    method = "diffusion_dpo"  # subclasses (train_patchdpo.py) change the data and the per-image error
+
     def __init__(self, cfg: DiffusionDPOConfig):
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
@@ -190,9 +192,9 @@ class DiffusionDPOTrainer:
         unet = self.accel.unwrap_model(self.unet)
         with torch.no_grad():  # reference = the same UNet, adapter off (first: disabling freezes the LoRA)
             unet.disable_adapters()
-            ref_err = self._err(self.unet(noisy, t2, encoder_hidden_states=cond).sample, target)
+            ref_err = self.errors(self.unet(noisy, t2, encoder_hidden_states=cond).sample, target, idx)
             unet.enable_adapters()
-        err = self._err(self.unet(noisy, t2, encoder_hidden_states=cond).sample, target)
+        err = self.errors(self.unet(noisy, t2, encoder_hidden_states=cond).sample, target, idx)
         model_diff, ref_diff = err[:b] - err[b:], ref_err[:b] - ref_err[b:]
         inside = -0.5 * self.cfg.beta * (model_diff - ref_diff)
         loss = -torch.nn.functional.logsigmoid(inside).mean()
@@ -200,6 +202,10 @@ class DiffusionDPOTrainer:
                       "mse_chosen": round(float(err[:b].detach().mean()), 6),
                       "mse_rejected": round(float(err[b:].detach().mean()), 6),
                       "ref_diff": round(float(ref_diff.mean()), 6)}
+
+    def errors(self, pred: torch.Tensor, target: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        """Per-image error [2B] of chosen (first B) and rejected (last B) predictions."""
+        return self._err(pred, target)
 
     @staticmethod
     def _err(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -217,7 +223,7 @@ class DiffusionDPOTrainer:
         self.resume()
         t0 = time.perf_counter()
         sizes = np.array([len(g) for g in self.groups], dtype=float)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train diffusion-dpo", unit="step")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method}", unit="step")
         while self.step < cfg.steps:
             rng = np.random.default_rng([cfg.seed, self.step])  # deterministic per step: resumable exactly
             group = self.groups[int(rng.choice(len(self.groups), p=sizes / sizes.sum()))]
@@ -263,13 +269,13 @@ class DiffusionDPOTrainer:
         lora_dir = self.out / LORA_DIR
         self.accel.unwrap_model(self.unet).save_lora_adapter(str(lora_dir), weight_name=LORA_FILE)
         (lora_dir / "adapter.json").write_text(json.dumps(
-            {"method": "diffusion_dpo", "base_model_version": self.base_version, "steps": self.step,
+            {"method": self.method, "base_model_version": self.base_version, "steps": self.step,
              "beta": self.cfg.beta, "target_modules": TARGET_MODULES, "init_adapter": self.cfg.init_adapter or None},
             indent=2))
         losses = [h["loss"] for h in self.history]
         acc = [h["implicit_accuracy"] for h in self.history]
         window = max(1, len(losses) // 10)
-        metrics = {"method": "diffusion_dpo", "steps": self.step, "seconds": round(seconds, 1),
+        metrics = {"method": self.method, "steps": self.step, "seconds": round(seconds, 1),
                    "pairs": len(self.pairs), "reference": "the UNet with the LoRA disabled",
                    "prediction_type": self.noise_scheduler.config.prediction_type,
                    "loss_first": float(np.mean(losses[:window])), "loss_last": float(np.mean(losses[-window:])),

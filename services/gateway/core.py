@@ -65,6 +65,7 @@ class GenerateParams:
     soft_weight: float | None = None
     retrieval: str = ""
     include_seen: bool = False
+    references: list = field(default_factory=list)  # ReferenceInput (references.py), then "item:.."/"image:.."
 
 
 @dataclass
@@ -149,7 +150,7 @@ class GatewayCore:
     def __init__(self, settings, sessions: sessionmaker[Session], history, preference, dispatch: Callable[[str], None],
                  storage, defaults: dict, model_version: Callable[[], str], decider=None,
                  adapters: Callable[[], dict] | None = None, charge_images: Callable | None = None,
-                 limits: tuple[int, int, int] | None = None, notifier=None):
+                 limits: tuple[int, int, int] | None = None, notifier=None, references=None):
         self.settings = settings
         self.sessions = sessions
         self.history = history
@@ -168,6 +169,7 @@ class GatewayCore:
         self.reaper = Reaper(settings, sessions, dispatch)  # replays revive stalled rows through it
         self.charge_images = charge_images  # (principal, n) -> None or RateLimited: the tenant's image quota
         self.notifier = notifier or PollingNotifier()  # services/store/notify.py: wait(request_id, timeout)
+        self.references = references  # references.py: a subject's images -> storage URIs for the worker
 
     # -- validation -----------------------------------------------------------
     def resolve(self, p: GenerateParams) -> GenerateParams:
@@ -193,7 +195,7 @@ class GatewayCore:
             height=or_default(p.height, int(d["height"])), width=or_default(p.width, int(d["width"])),
             keyword_weight=or_default(p.keyword_weight, float(d.get("keyword_weight", 1.0))),
             soft_weight=or_default(p.soft_weight, default_soft_weight(d, method)),
-            retrieval=retrieval, include_seen=p.include_seen,
+            retrieval=retrieval, include_seen=p.include_seen, references=self._references().canonical(p.references),
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
         check_range("soft_weight", r.soft_weight, 0.0, 5.0)
@@ -215,6 +217,13 @@ class GatewayCore:
                     raise InvalidInput(f"{name}={value} is not allowed by the {s.render_backend} render backend: "
                                        f"{allowed}", reason="NOT_A_MULTIPLE", field=name, allowed=allowed)
         return r
+
+    def _references(self):
+        if self.references is None:
+            from pigment.services.gateway.references import References
+
+            self.references = References(self.history, self.storage, unavailable="no reference support configured")
+        return self.references
 
     # -- the request ------------------------------------------------------------
     def generate(self, params: GenerateParams, deadline: float | None = None,
@@ -285,6 +294,7 @@ class GatewayCore:
             "soft_tokens": None if soft is None else {
                 "shape": list(soft.shape), "float16_b64": base64.b64encode(soft.astype("float16").tobytes()).decode()},
             "soft_weight": p.soft_weight,
+            "references": self._references().uris(p.references, p.user_id),
             "history_item_ids": [h.item.item_id for h in history],
             "decision": asdict(decision),
             "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000,
@@ -426,7 +436,7 @@ class GatewayCore:
         cond = row.conditioning
         report = {"segments": cond.get("segments", []), "segment_weights": cond.get("segment_weights", []),
                   "soft_tokens": (cond.get("soft_tokens") or {}).get("shape", [0])[0],
-                  "soft_weight": cond.get("soft_weight", 0.0)}
+                  "soft_weight": cond.get("soft_weight", 0.0), "reference_images": len(cond.get("references") or [])}
         decision = {k: v for k, v in cond.get("decision", asdict(NO_RETRIEVAL)).items() if k != "items"}
         return GenerateResult(
             request_id=row.request_id, images=images, keywords=cond.get("keywords", []),

@@ -11,6 +11,7 @@ from pigment.services.common.media import DELIVERIES, chunks_to_pb, image_to_pb
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
 from pigment.services.gateway.generations import GenerationView
 from pigment.services.gateway.jobs import BatchParams, JobView
+from pigment.services.gateway.references import ReferenceInput
 from pigment.v1 import generation_pb2 as pb
 from pigment.v1 import generation_pb2_grpc, media_pb2
 
@@ -51,7 +52,7 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
         guidance_scale=given(r, "guidance_scale"), height=given(r, "height"), width=given(r, "width"),
         method=METHOD_NAMES.get(r.method, str(r.method)), keyword_weight=given(r, "keyword_weight"),
         soft_weight=given(r, "soft_weight"), retrieval=RETRIEVAL_NAMES.get(r.retrieval, str(r.retrieval)),
-        include_seen=r.include_seen,
+        include_seen=r.include_seen, references=[ReferenceInput(x.item_id, x.image) for x in r.references],
     )
 
 

@@ -293,6 +293,19 @@ class HistoryCore:
                    for inter, item in reversed(rows)]
         return HistoryPage(entries, token, total or 0)
 
+    def reference_image_uri(self, item_id: str, user_id: str) -> str:
+        """The stored image of an item the user may use as a reference: the public catalog's or the user's
+        tenant's. Another tenant's item is NotFound, the same answer as an absent one."""
+        check_id("item_id", item_id)
+        with transaction(self.sessions) as s:
+            user = _visible_user(s, user_id, None)
+            item = s.scalar(select(Item).where(Item.item_id == item_id, Item.deleted.is_(False)))
+            if item is None or (item.tenant is not None and item.tenant != user.tenant):
+                raise NotFound(f"reference item {item_id!r} not found")
+            if not item.image_uri:
+                raise InvalidInput(f"reference item {item_id!r} has no image")
+            return item.image_uri
+
     def delete_user(self, user_id: str, principal=None) -> tuple[int, int]:
         """GDPR deletion, everywhere pigment keeps something of the user: interactions, render requests and
         their generations (rows and stored PNGs), feedback (so no later training round sees the user), batch

@@ -140,6 +140,7 @@ class RenderCore:
             inputs = self._inputs(params, cond)
             try:
                 version, adapted = self.renderer_for(adapters, renderer)
+                inputs = self._with_references(adapted, inputs, cond)
                 adapted.check_inputs(inputs)
             except ValueError as exc:  # bad shapes or conditioning: the caller's fault, never retried
                 status[rid] = self._fail(rid, f"INVALID_ARGUMENT: {exc}")
@@ -248,6 +249,15 @@ class RenderCore:
                               .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
             except Exception:  # a database blip: the next beat retries
                 log.warning("request heartbeat failed for %s", ids, exc_info=True)
+
+    def _with_references(self, renderer, inputs, cond: dict):
+        """The request's reference images (storage URIs the gateway checked) -> the renderer's reference tokens."""
+        uris = cond.get("references") or []
+        if not uris:
+            return inputs
+        from dataclasses import replace
+
+        return replace(inputs, reference_tokens=renderer.reference_tokens([self.storage.get(u) for u in uris]))
 
     @staticmethod
     def _inputs(params: dict, cond: dict):

@@ -115,7 +115,7 @@ JOB_STATUS_CANCELLED: JobStatus
 JOB_STATUS_FAILED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen")
+    __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen", "references")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class GenerateRequest(_message.Message):
     SOFT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     prompt: str
@@ -144,7 +145,8 @@ class GenerateRequest(_message.Message):
     soft_weight: float
     retrieval: RetrievalMode
     include_seen: bool
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ...) -> None: ...
+    references: _containers.RepeatedCompositeFieldContainer[ReferenceImage]
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ..., references: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("png", "generation_id", "seed", "storage_uri", "source", "item_id", "score", "url")
@@ -179,16 +181,18 @@ class Decision(_message.Message):
     def __init__(self, policy: _Optional[_Union[DecisionPolicy, str]] = ..., retrieved: _Optional[bool] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConditioningReport(_message.Message):
-    __slots__ = ("segments", "segment_weights", "soft_tokens", "soft_weight")
+    __slots__ = ("segments", "segment_weights", "soft_tokens", "soft_weight", "reference_images")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SOFT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedScalarFieldContainer[str]
     segment_weights: _containers.RepeatedScalarFieldContainer[float]
     soft_tokens: int
     soft_weight: float
-    def __init__(self, segments: _Optional[_Iterable[str]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., soft_tokens: _Optional[int] = ..., soft_weight: _Optional[float] = ...) -> None: ...
+    reference_images: int
+    def __init__(self, segments: _Optional[_Iterable[str]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., soft_tokens: _Optional[int] = ..., soft_weight: _Optional[float] = ..., reference_images: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "images", "keywords", "model_version", "flags", "timings_ms", "method", "decision", "conditioning")
@@ -426,3 +430,11 @@ class ListGenerationsResponse(_message.Message):
     generations: _containers.RepeatedCompositeFieldContainer[Generation]
     next_page_token: str
     def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReferenceImage(_message.Message):
+    __slots__ = ("item_id", "image")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    image: bytes
+    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...

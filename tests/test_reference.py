@@ -1,0 +1,213 @@
+"""Reference-image conditioning and PatchDPO: trainers on tiny data, patch quality, and requests over real gRPC."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import make_settings, running_stack
+from pigment.models.reference import PROJECTOR, ReferenceProjector
+from pigment.training import toy_subjects as ts
+from pigment.v1 import generation_pb2 as gpb
+from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from PIL import Image
+
+TOY = "models/presets/toy"
+
+
+@pytest.fixture(scope="module")
+def ref_preset(tmp_path_factory, tiny_preset):
+    """The tiny preset plus an (untrained, seeded) reference projector recorded in its manifest."""
+    from pigment.models.loader import load_component
+    from pigment.training.train_reference import install_component
+
+    preset = tmp_path_factory.mktemp("refpreset") / "tiny"
+    shutil.copytree(tiny_preset, preset)
+    torch.manual_seed(0)
+    clip = load_component(preset, "clip")
+    text = load_component(preset, "text_encoder")
+    proj = ReferenceProjector(clip.vision_model.config.hidden_size, text.config.hidden_size, num_tokens=4)
+    with torch.no_grad():
+        proj.out[1].weight.mul_(50)  # strong enough tokens to change an untrained UNet's output visibly
+    saved = tmp_path_factory.mktemp("proj") / PROJECTOR
+    proj.save_pretrained(saved)
+    install_component(preset, PROJECTOR, saved, PROJECTOR)
+    return preset
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- trainers
+def test_reference_trainer_learns_resumes_and_writes_metrics(tmp_path, tiny_preset):
+    from pigment.training.train_reference import ReferenceConfig, ReferenceTrainer
+
+    def trainer(steps):
+        cfg = ReferenceConfig(preset=str(tiny_preset), out=str(tmp_path / "run"), num_tokens=4, align_steps=3,
+                              steps=steps, batch_size=4, images_per_subject=4, checkpoint_every=2)
+        t = ReferenceTrainer(cfg, subjects=ts.train_subjects()[:3])
+        t.prepare()
+        return t
+
+    first = trainer(2)
+    before = {k: v.clone() for k, v in first.projector.state_dict().items()}
+    m = first.train(progress=False)
+    assert m["steps"] == 5 and np.isfinite(m["loss_last"]) and set(m["stages"]) == {"align", "diffusion"}
+    assert any(not torch.equal(before[k], v) for k, v in first.projector.state_dict().items())
+    second = trainer(4)  # same out dir: continues from the checkpoint at step 5
+    m2 = second.train(progress=False)
+    assert m2["steps"] == 7 and m2["history"][:5] == m["history"]
+    saved = ReferenceProjector.from_pretrained(tmp_path / "run" / PROJECTOR)
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in second.projector.state_dict().items())
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_patchdpo_pairs_and_trainer(tmp_path, ref_preset):
+    from peft import get_peft_model_state_dict
+    from pigment.training.train_patchdpo import (
+        PatchDPOConfig,
+        PatchDPOTrainer,
+        make_patch_pairs,
+        read_patch_pairs,
+    )
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    records = make_patch_pairs(ref_preset, pairs_file, cases=3, candidates=3, seed=1)
+    assert records and all(r["scores"]["chosen"] > r["scores"]["rejected"] for r in records)
+    pairs = read_patch_pairs(pairs_file)
+
+    def trainer(steps):
+        t = PatchDPOTrainer(PatchDPOConfig(preset=str(ref_preset), out=str(tmp_path / "run"), pairs=str(pairs_file),
+                                           steps=steps, batch_size=2, checkpoint_every=2, lr=1e-3))
+        t.prepare(pairs)
+        return t
+
+    first = trainer(2)
+    assert first.weights.shape[1] == 2 and torch.allclose(first.weights.mean(dim=(2, 3)), torch.ones(1))
+    lora0 = {k: v.clone() for k, v in get_peft_model_state_dict(first.unet).items()}
+    m = first.train()
+    assert m["method"] == "patchdpo" and all(np.isfinite(h["loss"]) for h in m["history"])
+    assert abs(m["history"][0]["loss"] - np.log(2)) < 1e-3  # B starts at zero: policy == reference
+    lora1 = get_peft_model_state_dict(first.unet)
+    assert any(not torch.equal(lora0[k], v) for k, v in lora1.items())
+    m2 = trainer(3).train()
+    assert m2["steps"] == 3 and m2["history"][:2] == m["history"]
+    assert (tmp_path / "run" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_patch_quality_prefers_the_reference_colour():
+    """The frozen CLIP tower's patches: renders of the reference subject score above the same shape in another
+    colour (what its 4-pixel patches see; shape is spread over many patches, see train_patchdpo.QUALITY_LAYER)."""
+    from pigment.models.reference import ImagePatches
+    from pigment.training.train_patchdpo import QUALITY_LAYER, image_score, patch_quality
+
+    patches = ImagePatches(TOY)
+    rng = np.random.default_rng(0)
+    wins = []
+    for shape, colour, other in [("star", "red", "blue"), ("circle", "green", "purple"), ("heart", "yellow", "red"),
+                                 ("square", "blue", "orange"), ("cross", "purple", "green")]:
+        ref, same = ts.subject_images(ts.Subject(shape, colour), 2, rng)[1]
+        wrong = ts.subject_images(ts.Subject(shape, other), 1, rng)[1][0]
+        feats = patches([ref, same, wrong], layer=QUALITY_LAYER)
+        scores = [image_score(patch_quality(f, [feats[0]], patches.grid)) for f in feats[1:]]
+        wins.append(scores[0] > scores[1])
+    assert sum(wins) >= 4, wins
+
+
+# --------------------------------------------------------------------------- serving over gRPC
+@pytest.fixture(scope="module")
+def ref_stack(tmp_path_factory, ref_preset):
+    settings = make_settings(tmp_path_factory.mktemp("refstack"), ref_preset)
+    with running_stack(settings) as (stack, channel, _):
+        history = history_pb2_grpc.HistoryServiceStub(channel)
+        rng = np.random.default_rng(0)
+        star = _png(ts.subject_images(ts.Subject("star", "red"), 1, rng)[1][0])
+        history.UpsertItems(history_pb2.UpsertItemsRequest(items=[
+            history_pb2.Item(item_id="red-star", caption="a large red star on a dark background", image_png=star),
+            history_pb2.Item(item_id="acme-star", caption="a star", image_png=star, tenant="acme")]))
+        history.LogInteractions(history_pb2.LogInteractionsRequest(
+            user_id="alice", create_user=True,
+            interactions=[history_pb2.Interaction(item_id="red-star", kind="like", timestamp_ms=1_700_000_000_000)]))
+        yield stack, channel, star
+
+
+def _request(request_id, refs=(), **kw):
+    return gpb.GenerateRequest(request_id=request_id, user_id="alice", prompt="a large shape on a light background",
+                               num_images=1, num_inference_steps=3, seed=5, method=gpb.METHOD_NON_PERSONALIZED,
+                               retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY, references=list(refs), **kw)
+
+
+def test_reference_request_end_to_end(ref_stack):
+    _, channel, star = ref_stack
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    plain = stub.GeneratePersonalized(_request("ref-plain"), timeout=120)
+    by_item = stub.GeneratePersonalized(_request("ref-item", [gpb.ReferenceImage(item_id="red-star")]), timeout=120)
+    by_bytes = stub.GeneratePersonalized(_request("ref-bytes", [gpb.ReferenceImage(image=star)]), timeout=120)
+    assert plain.conditioning.reference_images == 0 and by_item.conditioning.reference_images == 1
+    assert by_bytes.conditioning.reference_images == 1
+    pixels = lambda r: np.asarray(Image.open(io.BytesIO(r.images[0].png)), dtype=float)
+    assert np.abs(pixels(by_item) - pixels(plain)).mean() > 1.0  # the tokens reached the UNet
+    assert np.array_equal(pixels(by_item), pixels(by_bytes))  # the same image, however it was named
+    replay = stub.GeneratePersonalized(_request("ref-item", [gpb.ReferenceImage(item_id="red-star")]), timeout=120)
+    assert "REPLAYED" in replay.flags and replay.images[0].png == by_item.images[0].png
+
+
+def _huge_png_header() -> bytes:
+    ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+
+
+@pytest.mark.parametrize("ref, code, words", [
+    (gpb.ReferenceImage(image=b"GIF89a not a png"), grpc.StatusCode.INVALID_ARGUMENT, "not a PNG or JPEG"),
+    (gpb.ReferenceImage(image=_huge_png_header()), grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+    (gpb.ReferenceImage(item_id="acme-star"), grpc.StatusCode.NOT_FOUND, "acme-star"),
+    (gpb.ReferenceImage(item_id="no-such-item"), grpc.StatusCode.NOT_FOUND, "no-such-item"),
+    (gpb.ReferenceImage(item_id="../etc/passwd"), grpc.StatusCode.INVALID_ARGUMENT, "item_id"),
+])
+def test_bad_references_are_refused(ref_stack, ref, code, words):
+    stub = generation_pb2_grpc.GenerationServiceStub(ref_stack[1])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GeneratePersonalized(_request(f"bad-{abs(hash(ref.SerializeToString())) % 10**8}", [ref]), timeout=60)
+    assert err.value.code() == code and words in err.value.details()
+
+
+def test_preset_without_projector_is_failed_precondition(tmp_path, tiny_preset):
+    settings = make_settings(tmp_path, tiny_preset)
+    with running_stack(settings, worker=False) as (_, channel, _):
+        history_pb2_grpc.HistoryServiceStub(channel).LogInteractions(
+            history_pb2.LogInteractionsRequest(user_id="alice", create_user=True))
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GeneratePersonalized(_request("no-proj", [gpb.ReferenceImage(image=b"\x89PNG")]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "reference_projector" in err.value.details()
+
+
+def test_subject_protocol_shape_and_scoring():
+    """DreamBench's shape: held-out subjects never trained on, several prompts each, several seeds; prompts ask
+    for a background the reference does not show, so copying the reference cannot pass."""
+    held = ts.held_out_subjects()
+    assert not set(held) & set(ts.train_subjects()) and len(set(held) | set(ts.train_subjects())) == 36
+    cases = ts.eval_cases(held, prompts_per_subject=4, seeds=3)
+    assert len(cases) == 6 * 4 * 3
+    from pigment.training.toy_world import BACKGROUND_RGB
+
+    for c in cases:
+        corner = c.references[0][0, 0].astype(float)  # the corner pixel is background
+        shown = min(BACKGROUND_RGB, key=lambda b: np.abs(corner - BACKGROUND_RGB[b]).sum())
+        assert c.prompted["background"] != shown and f"{c.prompted['background']} background" in c.prompt
+        assert c.subject.shape not in c.prompt and c.subject.colour not in c.prompt
+    perfect = [{**c.subject.attrs, **c.prompted} for c in cases]
+    copied = [{**c.subject.attrs, "background": "x", "size": c.prompted["size"]} for c in cases]
+    assert ts.fidelity(cases, perfect)["subject_fidelity"] == 1.0 == ts.fidelity(cases, perfect)["prompt_fidelity"]
+    assert ts.fidelity(cases, copied)["prompt_fidelity"] == 0.5 and ts.fidelity(cases, copied)["prompt_joint"] == 0.0
