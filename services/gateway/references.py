@@ -43,13 +43,16 @@ class References:
         if isinstance(refs[0], str):  # already canonical (a replay through resolve)
             return list(refs)
         if self.unavailable:
-            raise FailedPrecondition(f"references cannot be used with this deployment: {self.unavailable}")
+            raise FailedPrecondition(f"references cannot be used with this deployment: {self.unavailable}",
+                                     reason="NO_REFERENCE_SUPPORT", field="references")
         if len(refs) > self.max_references:
-            raise InvalidInput(f"references has {len(refs)} images: allowed 1..{self.max_references}")
+            raise InvalidInput(f"references has {len(refs)} images: allowed 1..{self.max_references}",
+                               reason="TOO_MANY", field="references", allowed=f"1..{self.max_references}")
         out = []
         for n, ref in enumerate(refs):
             if bool(ref.item_id) == bool(ref.image):
-                raise InvalidInput(f"references[{n}] needs exactly one of item_id or image")
+                raise InvalidInput(f"references[{n}] needs exactly one of item_id or image", reason="ONE_OF_REQUIRED",
+                                   field=f"references[{n}]")
             if ref.item_id:
                 out.append("item:" + check_id(f"references[{n}].item_id", ref.item_id))
                 continue
