@@ -33,6 +33,7 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
         num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, height=r.height,
         width=r.width, method=METHOD_NAMES.get(r.method, "?"), keyword_weight=r.keyword_weight,
         soft_weight=r.soft_weight, retrieval=RETRIEVAL_NAMES.get(r.retrieval, "?"), include_seen=r.include_seen,
+        candidate=r.candidate,
     )
 
 
@@ -45,6 +46,7 @@ def result_to_pb(res: GenerateResult) -> pb.GenerateResponse:
         decision=pb.Decision(policy=res.decision.get("policy", ""), retrieved=res.decision.get("retrieve", False),
                              score=res.decision.get("score", 0.0), reason=res.decision.get("reason", "")),
         conditioning=pb.ConditioningReport(**res.conditioning) if res.conditioning else None,
+        feedback_used=res.feedback_used, explored_attribute=res.explored_attribute,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpigment/v1/generation.proto\x12\npigment.v1\"\xd1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x0e\n\x06height\x18\x08 \x01(\x05\x12\r\n\x05width\x18\t \x01(\x05\x12\"\n\x06method\x18\n \x01(\x0e\x32\x12.pigment.v1.Method\x12\x16\n\x0ekeyword_weight\x18\x0b \x01(\x02\x12\x13\n\x0bsoft_weight\x18\x0c \x01(\x02\x12,\n\tretrieval\x18\r \x01(\x0e\x32\x19.pigment.v1.RetrievalMode\x12\x14\n\x0cinclude_seen\x18\x0e \x01(\x08\"\xa1\x01\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x15\n\rgeneration_id\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0bstorage_uri\x18\x04 \x01(\t\x12(\n\x06source\x18\x05 \x01(\x0e\x32\x18.pigment.v1.ResultSource\x12\x0f\n\x07item_id\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\"L\n\x08\x44\x65\x63ision\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tretrieved\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0e\n\x06reason\x18\x04 \x01(\t\"i\n\x12\x43onditioningReport\x12\x10\n\x08segments\x18\x01 \x03(\t\x12\x17\n\x0fsegment_weights\x18\x02 \x03(\x02\x12\x13\n\x0bsoft_tokens\x18\x03 \x01(\x05\x12\x13\n\x0bsoft_weight\x18\x04 \x01(\x02\"\xeb\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06images\x18\x02 \x03(\x0b\x32\x1a.pigment.v1.GeneratedImage\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05\x66lags\x18\x05 \x03(\t\x12?\n\ntimings_ms\x18\x06 \x03(\x0b\x32+.pigment.v1.GenerateResponse.TimingsMsEntry\x12\x0e\n\x06method\x18\x07 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x08 \x01(\x0b\x32\x14.pigment.v1.Decision\x12\x34\n\x0c\x63onditioning\x18\t \x01(\x0b\x32\x1e.pigment.v1.ConditioningReport\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\"r\n\rGenerateEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.pigment.v1.ProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.pigment.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\xa6\x01\n\x12LogFeedbackRequest\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x15\n\rgeneration_id\x18\x03 \x01(\t\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.pigment.v1.FeedbackKind\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x1c\n\x14other_generation_ids\x18\x06 \x03(\t\"(\n\x13LogFeedbackResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"\xc5\x01\n\x12SubmitBatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08user_ids\x18\x02 \x03(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x17\n\x0fimages_per_user\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\"\n\x06method\x18\x07 \x01(\x0e\x32\x12.pigment.v1.Method\x12\x12\n\nchunk_size\x18\x08 \x01(\x05\"3\n\x13SubmitBatchResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.pigment.v1.Job\"F\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"W\n\rJobUserResult\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0egeneration_ids\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x97\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0c\n\x04\x64one\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12*\n\x07results\x18\x06 \x03(\x0b\x32\x19.pigment.v1.JobUserResult\x12\x17\n\x0fnext_page_token\x18\x07 \x01(\t*{\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_PMG\x10\x01\x12\x17\n\x13METHOD_PMG_KEYWORDS\x10\x02\x12\x13\n\x0fMETHOD_PMG_SOFT\x10\x03\x12\x1b\n\x17METHOD_NON_PERSONALIZED\x10\x04*\xa5\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13RETRIEVAL_MODE_AUTO\x10\x01\x12 \n\x1cRETRIEVAL_MODE_GENERATE_ONLY\x10\x02\x12 \n\x1cRETRIEVAL_MODE_RETRIEVE_ONLY\x10\x03\x12\x17\n\x13RETRIEVAL_MODE_BOTH\x10\x04*g\n\x0cResultSource\x12\x1d\n\x19RESULT_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESULT_SOURCE_GENERATED\x10\x01\x12\x1b\n\x17RESULT_SOURCE_RETRIEVED\x10\x02*\xab\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_LIKE\x10\x01\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_DISLIKE\x10\x02\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_RATING\x10\x03\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_PICK\x10\x04\x12\x17\n\x13\x46\x45\x45\x44\x42\x41\x43K_KIND_CLICK\x10\x05\x32\xd0\x03\n\x11GenerationService\x12Q\n\x14GeneratePersonalized\x12\x1b.pigment.v1.GenerateRequest\x1a\x1c.pigment.v1.GenerateResponse\x12V\n\x1aGeneratePersonalizedStream\x12\x1b.pigment.v1.GenerateRequest\x1a\x19.pigment.v1.GenerateEvent0\x01\x12N\n\x0bLogFeedback\x12\x1e.pigment.v1.LogFeedbackRequest\x1a\x1f.pigment.v1.LogFeedbackResponse\x12N\n\x0bSubmitBatch\x12\x1e.pigment.v1.SubmitBatchRequest\x1a\x1f.pigment.v1.SubmitBatchResponse\x12\x34\n\x06GetJob\x12\x19.pigment.v1.GetJobRequest\x1a\x0f.pigment.v1.Job\x12:\n\tCancelJob\x12\x1c.pigment.v1.CancelJobRequest\x1a\x0f.pigment.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpigment/v1/generation.proto\x12\npigment.v1\"\xe4\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x0e\n\x06height\x18\x08 \x01(\x05\x12\r\n\x05width\x18\t \x01(\x05\x12\"\n\x06method\x18\n \x01(\x0e\x32\x12.pigment.v1.Method\x12\x16\n\x0ekeyword_weight\x18\x0b \x01(\x02\x12\x13\n\x0bsoft_weight\x18\x0c \x01(\x02\x12,\n\tretrieval\x18\r \x01(\x0e\x32\x19.pigment.v1.RetrievalMode\x12\x14\n\x0cinclude_seen\x18\x0e \x01(\x08\x12\x11\n\tcandidate\x18( \x01(\x05\"\xa1\x01\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x15\n\rgeneration_id\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0bstorage_uri\x18\x04 \x01(\t\x12(\n\x06source\x18\x05 \x01(\x0e\x32\x18.pigment.v1.ResultSource\x12\x0f\n\x07item_id\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\"L\n\x08\x44\x65\x63ision\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tretrieved\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0e\n\x06reason\x18\x04 \x01(\t\"i\n\x12\x43onditioningReport\x12\x10\n\x08segments\x18\x01 \x03(\t\x12\x17\n\x0fsegment_weights\x18\x02 \x03(\x02\x12\x13\n\x0bsoft_tokens\x18\x03 \x01(\x05\x12\x13\n\x0bsoft_weight\x18\x04 \x01(\x02\"\x9e\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06images\x18\x02 \x03(\x0b\x32\x1a.pigment.v1.GeneratedImage\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05\x66lags\x18\x05 \x03(\t\x12?\n\ntimings_ms\x18\x06 \x03(\x0b\x32+.pigment.v1.GenerateResponse.TimingsMsEntry\x12\x0e\n\x06method\x18\x07 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x08 \x01(\x0b\x32\x14.pigment.v1.Decision\x12\x34\n\x0c\x63onditioning\x18\t \x01(\x0b\x32\x1e.pigment.v1.ConditioningReport\x12\x15\n\rfeedback_used\x18( \x03(\t\x12\x1a\n\x12\x65xplored_attribute\x18) \x01(\t\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\"r\n\rGenerateEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.pigment.v1.ProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.pigment.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\xa6\x01\n\x12LogFeedbackRequest\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x15\n\rgeneration_id\x18\x03 \x01(\t\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.pigment.v1.FeedbackKind\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x1c\n\x14other_generation_ids\x18\x06 \x03(\t\"(\n\x13LogFeedbackResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"\xc5\x01\n\x12SubmitBatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08user_ids\x18\x02 \x03(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x17\n\x0fimages_per_user\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\"\n\x06method\x18\x07 \x01(\x0e\x32\x12.pigment.v1.Method\x12\x12\n\nchunk_size\x18\x08 \x01(\x05\"3\n\x13SubmitBatchResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.pigment.v1.Job\"F\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"W\n\rJobUserResult\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0egeneration_ids\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x97\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0c\n\x04\x64one\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12*\n\x07results\x18\x06 \x03(\x0b\x32\x19.pigment.v1.JobUserResult\x12\x17\n\x0fnext_page_token\x18\x07 \x01(\t*{\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_PMG\x10\x01\x12\x17\n\x13METHOD_PMG_KEYWORDS\x10\x02\x12\x13\n\x0fMETHOD_PMG_SOFT\x10\x03\x12\x1b\n\x17METHOD_NON_PERSONALIZED\x10\x04*\xa5\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13RETRIEVAL_MODE_AUTO\x10\x01\x12 \n\x1cRETRIEVAL_MODE_GENERATE_ONLY\x10\x02\x12 \n\x1cRETRIEVAL_MODE_RETRIEVE_ONLY\x10\x03\x12\x17\n\x13RETRIEVAL_MODE_BOTH\x10\x04*g\n\x0cResultSource\x12\x1d\n\x19RESULT_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESULT_SOURCE_GENERATED\x10\x01\x12\x1b\n\x17RESULT_SOURCE_RETRIEVED\x10\x02*\xab\x01\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_LIKE\x10\x01\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_DISLIKE\x10\x02\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_RATING\x10\x03\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_PICK\x10\x04\x12\x17\n\x13\x46\x45\x45\x44\x42\x41\x43K_KIND_CLICK\x10\x05\x32\xd0\x03\n\x11GenerationService\x12Q\n\x14GeneratePersonalized\x12\x1b.pigment.v1.GenerateRequest\x1a\x1c.pigment.v1.GenerateResponse\x12V\n\x1aGeneratePersonalizedStream\x12\x1b.pigment.v1.GenerateRequest\x1a\x19.pigment.v1.GenerateEvent0\x01\x12N\n\x0bLogFeedback\x12\x1e.pigment.v1.LogFeedbackRequest\x1a\x1f.pigment.v1.LogFeedbackResponse\x12N\n\x0bSubmitBatch\x12\x1e.pigment.v1.SubmitBatchRequest\x1a\x1f.pigment.v1.SubmitBatchResponse\x12\x34\n\x06GetJob\x12\x19.pigment.v1.GetJobRequest\x1a\x0f.pigment.v1.Job\x12:\n\tCancelJob\x12\x1c.pigment.v1.CancelJobRequest\x1a\x0f.pigment.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,46 +33,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATERESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_GENERATERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_METHOD']._serialized_start=2092
-  _globals['_METHOD']._serialized_end=2215
-  _globals['_RETRIEVALMODE']._serialized_start=2218
-  _globals['_RETRIEVALMODE']._serialized_end=2383
-  _globals['_RESULTSOURCE']._serialized_start=2385
-  _globals['_RESULTSOURCE']._serialized_end=2488
-  _globals['_FEEDBACKKIND']._serialized_start=2491
-  _globals['_FEEDBACKKIND']._serialized_end=2662
+  _globals['_METHOD']._serialized_start=2162
+  _globals['_METHOD']._serialized_end=2285
+  _globals['_RETRIEVALMODE']._serialized_start=2288
+  _globals['_RETRIEVALMODE']._serialized_end=2453
+  _globals['_RESULTSOURCE']._serialized_start=2455
+  _globals['_RESULTSOURCE']._serialized_end=2558
+  _globals['_FEEDBACKKIND']._serialized_start=2561
+  _globals['_FEEDBACKKIND']._serialized_end=2732
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=381
-  _globals['_GENERATEDIMAGE']._serialized_start=384
-  _globals['_GENERATEDIMAGE']._serialized_end=545
-  _globals['_DECISION']._serialized_start=547
-  _globals['_DECISION']._serialized_end=623
-  _globals['_CONDITIONINGREPORT']._serialized_start=625
-  _globals['_CONDITIONINGREPORT']._serialized_end=730
-  _globals['_GENERATERESPONSE']._serialized_start=733
-  _globals['_GENERATERESPONSE']._serialized_end=1096
-  _globals['_GENERATERESPONSE_TIMINGSMSENTRY']._serialized_start=1048
-  _globals['_GENERATERESPONSE_TIMINGSMSENTRY']._serialized_end=1096
-  _globals['_PROGRESS']._serialized_start=1098
-  _globals['_PROGRESS']._serialized_end=1159
-  _globals['_GENERATEEVENT']._serialized_start=1161
-  _globals['_GENERATEEVENT']._serialized_end=1275
-  _globals['_LOGFEEDBACKREQUEST']._serialized_start=1278
-  _globals['_LOGFEEDBACKREQUEST']._serialized_end=1444
-  _globals['_LOGFEEDBACKRESPONSE']._serialized_start=1446
-  _globals['_LOGFEEDBACKRESPONSE']._serialized_end=1486
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=1489
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1686
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1688
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1739
-  _globals['_GETJOBREQUEST']._serialized_start=1741
-  _globals['_GETJOBREQUEST']._serialized_end=1811
-  _globals['_CANCELJOBREQUEST']._serialized_start=1813
-  _globals['_CANCELJOBREQUEST']._serialized_end=1847
-  _globals['_JOBUSERRESULT']._serialized_start=1849
-  _globals['_JOBUSERRESULT']._serialized_end=1936
-  _globals['_JOB']._serialized_start=1939
-  _globals['_JOB']._serialized_end=2090
-  _globals['_GENERATIONSERVICE']._serialized_start=2665
-  _globals['_GENERATIONSERVICE']._serialized_end=3129
+  _globals['_GENERATEREQUEST']._serialized_end=400
+  _globals['_GENERATEDIMAGE']._serialized_start=403
+  _globals['_GENERATEDIMAGE']._serialized_end=564
+  _globals['_DECISION']._serialized_start=566
+  _globals['_DECISION']._serialized_end=642
+  _globals['_CONDITIONINGREPORT']._serialized_start=644
+  _globals['_CONDITIONINGREPORT']._serialized_end=749
+  _globals['_GENERATERESPONSE']._serialized_start=752
+  _globals['_GENERATERESPONSE']._serialized_end=1166
+  _globals['_GENERATERESPONSE_TIMINGSMSENTRY']._serialized_start=1118
+  _globals['_GENERATERESPONSE_TIMINGSMSENTRY']._serialized_end=1166
+  _globals['_PROGRESS']._serialized_start=1168
+  _globals['_PROGRESS']._serialized_end=1229
+  _globals['_GENERATEEVENT']._serialized_start=1231
+  _globals['_GENERATEEVENT']._serialized_end=1345
+  _globals['_LOGFEEDBACKREQUEST']._serialized_start=1348
+  _globals['_LOGFEEDBACKREQUEST']._serialized_end=1514
+  _globals['_LOGFEEDBACKRESPONSE']._serialized_start=1516
+  _globals['_LOGFEEDBACKRESPONSE']._serialized_end=1556
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1559
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1756
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1758
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1809
+  _globals['_GETJOBREQUEST']._serialized_start=1811
+  _globals['_GETJOBREQUEST']._serialized_end=1881
+  _globals['_CANCELJOBREQUEST']._serialized_start=1883
+  _globals['_CANCELJOBREQUEST']._serialized_end=1917
+  _globals['_JOBUSERRESULT']._serialized_start=1919
+  _globals['_JOBUSERRESULT']._serialized_end=2006
+  _globals['_JOB']._serialized_start=2009
+  _globals['_JOB']._serialized_end=2160
+  _globals['_GENERATIONSERVICE']._serialized_start=2735
+  _globals['_GENERATIONSERVICE']._serialized_end=3199
 # @@protoc_insertion_point(module_scope)
