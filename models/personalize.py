@@ -24,6 +24,7 @@ This module is pure (no database, no services): the gateway reads the rows, the 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ DEFAULT_SIGNAL_WEIGHTS: dict[str, float] = {
 }
 RATING_PRIOR_MEAN, RATING_PRIOR_COUNT = 3.0, 2.0  # a user's mean rating shrinks toward the scale's middle
 LLM_PRIOR = 1.0  # score of the keyword the LLM chose for an attribute, before any evidence
+UNCERTAIN_MARGIN = 1.5  # an attribute whose best value leads the next by less is asked about (a pick: +2)
 
 # Flags reported back to the caller.
 FEEDBACK_APPLIED = "FEEDBACK_APPLIED"
@@ -76,6 +78,7 @@ class FeedbackEvidence:
     scores: dict[str, float]
     used: list[str]
     contradictions: list[str]
+    prior_scale: float = 1.0  # weight left to the history's prior: it is older than every round of feedback
 
 
 def rating_mean(values: Iterable[float]) -> float:
@@ -105,10 +108,12 @@ def weigh_signals(signals: Sequence[Signal], table: dict[str, float], half_life_
 
 
 def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap: float,
-                      half_life_s: float = 0.0, now_ms: int = 0) -> FeedbackEvidence:
+                      half_life_s: float = 0.0, now_ms: int = 0, round_decay: float = 1.0) -> FeedbackEvidence:
     """keyword -> summed evidence of ``rows`` (newest last). Per image, one opinion (like, dislike or
     rating): the latest; a like and a dislike of the same image is a contradiction, resolved by the latest.
-    Each pick counts once per chosen image (its latest)."""
+    Each pick counts once per chosen image (its latest). A pick closes a round of candidates: a row
+    weighs ``round_decay`` ** (picks made after it), so a taste that moved is followed within rounds
+    (wall-clock decay, ``half_life_s``, is separate and optional)."""
     latest: dict[tuple[str, str], FeedbackRow] = {}
     kinds_seen: dict[str, set[str]] = defaultdict(set)
     for row in sorted(rows, key=lambda r: r.ts_ms):
@@ -116,12 +121,14 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
         if family == "opinion":
             kinds_seen[row.generation_id].add("pos" if _opinion_sign(row) > 0 else "neg")
         latest[(row.generation_id, family)] = row
-    kept = list(latest.values())
+    kept = sorted(latest.values(), key=lambda r: r.ts_ms)
+    pick_times = sorted(r.ts_ms for r in kept if r.kind == "pick")
     mean = rating_mean(r.value for r in kept if r.kind == "rating")
     scores: dict[str, float] = defaultdict(float)
     used = []
     for row in kept:
-        d = decay(row.ts_ms, now_ms, half_life_s)
+        newer_picks = len(pick_times) - bisect.bisect_right(pick_times, row.ts_ms)
+        d = decay(row.ts_ms, now_ms, half_life_s) * round_decay**newer_picks
         if row.kind == "pick":
             w = table.get("pick", 0.0) * d
             _add(scores, row.keywords, w)
@@ -134,7 +141,7 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
         used.append(row.feedback_id)
     clipped = {k: max(-cap, min(cap, v)) for k, v in scores.items() if abs(v) > 1e-9}
     contradictions = sorted(g for g, signs in kinds_seen.items() if len(signs) > 1)
-    return FeedbackEvidence(clipped, sorted(used), contradictions)
+    return FeedbackEvidence(clipped, sorted(used), contradictions, round_decay ** len(pick_times))
 
 
 def _opinion_sign(row: FeedbackRow) -> float:
@@ -170,23 +177,24 @@ def history_evidence(weighted: Sequence[tuple[str, float]], vocab) -> dict[str, 
 
 
 def choose_keywords(llm_keywords: Sequence[str], vocab, target: str, history: dict[str, float],
-                    feedback: dict[str, float], max_keywords: int) -> Choice:
-    """Combine the LLM's keywords (prior), history evidence and feedback evidence into the keywords to render."""
+                    feedback: dict[str, float], max_keywords: int, prior_scale: float = 1.0) -> Choice:
+    """Combine the LLM's keywords and the history evidence (the prior, weighted ``prior_scale``: it ages
+    like the oldest round of feedback) with feedback evidence into the keywords to render."""
     if vocab.by_attribute:
-        return _choose_vocab(llm_keywords, vocab, target, history, feedback)
-    return _choose_free(llm_keywords, feedback, max_keywords)
+        return _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale)
+    return _choose_free(llm_keywords, feedback, max_keywords, prior_scale)
 
 
-def _choose_vocab(llm_keywords, vocab, target, history, feedback) -> Choice:
+def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.0) -> Choice:
     named = vocab.attributes_named_in(target)
     from_llm = {vocab.attribute_of[k]: k for k in llm_keywords if k in vocab.attribute_of}
 
-    def pick(evidence: dict[str, float]) -> tuple[dict[str, str], list[tuple[float, str, list[str]]]]:
+    def pick(evidence: dict[str, float], scale: float) -> tuple[dict[str, str], list[tuple[float, str, list[str]]]]:
         best, margins = {}, []
         for attr, values in vocab.by_attribute.items():
             if attr in named:
                 continue
-            score = {kw: (LLM_PRIOR if from_llm.get(attr) == kw else 0.0) + history.get(kw, 0.0)
+            score = {kw: scale * ((LLM_PRIOR if from_llm.get(attr) == kw else 0.0) + history.get(kw, 0.0))
                      + evidence.get(kw, 0.0) for kw in values}
             ranked = sorted(values, key=lambda kw: (-score[kw], kw != from_llm.get(attr), values.index(kw)))
             # an attribute is rendered when the LLM named it or the evidence for a value is positive
@@ -196,17 +204,24 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback) -> Choice:
             margins.append((gap, attr, ranked if attr not in best else ranked[1:]))
         return best, margins
 
-    best, margins = pick(feedback)
-    prior, _ = pick({})
-    ordered = lambda chosen: [chosen[a] for a in vocab.by_attribute if a in chosen]
-    variants = [(attr, ordered({**best, attr: alt}))
-                for _, attr, alternatives in sorted(margins, key=lambda m: m[0])  # least certain attribute first
-                for alt in alternatives]
-    return Choice(ordered(best), ordered(best) != ordered(prior), variants)
+    best, margins = pick(feedback, prior_scale)
+    prior, _ = pick({}, 1.0)
+    margins.sort(key=lambda m: m[0])  # least certain attribute first
+    # Ask about the uncertain attributes (all of them, interleaved, next-best value first): one uncertain
+    # attribute -> every candidate differs on it; none -> the least certain one is asked about anyway.
+    asked = [m for m in margins if m[0] < UNCERTAIN_MARGIN] or margins[:1]
+    queue = [(attr, alts[depth]) for depth in range(max((len(m[2]) for m in asked), default=0))
+             for _, attr, alts in asked if depth < len(alts)]
+    variants = [(attr, _ordered(vocab, {**best, attr: alt})) for attr, alt in queue]
+    return Choice(_ordered(vocab, best), _ordered(vocab, best) != _ordered(vocab, prior), variants)
 
 
-def _choose_free(llm_keywords, feedback, max_keywords) -> Choice:
-    score = {kw: LLM_PRIOR for kw in llm_keywords}
+def _ordered(vocab, chosen: dict[str, str]) -> list[str]:
+    return [chosen[a] for a in vocab.by_attribute if a in chosen]
+
+
+def _choose_free(llm_keywords, feedback, max_keywords, prior_scale=1.0) -> Choice:
+    score = {kw: LLM_PRIOR * prior_scale for kw in llm_keywords}
     for kw, v in feedback.items():
         score[kw] = score.get(kw, 0.0) + v
     order = sorted((kw for kw, v in score.items() if v > 0), key=lambda kw: (-score[kw], kw not in llm_keywords))

@@ -129,4 +129,5 @@ DEFAULT_PREFERENCE_CONFIG = {
     "signal_weights": None,
     "min_readable_fraction": 0.5,  # below this share of known tokens the history is not read (flagged)
     "feedback_evidence_cap": 4.0,  # |feedback evidence| per keyword saturates here
+    "feedback_round_decay": 0.4,  # feedback weighs this much less for every later pick (a taste may move)
 }

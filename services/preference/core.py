@@ -117,12 +117,12 @@ class PreferenceCore:
         with self._lock:
             base = encoder.encode(captions, target=target, method=method)
             evidence = pz.feedback_evidence(feedback, table, float(cfg.get("feedback_evidence_cap", 4.0)),
-                                            half_life_s, now_ms)
+                                            half_life_s, now_ms, float(cfg.get("feedback_round_decay", 1.0)))
             keywords, explored, changed = base.keywords, "", False
             if method in ("pmg", "pmg_keywords"):
                 hist = pz.history_evidence(weighted, encoder.vocab) if encoder.vocab.by_attribute else {}
                 choice = pz.choose_keywords(base.keywords, encoder.vocab, target, hist, evidence.scores,
-                                            int(cfg["max_keywords"]))
+                                            int(cfg["max_keywords"]), evidence.prior_scale)
                 keywords, changed = encoder.vocab.validate(choice.keywords, target)[0], choice.changed_by_feedback
                 if candidate > 0:
                     keywords, explored = self._variant(encoder, choice, keywords, captions, target, candidate,
