@@ -29,11 +29,17 @@ def stack(tmp_path_factory, tiny_preset):
 
         hist = history_pb2_grpc.HistoryServiceStub(channel)
         hist.UpsertItems(history_pb2.UpsertItemsRequest(items=[
-            history_pb2.Item(item_id=f"it{n}", caption=c) for n, c in enumerate(HISTORY)]))
+            history_pb2.Item(item_id=f"it{n}", caption=c) for n, c in enumerate(HISTORY)]
+            + [history_pb2.Item(item_id="gibberish", caption="zqxv wvlk pmrt")]))
         for user in ("alice", "bob", "carol"):
             hist.LogInteractions(history_pb2.LogInteractionsRequest(user_id=user, create_user=True, interactions=[
                 history_pb2.Interaction(item_id=f"it{n}", kind="like", timestamp_ms=1_700_000_000_000 + n)
                 for n in range(len(HISTORY))]))
+        hist.LogInteractions(history_pb2.LogInteractionsRequest(user_id="dave", create_user=True, interactions=[
+            history_pb2.Interaction(item_id="gibberish", kind="like")]))
+        hist.LogInteractions(history_pb2.LogInteractionsRequest(user_id="erin", create_user=True, interactions=[
+            history_pb2.Interaction(item_id=f"it{n}", kind="rating", value=1.0, timestamp_ms=1_700_000_000_000 + n)
+            for n in range(2)] + [history_pb2.Interaction(item_id="it2", kind="dislike")]))
         yield stack, channel
 
 
@@ -105,6 +111,19 @@ def test_contradictory_feedback_resolves_by_the_latest(stack):
     assert "FEEDBACK_CONTRADICTION_LATEST_WINS" in latest.flags
     assert latest.feedback_used == ["c-dislike"]  # the like no longer counts
     assert set(latest.keywords) != set(shown.keywords)
+
+
+def test_unreadable_or_all_negative_histories_fall_back_with_a_flag(stack):
+    from pigment.v1 import preference_pb2, preference_pb2_grpc
+
+    pref = preference_pb2_grpc.PreferenceServiceStub(stack[1])
+    unreadable = pref.EncodePreferences(preference_pb2.EncodePreferencesRequest(user_id="dave", target="a star"))
+    assert "HISTORY_UNREADABLE" in unreadable.flags and not unreadable.keywords
+    assert not unreadable.HasField("soft_tokens")  # no conditioning invented from unknown tokens
+    hated = pref.EncodePreferences(preference_pb2.EncodePreferencesRequest(user_id="erin", target="a star"))
+    assert "HISTORY_ALL_NEGATIVE" in hated.flags and not hated.keywords
+    liked = pref.EncodePreferences(preference_pb2.EncodePreferencesRequest(user_id="alice", target="a star"))
+    assert liked.keywords and not {"HISTORY_UNREADABLE", "HISTORY_ALL_NEGATIVE"} & set(liked.flags)
 
 
 def test_signals_weigh_by_kind_and_value_and_duplicates_count_once():
