@@ -55,6 +55,8 @@ class Preference:
     model_version: str = ""
     rejected_keywords: list[str] = field(default_factory=list)
     history_used: int = 0
+    feedback_used: list[str] = field(default_factory=list)  # feedback_ids that shaped the keywords
+    explored_attribute: str = ""  # on an exploration candidate: the attribute it varies ("*": sampled)
 
 
 class KeywordVocabulary:
@@ -198,6 +200,14 @@ class PreferenceEncoder:
 
     def parse(self, text: str) -> list[str]:
         return parse_keywords(text, self.cfg.get("keyword_format", "numbered"))
+
+    def readable_fraction(self, captions: Sequence[str]) -> float:
+        """Share of the captions' tokens the LLM knows (not its unknown token); 1.0 without an unknown token."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return 1.0
+        ids = [i for c in captions for i in self.tokenizer(c, add_special_tokens=False).input_ids]
+        return 1.0 if not ids else sum(i != unk for i in ids) / len(ids)
 
     # -- encode ------------------------------------------------------------
     def cache_key(self, captions: Sequence[str], target: str, method: str) -> str:

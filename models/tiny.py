@@ -125,4 +125,9 @@ DEFAULT_PREFERENCE_CONFIG = {
     "keyword_weight": 1.0,
     "soft_weight": 1.0,        # soft tokens beside the keywords (pmg)
     "soft_weight_alone": 1.0,  # soft tokens as the only user signal (pmg_soft)
+    # What each signal means (models/personalize.py DEFAULT_SIGNAL_WEIGHTS when absent): kind -> weight.
+    "signal_weights": None,
+    "min_readable_fraction": 0.5,  # below this share of known tokens the history is not read (flagged)
+    "feedback_evidence_cap": 4.0,  # |feedback evidence| per keyword saturates here
+    "feedback_round_decay": 0.4,  # feedback weighs this much less for every later pick (a taste may move)
 }

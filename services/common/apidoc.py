@@ -24,8 +24,17 @@ FLAGS = {
                          "they were dropped. Keywords dropped because the prompt already names their attribute "
                          "(\"star\" for \"a star\") or because they repeat are expected and not flagged.",
     "NO_KEYWORDS": "No keyword survived validation: the render used the prompt (and soft tokens) only.",
-    "EXPLORED": "Exploration is on (setting explore_rate) and this result's keywords were resampled, so picks "
-                "between images teach the preference model.",
+    "EXPLORED": "This result's keywords were varied on purpose: the request's candidate > 0 changes the attribute "
+                "the user's signals leave least certain (explored_attribute names it), or exploration is on "
+                "(setting explore_rate). A pick between such images answers that attribute.",
+    "FEEDBACK_APPLIED": "The user's feedback on earlier images was read as evidence (feedback_used lists the ids).",
+    "KEYWORDS_CHANGED_BY_FEEDBACK": "That feedback changed the keywords the history alone would give.",
+    "FEEDBACK_CONTRADICTION_LATEST_WINS": "The user gave opposite feedback on one image (like, then dislike): the "
+                                          "latest counts.",
+    "HISTORY_UNREADABLE": "Too little of the history is readable by the preference model (most caption tokens "
+                          "unknown): no taste is invented; the result is non-personalized.",
+    "HISTORY_ALL_NEGATIVE": "The history holds only negative signals (dislikes, low ratings): nothing to follow; "
+                            "the result is non-personalized.",
     "REPLAYED": "This request_id was seen before: the stored result is returned, nothing is rendered again. A "
                 "replay after DEADLINE_EXCEEDED returns the render that kept running on the server.",
 }

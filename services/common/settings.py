@@ -196,6 +196,10 @@ class Settings(BaseSettings):
                                            "with an explored keyword list (some attributes resampled from the "
                                            "vocabulary) so that picks compare lists; flagged EXPLORED. 0 = off.")
     preference_explore_seed: int = Field(0, description="Seed of the exploration draws (reproducible runs).")
+    feedback_max_rows: int = Field(64, ge=0, le=10000, description="Newest feedback rows of a user read per "
+                                   "request as preference evidence (the flood cap: older rows age out).")
+    signal_half_life_s: float = Field(0.0, ge=0, description="Half-life of interaction and feedback weights "
+                                      "in seconds (time decay); 0 = no decay.")
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

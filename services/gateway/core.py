@@ -44,6 +44,7 @@ RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
 REPLAYED = "REPLAYED"
 MAX_PROMPT_CHARS = 500
+MAX_CANDIDATE = 64
 ADMISSION_LOCK = "render_admission"  # the counter row every admission writes first (a lock on any database)
 
 
@@ -66,6 +67,7 @@ class GenerateParams:
     retrieval: str = ""
     include_seen: bool = False
     references: list = field(default_factory=list)  # ReferenceInput (references.py), then "item:.."/"image:.."
+    candidate: int = 0  # 0: the best guess; k > 0: the k-th exploration variant of this round (issue 20)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class GenerateResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     decision: dict = field(default_factory=dict)
     conditioning: dict = field(default_factory=dict)
+    feedback_used: list[str] = field(default_factory=list)
+    explored_attribute: str = ""
 
 
 @dataclass
@@ -196,6 +200,7 @@ class GatewayCore:
             keyword_weight=or_default(p.keyword_weight, float(d.get("keyword_weight", 1.0))),
             soft_weight=or_default(p.soft_weight, default_soft_weight(d, method)),
             retrieval=retrieval, include_seen=p.include_seen, references=self._references().canonical(p.references),
+            candidate=p.candidate,
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
         check_range("soft_weight", r.soft_weight, 0.0, 5.0)
@@ -203,6 +208,7 @@ class GatewayCore:
         check_range("num_inference_steps", r.num_inference_steps, 1, s.max_steps)
         check_range("guidance_scale", r.guidance_scale, 1.0, 30.0)
         check_range("seed", r.seed, 0, 2**63 - 1)
+        check_range("candidate", r.candidate, 0, MAX_CANDIDATE)
         for name in ("height", "width"):
             value = getattr(r, name)
             check_range(name, value, s.min_size, s.max_size)
@@ -277,7 +283,7 @@ class GatewayCore:
         keywords: list[str] = []
         soft = pref = None
         if p.method != "non_personalized":
-            pref = self.preference.encode([h.item.caption for h in history], target=p.prompt, method=p.method)
+            pref = self._personalize(p, history)
             flags += pref.flags
             keywords, soft = pref.keywords, pref.soft_tokens
             if not history or "EMPTY_HISTORY" in pref.flags:
@@ -296,6 +302,8 @@ class GatewayCore:
             "soft_weight": p.soft_weight,
             "references": self._references().uris(p.references, p.user_id),
             "history_item_ids": [h.item.item_id for h in history],
+            "feedback_used": pref.feedback_used if pref is not None else [],
+            "explored_attribute": pref.explored_attribute if pref is not None else "",
             "decision": asdict(decision),
             "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000,
                            "decision_ms": (t3 - t2) * 1000},
@@ -308,6 +316,15 @@ class GatewayCore:
             status="queued" if decision.generate else "done", total_steps=p.num_inference_steps,
         )
         return row, conditioning["timings_ms"]
+
+    def _personalize(self, p: GenerateParams, history):
+        """The preference from the weighed history plus the user's feedback on earlier images (issue 20)."""
+        from pigment.services.gateway.feedback import read_feedback
+
+        feedback = read_feedback(self.sessions, p.user_id, self.settings.feedback_max_rows)
+        return self.preference.personalize(history, feedback, target=p.prompt, method=p.method,
+                                           candidate=p.candidate, half_life_s=self.settings.signal_half_life_s,
+                                           now_ms=int(time.time() * 1000))
 
     def _decide(self, p: GenerateParams, history, preference, asked: bool = True) -> Decision:
         """``asked``: the request set ``retrieval`` (else the server's retrieval_mode chose, and reasons say so)."""
@@ -442,6 +459,7 @@ class GatewayCore:
             request_id=row.request_id, images=images, keywords=cond.get("keywords", []),
             model_version=row.model_version, method=row.params["method"],
             flags=cond.get("flags", []) + flags, decision=decision, conditioning=report,
+            feedback_used=cond.get("feedback_used", []), explored_attribute=cond.get("explored_attribute", ""),
         )
 
     def progress_stream(self, params: GenerateParams, deadline: float | None = None,

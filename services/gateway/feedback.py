@@ -6,6 +6,8 @@ content it is ALREADY_EXISTS, and ``duplicate`` is only ever answered for a row 
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -19,7 +21,7 @@ from pigment.services.common.errors import (
 from pigment.services.common.ids import check_id, check_key
 from pigment.services.common.limits import check_finite
 from pigment.services.store.db import transaction
-from pigment.services.store.tables import Feedback, Generation, User
+from pigment.services.store.tables import Feedback, Generation, RenderRequest, User
 
 KINDS = ("like", "dislike", "rating", "pick", "click")
 MAX_OTHERS = 64
@@ -100,3 +102,27 @@ class FeedbackCore:
                                field="other_generation_ids", allowed=f"allowed at most {MAX_OTHERS}")
         for n, gid in enumerate(others):
             check_key(f"other_generation_ids[{n}]", gid)
+
+
+def read_feedback(sessions, user_id: str, limit: int) -> list:
+    """The user's newest ``limit`` feedback rows (oldest first) as FeedbackRow, each with the keyword lists
+    of the generated images it is about (from the render request that made them).
+
+    The limit is the flood cap: a round reads at most ``limit`` rows, so a burst of feedback ages out as
+    newer feedback arrives, and ``feedback_evidence`` counts one opinion per image and clips each
+    keyword's evidence. Retrieved catalog items carry no keywords and add no evidence."""
+    from pigment.models.personalize import FeedbackRow
+
+    with transaction(sessions) as s:
+        rows = list(s.scalars(select(Feedback).where(Feedback.user_id == user_id)
+                              .order_by(Feedback.created_at.desc(), Feedback.feedback_id).limit(limit)))
+        gids = {r.generation_id for r in rows} | {o for r in rows for o in (r.other_generation_ids or [])}
+        made = dict(s.execute(select(Generation.generation_id, RenderRequest.conditioning)
+                              .join(RenderRequest, Generation.request_id == RenderRequest.request_id)
+                              .where(Generation.generation_id.in_(gids), Generation.retrieved_item_id.is_(None))
+                              ).all()) if gids else {}
+    keywords = {g: list((cond or {}).get("keywords") or []) for g, cond in made.items()}
+    return [FeedbackRow(r.feedback_id, r.generation_id, r.kind, float(r.value),
+                        int(r.created_at.replace(tzinfo=r.created_at.tzinfo or UTC).timestamp() * 1000), keywords.get(r.generation_id, []),
+                        [keywords.get(o, []) for o in (r.other_generation_ids or [])])
+            for r in reversed(rows)]

@@ -53,6 +53,7 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
         method=METHOD_NAMES.get(r.method, str(r.method)), keyword_weight=given(r, "keyword_weight"),
         soft_weight=given(r, "soft_weight"), retrieval=RETRIEVAL_NAMES.get(r.retrieval, str(r.retrieval)),
         include_seen=r.include_seen, references=[ReferenceInput(x.item_id, x.image) for x in r.references],
+        candidate=r.candidate,
     )
 
 
@@ -68,6 +69,7 @@ def result_to_pb(res: GenerateResult) -> pb.GenerateResponse:
                              retrieved=res.decision.get("retrieve", False),
                              score=res.decision.get("score", 0.0), reason=res.decision.get("reason", "")),
         conditioning=pb.ConditioningReport(**res.conditioning) if res.conditioning else None,
+        feedback_used=res.feedback_used, explored_attribute=res.explored_attribute,
     )
 
 

@@ -11,21 +11,29 @@ Exploration (``explore_rate`` > 0): that fraction of keyword encodes is served
 with some attributes' keywords resampled from the preset's vocabulary (without
 one: a keyword list sampled from the LLM) and the flag ``EXPLORED``, so the images users pick between differ in their keywords
 (what Pigeon DPO learns from). Off by default.
+
+``personalize`` is what the gateway calls (issue 20): the history weighed by what each interaction
+means, feedback on the user's earlier images as evidence for and against their keywords, and, for
+candidate k > 0 of a round, a variant of the best guess on the least certain attribute (see
+models/personalize.py for the design and why it works around the LLM, not inside it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from threading import Lock
 
+from pigment.models import personalize as pz
 from pigment.services.common import metrics
 
 PIGEON_KIND = "pigeon_lora"
-EXPLORED = "EXPLORED"
+EXPLORED = pz.EXPLORED
 
 
 class PreferenceCore:
@@ -84,6 +92,73 @@ class PreferenceCore:
                 else:  # no closed vocabulary: the alternative list is sampled from the LLM itself
                     pref = explore_sampled(pref, encoder, target, self._rng, captions)
         return pref
+
+    def personalize(self, history, feedback=(), target: str = "", method: str = "pmg", candidate: int = 0,
+                    half_life_s: float = 0.0, now_ms: int = 0):
+        """``history``: HistoryEntry list (newest first, as the history service returns it); ``feedback``:
+        FeedbackRow list. Candidate 0 is the best guess; k > 0 the k-th exploration variant."""
+        version = self.active_version()
+        encoder = self._encoder_for(version)
+        self._used.versions = {PIGEON_KIND: version} if version else {}
+        cfg = encoder.cfg
+        table = {**pz.DEFAULT_SIGNAL_WEIGHTS, **(cfg.get("signal_weights") or {})}
+        signals = [(pz.Signal(h.item.item_id, h.interaction.kind or "view", float(h.interaction.value),
+                              int(h.interaction.timestamp_ms)), h.item.caption) for h in reversed(list(history))]
+        caption_of = {sig: c for sig, c in signals}
+        weighted = [(caption_of[sig], w) for sig, w in pz.weigh_signals([s for s, _ in signals], table, half_life_s,
+                                                                         now_ms)]
+        flags = []
+        captions = [c for c, w in weighted if w > 0]  # the LLM reads what the user was for, oldest first
+        if weighted and not captions:
+            flags.append(pz.HISTORY_ALL_NEGATIVE)
+        if captions and encoder.readable_fraction(captions) < float(cfg.get("min_readable_fraction", 0.0)):
+            flags.append(pz.HISTORY_UNREADABLE)  # no taste is invented from tokens the model cannot read
+            captions, weighted = [], []
+        with self._lock:
+            base = encoder.encode(captions, target=target, method=method)
+            evidence = pz.feedback_evidence(feedback, table, float(cfg.get("feedback_evidence_cap", 4.0)),
+                                            half_life_s, now_ms, float(cfg.get("feedback_round_decay", 1.0)))
+            keywords, explored, changed = base.keywords, "", False
+            if method in ("pmg", "pmg_keywords"):
+                hist = pz.history_evidence(weighted, encoder.vocab) if encoder.vocab.by_attribute else {}
+                choice = pz.choose_keywords(base.keywords, encoder.vocab, target, hist, evidence.scores,
+                                            int(cfg["max_keywords"]), evidence.prior_scale)
+                keywords, changed = encoder.vocab.validate(choice.keywords, target)[0], choice.changed_by_feedback
+                if candidate > 0:
+                    keywords, explored = self._variant(encoder, choice, keywords, captions, target, candidate,
+                                                       base.cache_key)
+                elif self.explore_rate > 0 and keywords and self._rng.random() < self.explore_rate:
+                    pref = dataclasses.replace(base, keywords=keywords)
+                    pref = (explore(pref, encoder.vocab, target, self._rng, captions) if encoder.vocab.by_attribute
+                            else explore_sampled(pref, encoder, target, self._rng, captions))
+                    keywords, explored = pref.keywords, "*" if EXPLORED in pref.flags else ""
+        flags += [f for f in base.flags if f != EXPLORED]
+        if evidence.used:
+            flags.append(pz.FEEDBACK_APPLIED)
+        if changed and evidence.scores:
+            flags.append(pz.KEYWORDS_CHANGED_BY_FEEDBACK)
+        if evidence.contradictions:
+            flags.append(pz.FEEDBACK_CONTRADICTION_LATEST_WINS)
+        if explored:
+            flags.append(EXPLORED)
+        # the cache key names everything the answer depends on: new feedback (or a new candidate) changes it
+        blob = json.dumps([base.cache_key, sorted(evidence.scores.items()), candidate, keywords])
+        return dataclasses.replace(base, keywords=keywords, flags=flags, feedback_used=evidence.used,
+                                   explored_attribute=explored,
+                                   cache_key=hashlib.sha256(blob.encode()).hexdigest()[:32])
+
+    @staticmethod
+    def _variant(encoder, choice, keywords, captions, target, candidate: int, key: str) -> tuple[list[str], str]:
+        """Candidate k's keywords: the k-th variant on the least certain attribute(s); without a vocabulary,
+        a keyword list sampled from the LLM (seeded by the request, so a replay gets the same list)."""
+        if choice.variants:
+            attr, kws = choice.variants[(candidate - 1) % len(choice.variants)]
+            return encoder.vocab.validate(kws, target)[0], attr
+        if not captions:
+            return keywords, ""
+        seed = int(hashlib.sha256(f"{key}:{candidate}".encode()).hexdigest()[:8], 16)
+        alternative = encoder.sample_keywords(captions, target, seed=seed)
+        return (alternative, "*") if alternative and alternative != keywords else (keywords, "")
 
     def clear_cache(self) -> None:
         """Forget every cached preference (GDPR deletion: a cached entry may come from the deleted history)."""

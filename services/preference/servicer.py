@@ -28,11 +28,13 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         method = request.method or "pmg"
         if method not in METHODS:
             raise InvalidInput(f"method={show(method)} is unknown: allowed {', '.join(METHODS)}")
-        if not captions:
-            if not request.user_id:
-                raise InvalidInput("set history_captions or user_id")
-            captions = [e.item.caption for e in self.history.get_history(request.user_id, principal=current_principal())]
-        pref = self.core.encode(captions, target=request.target, method=method)
+        if captions:
+            pref = self.core.encode(captions, target=request.target, method=method)
+        elif not request.user_id:
+            raise InvalidInput("set history_captions or user_id")
+        else:  # the stored history: each interaction weighed by its kind and value (preference core)
+            history = self.history.get_history(request.user_id, principal=current_principal())
+            pref = self.core.personalize(history, target=request.target, method=method)
         soft = None
         if pref.soft_tokens is not None:
             soft = pb.SoftTokens(shape=list(pref.soft_tokens.shape), float16=pref.soft_tokens.astype("<f2").tobytes())

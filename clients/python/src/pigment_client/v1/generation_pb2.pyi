@@ -115,7 +115,7 @@ JOB_STATUS_CANCELLED: JobStatus
 JOB_STATUS_FAILED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen", "references")
+    __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen", "references", "candidate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class GenerateRequest(_message.Message):
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     prompt: str
@@ -146,7 +147,8 @@ class GenerateRequest(_message.Message):
     retrieval: RetrievalMode
     include_seen: bool
     references: _containers.RepeatedCompositeFieldContainer[ReferenceImage]
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ..., references: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ...) -> None: ...
+    candidate: int
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ..., references: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ..., candidate: _Optional[int] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("png", "generation_id", "seed", "storage_uri", "source", "item_id", "score", "url")
@@ -195,7 +197,7 @@ class ConditioningReport(_message.Message):
     def __init__(self, segments: _Optional[_Iterable[str]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., soft_tokens: _Optional[int] = ..., soft_weight: _Optional[float] = ..., reference_images: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "images", "keywords", "model_version", "flags", "timings_ms", "method", "decision", "conditioning")
+    __slots__ = ("request_id", "images", "keywords", "model_version", "flags", "timings_ms", "method", "decision", "conditioning", "feedback_used", "explored_attribute")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +214,8 @@ class GenerateResponse(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_USED_FIELD_NUMBER: _ClassVar[int]
+    EXPLORED_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     keywords: _containers.RepeatedScalarFieldContainer[str]
@@ -221,7 +225,9 @@ class GenerateResponse(_message.Message):
     method: Method
     decision: Decision
     conditioning: ConditioningReport
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., keywords: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., method: _Optional[_Union[Method, str]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., conditioning: _Optional[_Union[ConditioningReport, _Mapping]] = ...) -> None: ...
+    feedback_used: _containers.RepeatedScalarFieldContainer[str]
+    explored_attribute: str
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., keywords: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., method: _Optional[_Union[Method, str]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., conditioning: _Optional[_Union[ConditioningReport, _Mapping]] = ..., feedback_used: _Optional[_Iterable[str]] = ..., explored_attribute: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total_steps", "status")

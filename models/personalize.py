@@ -1,0 +1,229 @@
+"""What each signal says about a user's taste, and how feedback on generated images reshapes the keywords.
+
+Design (issue 20). The LLM reads captions, never kinds or values, and retraining it per user is out of
+reach, so personalization by feedback happens *around* the LLM, on the keywords:
+
+1. Every interaction and every feedback row becomes a :class:`Signal` with a weight from a documented
+   table (``DEFAULT_SIGNAL_WEIGHTS``; a preset may override it in ``preference.json`` ``signal_weights``):
+   ratings count relative to the user's own mean, likes/purchases for, dislikes against, clicks and
+   views a little. Exact duplicates count once; an optional half-life decays old signals.
+2. The LLM reads only the captions the user was *for* (a history of dislikes must not read as a taste);
+   its keywords are the prior.
+3. Feedback on a generated image is evidence for (or against) the keywords that produced that image:
+   the image's keyword list is known exactly (the gateway stored it), so a pick of "blue" over "red" is
+   a statement about those keywords, with no model in between. Evidence per keyword is summed, clipped
+   to ``feedback_evidence_cap`` (a flood of one-sided feedback saturates instead of growing forever)
+   and added to the prior: with a keyword vocabulary, per attribute (each attribute's best-scored
+   value wins, so feedback can replace the LLM's colour); without one, over the free keyword list
+   (keywords with net negative evidence drop out, liked ones come in).
+4. Exploration asks about the least certain attribute: the candidates differ from the best guess in
+   exactly that attribute's next-best values, so one pick answers it.
+
+This module is pure (no database, no services): the gateway reads the rows, the preference core calls it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+# Weight of one signal by kind. ``rating``: per star above (+) or below (-) the user's own mean rating;
+# ``pick``: the chosen image gets +pick, the images not chosen share -pick. Unknown kinds weigh ``default``.
+DEFAULT_SIGNAL_WEIGHTS: dict[str, float] = {
+    "purchase": 1.5, "like": 1.0, "dislike": -1.0, "rating": 0.5, "pick": 2.0, "click": 0.3, "view": 0.2,
+    "default": 0.1,
+}
+RATING_PRIOR_MEAN, RATING_PRIOR_COUNT = 3.0, 2.0  # a user's mean rating shrinks toward the scale's middle
+LLM_PRIOR = 1.0  # score of the keyword the LLM chose for an attribute, before any evidence
+UNCERTAIN_MARGIN = 1.5  # an attribute whose best value leads the next by less is asked about (a pick: +2)
+
+# Flags reported back to the caller.
+FEEDBACK_APPLIED = "FEEDBACK_APPLIED"
+KEYWORDS_CHANGED_BY_FEEDBACK = "KEYWORDS_CHANGED_BY_FEEDBACK"
+FEEDBACK_CONTRADICTION_LATEST_WINS = "FEEDBACK_CONTRADICTION_LATEST_WINS"
+HISTORY_UNREADABLE = "HISTORY_UNREADABLE"
+HISTORY_ALL_NEGATIVE = "HISTORY_ALL_NEGATIVE"
+EXPLORED = "EXPLORED"
+OPINION_KINDS = ("like", "dislike", "rating")  # one opinion per image: the latest wins
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One thing a user did: ``kind``/``value`` at ``ts_ms`` about ``subject`` (an item or a generation)."""
+
+    subject: str
+    kind: str
+    value: float = 1.0
+    ts_ms: int = 0
+
+
+@dataclass
+class FeedbackRow:
+    """A feedback row with the keyword lists of the images it is about (read by the gateway)."""
+
+    feedback_id: str
+    generation_id: str
+    kind: str
+    value: float
+    ts_ms: int
+    keywords: list[str]
+    others: list[list[str]] = field(default_factory=list)  # picks: keyword lists of the images not chosen
+
+
+@dataclass
+class FeedbackEvidence:
+    scores: dict[str, float]
+    used: list[str]
+    contradictions: list[str]
+    prior_scale: float = 1.0  # weight left to the history's prior: it is older than every round of feedback
+
+
+def rating_mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return (sum(values) + RATING_PRIOR_MEAN * RATING_PRIOR_COUNT) / (len(values) + RATING_PRIOR_COUNT)
+
+
+def decay(ts_ms: int, now_ms: int, half_life_s: float) -> float:
+    if half_life_s <= 0 or not ts_ms or not now_ms:
+        return 1.0
+    return 0.5 ** (max(0.0, now_ms - ts_ms) / 1000.0 / half_life_s)
+
+
+def weigh_signals(signals: Sequence[Signal], table: dict[str, float], half_life_s: float = 0.0,
+                  now_ms: int = 0) -> list[tuple[Signal, float]]:
+    """(signal, weight) per distinct signal, in the given order; exact duplicates are dropped."""
+    unique = list(dict.fromkeys(signals))
+    mean = rating_mean(s.value for s in unique if s.kind == "rating")
+    out = []
+    for s in unique:
+        if s.kind == "rating":
+            w = table.get("rating", 0.0) * (s.value - mean)
+        else:
+            w = table.get(s.kind, table.get("default", 0.0))
+        out.append((s, w * decay(s.ts_ms, now_ms, half_life_s)))
+    return out
+
+
+def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap: float,
+                      half_life_s: float = 0.0, now_ms: int = 0, round_decay: float = 1.0) -> FeedbackEvidence:
+    """keyword -> summed evidence of ``rows`` (newest last). Per image, one opinion (like, dislike or
+    rating): the latest; a like and a dislike of the same image is a contradiction, resolved by the latest.
+    Each pick counts once per chosen image (its latest). A pick closes a round of candidates: a row
+    weighs ``round_decay`` ** (picks made after it), so a taste that moved is followed within rounds
+    (wall-clock decay, ``half_life_s``, is separate and optional)."""
+    latest: dict[tuple[str, str], FeedbackRow] = {}
+    kinds_seen: dict[str, set[str]] = defaultdict(set)
+    for row in sorted(rows, key=lambda r: r.ts_ms):
+        family = "opinion" if row.kind in OPINION_KINDS else row.kind
+        if family == "opinion":
+            kinds_seen[row.generation_id].add("pos" if _opinion_sign(row) > 0 else "neg")
+        latest[(row.generation_id, family)] = row
+    kept = sorted(latest.values(), key=lambda r: r.ts_ms)
+    pick_times = sorted(r.ts_ms for r in kept if r.kind == "pick")
+    mean = rating_mean(r.value for r in kept if r.kind == "rating")
+    scores: dict[str, float] = defaultdict(float)
+    used = []
+    for row in kept:
+        newer_picks = len(pick_times) - bisect.bisect_right(pick_times, row.ts_ms)
+        d = decay(row.ts_ms, now_ms, half_life_s) * round_decay**newer_picks
+        if row.kind == "pick":
+            w = table.get("pick", 0.0) * d
+            _add(scores, row.keywords, w)
+            for other in row.others:
+                _add(scores, other, -w / max(1, len(row.others)))
+        elif row.kind == "rating":
+            _add(scores, row.keywords, table.get("rating", 0.0) * (row.value - mean) * d)
+        else:
+            _add(scores, row.keywords, table.get(row.kind, table.get("default", 0.0)) * d)
+        used.append(row.feedback_id)
+    clipped = {k: max(-cap, min(cap, v)) for k, v in scores.items() if abs(v) > 1e-9}
+    contradictions = sorted(g for g, signs in kinds_seen.items() if len(signs) > 1)
+    return FeedbackEvidence(clipped, sorted(used), contradictions, round_decay ** len(pick_times))
+
+
+def _opinion_sign(row: FeedbackRow) -> float:
+    if row.kind == "rating":
+        return row.value - RATING_PRIOR_MEAN
+    return 1.0 if row.kind == "like" else -1.0
+
+
+def _add(scores: dict[str, float], keywords: Iterable[str], w: float) -> None:
+    for kw in set(keywords):
+        scores[kw] += w
+
+
+@dataclass
+class Choice:
+    """The personalised keywords: the best guess, how sure each attribute is, and what to explore."""
+
+    keywords: list[str]
+    changed_by_feedback: bool
+    variants: list[tuple[str, list[str]]]  # (attribute or "", keywords) alternatives, most informative first
+
+
+def history_evidence(weighted: Sequence[tuple[str, float]], vocab) -> dict[str, float]:
+    """keyword -> share of the history's weight on captions that mention it, in [-1, 1] (vocabulary only)."""
+    total = sum(abs(w) for _, w in weighted) or 1.0
+    out: dict[str, float] = defaultdict(float)
+    for caption, w in weighted:
+        text = f" {caption.lower()} "
+        for kw in vocab.attribute_of:
+            if f" {kw} " in text:
+                out[kw] += w / total
+    return dict(out)
+
+
+def choose_keywords(llm_keywords: Sequence[str], vocab, target: str, history: dict[str, float],
+                    feedback: dict[str, float], max_keywords: int, prior_scale: float = 1.0) -> Choice:
+    """Combine the LLM's keywords and the history evidence (the prior, weighted ``prior_scale``: it ages
+    like the oldest round of feedback) with feedback evidence into the keywords to render."""
+    if vocab.by_attribute:
+        return _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale)
+    return _choose_free(llm_keywords, feedback, max_keywords, prior_scale)
+
+
+def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.0) -> Choice:
+    named = vocab.attributes_named_in(target)
+    from_llm = {vocab.attribute_of[k]: k for k in llm_keywords if k in vocab.attribute_of}
+
+    def pick(evidence: dict[str, float], scale: float) -> tuple[dict[str, str], list[tuple[float, str, list[str]]]]:
+        best, margins = {}, []
+        for attr, values in vocab.by_attribute.items():
+            if attr in named:
+                continue
+            score = {kw: scale * ((LLM_PRIOR if from_llm.get(attr) == kw else 0.0) + history.get(kw, 0.0))
+                     + evidence.get(kw, 0.0) for kw in values}
+            ranked = sorted(values, key=lambda kw: (-score[kw], kw != from_llm.get(attr), values.index(kw)))
+            # an attribute is rendered when the LLM named it or the evidence for a value is positive
+            if attr in from_llm or score[ranked[0]] > 0:
+                best[attr] = ranked[0]
+            gap = score[ranked[0]] - score[ranked[1]] if len(ranked) > 1 else math.inf
+            margins.append((gap, attr, ranked if attr not in best else ranked[1:]))
+        return best, margins
+
+    best, margins = pick(feedback, prior_scale)
+    prior, _ = pick({}, 1.0)
+    margins.sort(key=lambda m: m[0])  # least certain attribute first
+    # Ask about the uncertain attributes (all of them, interleaved, next-best value first): one uncertain
+    # attribute -> every candidate differs on it; none -> the least certain one is asked about anyway.
+    asked = [m for m in margins if m[0] < UNCERTAIN_MARGIN] or margins[:1]
+    queue = [(attr, alts[depth]) for depth in range(max((len(m[2]) for m in asked), default=0))
+             for _, attr, alts in asked if depth < len(alts)]
+    variants = [(attr, _ordered(vocab, {**best, attr: alt})) for attr, alt in queue]
+    return Choice(_ordered(vocab, best), _ordered(vocab, best) != _ordered(vocab, prior), variants)
+
+
+def _ordered(vocab, chosen: dict[str, str]) -> list[str]:
+    return [chosen[a] for a in vocab.by_attribute if a in chosen]
+
+
+def _choose_free(llm_keywords, feedback, max_keywords, prior_scale=1.0) -> Choice:
+    score = {kw: LLM_PRIOR * prior_scale for kw in llm_keywords}
+    for kw, v in feedback.items():
+        score[kw] = score.get(kw, 0.0) + v
+    order = sorted((kw for kw, v in score.items() if v > 0), key=lambda kw: (-score[kw], kw not in llm_keywords))
+    keywords = order[:max_keywords]
+    return Choice(keywords, keywords != list(llm_keywords)[:max_keywords], [])
