@@ -345,6 +345,7 @@ class Worker:
         self._log_start = self.log_path.stat().st_size
         env = {**settings_env(self.settings), "PIGMENT_PARENT_PID": str(os.getpid())}
         self.proc = subprocess.Popen(self._command(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._spawned_at = time.monotonic()
 
     def start(self, wait_ready_s: float = 120.0) -> Worker:
         if self.log_path.exists():
@@ -368,20 +369,21 @@ class Worker:
         raise RuntimeError(f"render worker not ready after {wait_ready_s}s; see {self.log_path}")
 
     def _monitor(self) -> None:
-        """Restart the worker when it dies; back off (up to 30 s) while it keeps dying at once."""
+        """Restart the worker when it dies; back off (up to 30 s) while it keeps dying within 30 s of its start."""
         backoff = 1.0
         while not self._stopping.wait(0.5):
             if self.proc.poll() is None:
                 continue
+            if time.monotonic() - self._spawned_at > 30:  # it ran a while: not a crash at start-up, no backoff
+                backoff = 1.0
             log.error("render worker (pid %d) exited with %s; restarting it in %.0f s", self.proc.pid,
                       self.proc.returncode, backoff)
             if self._stopping.wait(backoff):
                 return
-            started = time.monotonic()
             self._log.close()
             self._spawn()
             self.restarts += 1
-            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+            backoff = min(backoff * 2, 30.0)
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stopping.set()

@@ -176,6 +176,7 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
     for i in range(requests):
         todo.put(f"chaos-{i}")
     answers: dict[str, list[list[str]]] = {}
+    tried: dict[str, list[str]] = {}  # request id -> "t_s CODE" of each failed call, and why its client stopped
     calls = {"attempts": 0, "errors": {}}
     lock = threading.Lock()
     stop_at = time.monotonic() + budget_s
@@ -200,9 +201,14 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
                 except grpc.RpcError as err:
                     with lock:
                         calls["errors"][err.code().name] = calls["errors"].get(err.code().name, 0) + 1
+                        tried.setdefault(rid, []).append(f"{budget_s - (stop_at - time.monotonic()):.1f}s "
+                                                         f"{err.code().name}: {(err.details() or '')[:160]}")
                     if err.code() not in RETRY:
+                        tried[rid].append("gave up: not retryable")
                         break
                     time.sleep(0.5)
+            else:
+                tried.setdefault(rid, []).append("gave up: out of the retry budget")
 
     def running() -> bool:
         try:
@@ -254,6 +260,9 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
             gens = dict(s.execute(select(Generation.request_id, func.count()).group_by(Generation.request_id)).all())
             rows = dict(s.execute(select(RenderRequest.request_id, RenderRequest.status)).all())
             claims = dict(s.execute(select(RenderRequest.request_id, RenderRequest.attempts)).all())
+            detail = {r.request_id: {"status": r.status, "error": r.error, "step": r.step, "claims": r.attempts,
+                                     "sends": r.dispatches, "worker": r.worker, "heartbeat_at": str(r.heartbeat_at)}
+                      for r in s.scalars(select(RenderRequest))}
     finally:
         channel.close()
         server["now"].stop(0)
@@ -263,8 +272,12 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
     answered = [r for r in rids if answers.get(r)]
     duplicated = [r for r in rids if gens.get(r, 0) > 1 or len({tuple(a) for a in answers.get(r, [])}) > 1]
     lost = [r for r in rids if not answers.get(r) or rows.get(r) != "done" or gens.get(r, 0) != 1]
+    # what a lost or duplicated request went through: its row, its images, its client's failed calls
+    diagnosis = {r: {"row": detail.get(r), "generations": gens.get(r, 0), "answers": answers.get(r, []),
+                     "failed_calls": tried.get(r, [])[-12:]} for r in dict.fromkeys(lost + duplicated)}
     return {"faults_injected": len(injected), "faults": injected, "requests": requests, "answered": len(answered),
             "duplicated": len(duplicated), "lost": len(lost), "lost_ids": lost, "duplicated_ids": duplicated,
+            "diagnosis_ids": diagnosis,
             "re_rendered": sum(1 for r in rids if claims.get(r, 0) > 1), "calls": calls["attempts"],
             "errors_retried": calls["errors"], "workers_restarted": sum(w.restarts for w in workers),
             "elapsed_s": round(elapsed, 1)}

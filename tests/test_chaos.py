@@ -45,6 +45,8 @@ def chaos(tmp_path, tiny_preset, pg: PrivatePostgres, **kwargs) -> dict:
         redis.stop()
     write_report(report, tmp_path / "chaos.json")
     print("chaos report:", json.dumps({k: v for k, v in report.items() if not k.endswith("_ids")}))
+    if report["diagnosis_ids"]:  # a lost or duplicated request: its row, images and failed calls
+        print("chaos lost/duplicated:", json.dumps(report["diagnosis_ids"], indent=1))
     return report
 
 

@@ -36,7 +36,7 @@ from pigment.services.common.limits import check_text
 from pigment.services.gateway.reaper import Reaper
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
-from pigment.services.store.notify import PollingNotifier
+from pigment.services.store.notify import PollingNotifier, publish
 from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
@@ -352,17 +352,28 @@ class GatewayCore:
             raise Unavailable(msg) from exc
 
     def _requeue(self, request_id: str) -> None:
+        """A replay of a request that failed UNAVAILABLE: queue it again, with a fresh budget of claims.
+
+        A compare-and-set on the failed row: a worker that stored the result since the caller read the row
+        (or a concurrent replay that re-queued it first) wins, and nothing is sent. ``attempts`` restarts at
+        0, or a request the reaper gave up on (``max_render_attempts`` claims) would sit queued where no
+        worker may claim it, re-sent forever (the request the 15-fault chaos soak lost)."""
         with transaction(self.sessions) as s:
-            row = s.get(RenderRequest, request_id)
-            row.status, row.error, row.step = "queued", None, 0
-            row.heartbeat_at, row.dispatches = utcnow(), row.dispatches + 1
-        self._send(request_id)
+            won = s.execute(update(RenderRequest).where(
+                RenderRequest.request_id == request_id, RenderRequest.status == "failed",
+                RenderRequest.error.startswith("UNAVAILABLE"),
+            ).values(status="queued", error=None, step=0, attempts=0, heartbeat_at=utcnow(),
+                     dispatches=RenderRequest.dispatches + 1).execution_options(synchronize_session=False)).rowcount
+        if won:
+            self._send(request_id)
 
     def _mark_failed(self, request_id: str, error: str) -> None:
+        """The send failed: fail the queued row (never one a worker took meanwhile from an earlier send)."""
         with transaction(self.sessions) as s:
-            row = s.get(RenderRequest, request_id)
-            if row is not None:
-                row.status, row.error = "failed", error
+            s.execute(update(RenderRequest).where(RenderRequest.request_id == request_id,
+                                                  RenderRequest.status == "queued")
+                      .values(status="failed", error=error).execution_options(synchronize_session=False))
+            publish(s, [request_id])
 
     def _wait(self, request_id: str, deadline: float | None,
               on_progress: Callable[[ProgressEvent], None] | None) -> RenderRequest:

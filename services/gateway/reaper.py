@@ -23,6 +23,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.store.db import transaction
+from pigment.services.store.notify import publish
 from pigment.services.store.tables import RenderRequest, utcnow
 
 log = logging.getLogger("pigment.reaper")
@@ -67,7 +68,7 @@ class Reaper:
         stalled = self._stalled(now, queued_too=not force_queued)
         if force_queued:
             stalled = or_(stalled, RenderRequest.status == "queued")
-        if status == "running" and attempts >= self.max_attempts:
+        if attempts >= self.max_attempts:  # no worker may claim it again: fail it, never re-send it forever
             return self._give_up(request_id, dispatches, attempts, stalled)
         with transaction(self.sessions) as s:
             won = s.execute(update(RenderRequest).where(
@@ -86,10 +87,16 @@ class Reaper:
         return True
 
     def _give_up(self, request_id: str, dispatches: int, attempts: int, stalled) -> bool:
+        """Fail a request whose workers went silent ``max_render_attempts`` times; a replay retries it afresh."""
         with transaction(self.sessions) as s:
-            s.execute(update(RenderRequest).where(
+            failed = s.execute(update(RenderRequest).where(
                 RenderRequest.request_id == request_id, RenderRequest.dispatches == dispatches, stalled,
-            ).values(status="failed", error=f"UNAVAILABLE: the render worker died {attempts} times while rendering "
-                     "this request; not retried again (see the worker logs)")
-                .execution_options(synchronize_session=False))
+            ).values(status="failed", error=f"UNAVAILABLE: the render worker went silent {attempts} times while "
+                     "rendering this request (killed, or cut off from the database); not re-sent again: a replay "
+                     "of the same request_id retries it (see the worker logs)")
+                .execution_options(synchronize_session=False)).rowcount
+            if failed:
+                publish(s, [request_id])  # wake the waiting caller now (a bulk UPDATE skips the flush hook)
+        if failed:
+            log.warning("gave up on render %s after %d claims", request_id, attempts)
         return False
