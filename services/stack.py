@@ -7,6 +7,7 @@ production the same ``Stack`` runs against PostgreSQL and Redis/RabbitMQ.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -311,6 +312,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+_WORKER_SEQ = itertools.count(1)
+
+
 class Worker:
     """A real Celery worker process consuming the render queue and the batch queue.
 
@@ -326,6 +330,9 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
+        # a node name of its own: two workers of one process named alike collide on RabbitMQ (the second
+        # dies declaring its exclusive remote-control queue: RESOURCE_LOCKED)
+        self.name = f"{os.getpid()}-{next(_WORKER_SEQ)}"
 
     def _command(self) -> list[str]:
         from pigment.services.render.celery_app import batch_queue
@@ -334,7 +341,7 @@ class Worker:
         cmd = [sys.executable, "-m", "celery", "-A", "pigment.services.render.worker", "worker",
                "-Q", ",".join(queues), "--pool", "solo" if self.concurrency == 1 else "prefork",
                "--concurrency", str(self.concurrency), "--loglevel", "INFO",
-               "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{os.getpid()}@%h"]
+               "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{self.name}@%h"]
         if self.settings.retrain_every_s > 0:  # embedded: this worker also runs beat (the retrain schedule)
             cmd += ["-B", "--schedule", str(self.settings.data_dir / "celerybeat-schedule")]
         return cmd
