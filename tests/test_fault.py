@@ -443,17 +443,46 @@ def test_replay_racing_the_late_worker_keeps_its_result(gave_up, tiny_renderer, 
     time.sleep(0.6)
     gateway.reaper.sweep()
     assert render_row(stack, "late-1").status == "failed"
-    read = gateway._existing
+    read = gateway._existing_and_depth
 
     def read_then_worker_finishes(request_id, phash):
-        row = read(request_id, phash)
+        found = read(request_id, phash)
         stalled.release.set()  # the stalled worker's result lands right after the caller's read
         rendering.join(60)
-        return row
+        return found
 
-    monkeypatch.setattr(gateway, "_existing", read_then_worker_finishes)
+    monkeypatch.setattr(gateway, "_existing_and_depth", read_then_worker_finishes)
     result = call(gateway, "late-1", wait_s=5)
     assert not isinstance(result, Exception), result
     assert len(result.images) == 1 and sent == ["late-1"]  # answered by the late worker, nothing re-sent
     row = render_row(stack, "late-1")
     assert (row.status, row.attempts) == ("done", 1) and generations(stack, "late-1") == 1
+
+
+def test_reaper_resends_queued_rows_only_while_a_worker_consumes(tmp_path, tiny_preset):
+    """No live worker on the render queue: a stale queued row is not re-sent again and again into a queue nobody
+    reads; once a worker beats, it is re-sent once. A long-dead worker's heartbeat row is deleted."""
+    from datetime import timedelta
+
+    from pigment.services.render.liveness import beat
+    from pigment.services.stack import Stack
+    from pigment.services.store.migrate import upgrade
+    from pigment.services.store.tables import utcnow
+
+    settings = make_settings(tmp_path, tiny_preset, requeue_queued_after_s=0.2, heartbeat_stale_s=2.0)
+    upgrade(settings.database_url)
+    stack = Stack(settings)
+    stack.history.ensure_user("alice")
+    sent: list[str] = []
+    gateway = stack.make_gateway(sent.append)
+    call(gateway, "idle-1", wait_s=0.1)
+    assert sent == ["idle-1"]
+    with stack.sessions.begin() as s:  # a worker killed long ago, on the same queue
+        s.add(WorkerBeat(worker_id="gone:1", queues=[settings.render_queue], last_seen=utcnow() - timedelta(hours=1)))
+    time.sleep(0.3)
+    assert gateway.reaper.sweep() == [] and gateway.reaper.sweep() == []
+    with stack.sessions() as s:
+        assert s.get(WorkerBeat, "gone:1") is None
+    beat(stack.sessions, "here:1", [settings.render_queue])
+    assert gateway.reaper.sweep() == ["idle-1"] and gateway.reaper.sweep() == []  # once, then after requeue_s
+    assert sent == ["idle-1", "idle-1"] and render_row(stack, "idle-1").dispatches == 2

@@ -9,8 +9,9 @@ compare-and-set on (status, dispatches, staleness), so two reapers (two
 gateways, or a replay racing the background sweep) never both re-send the same
 stall, and a duplicate task is harmless anyway: the worker claims a row with a
 compare-and-set too, and stores generations under ids derived from the request.
-A request whose workers died ``max_render_attempts`` times fails UNAVAILABLE
-instead of killing another worker. Plain Python: no grpc, no celery.
+A request whose workers went silent ``max_render_attempts`` times fails
+UNAVAILABLE instead of killing another worker; its caller's replay queues it
+again with a fresh budget (services/gateway/core.py). Plain Python: no grpc, no celery.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import logging
 from datetime import timedelta
 from collections.abc import Callable
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import publish
-from pigment.services.store.tables import RenderRequest, utcnow
+from pigment.services.store.tables import RenderRequest, WorkerBeat, utcnow
 
 log = logging.getLogger("pigment.reaper")
 SWEEP_LIMIT = 500  # rows per sweep; the next sweep takes the rest
+FORGET_WORKERS_AFTER = 10  # a worker's heartbeat row silent this many staleness periods is deleted
 
 
 class Reaper:
@@ -37,6 +39,7 @@ class Reaper:
         self.stale_s = settings.heartbeat_stale_s
         self.requeue_s = settings.requeue_queued_after_s
         self.max_attempts = settings.max_render_attempts
+        self.queue = settings.render_queue
 
     def _stalled(self, now, queued_too: bool = True):
         """Rows to re-send: running with a silent worker; queued long after their last send."""
@@ -50,12 +53,22 @@ class Reaper:
         return or_(running, and_(RenderRequest.status == "queued", unsent))
 
     def sweep(self) -> list[str]:
-        """One pass over the stalled rows; returns the request ids re-sent."""
+        """One pass over the stalled rows; returns the request ids re-sent.
+
+        Queued rows are re-sent only while a live worker consumes the render queue: with none, a re-send only
+        adds another copy of the task to a queue nobody reads (readiness says NOT_SERVING meanwhile), and the
+        first sweep after a worker appears re-sends them once. Heartbeat rows of workers silent for
+        ``FORGET_WORKERS_AFTER`` staleness periods are deleted (a killed worker never deletes its own)."""
         now = utcnow()
         with transaction(self.sessions) as s:
+            live = s.scalars(select(WorkerBeat.queues)
+                             .where(WorkerBeat.last_seen >= now - timedelta(seconds=self.stale_s))).all()
+            consumed = any(self.queue in (queues or []) for queues in live)
             rows = s.execute(select(RenderRequest.request_id, RenderRequest.status, RenderRequest.dispatches,
-                                    RenderRequest.attempts).where(self._stalled(now))
+                                    RenderRequest.attempts).where(self._stalled(now, queued_too=consumed))
                              .order_by(RenderRequest.created_at).limit(SWEEP_LIMIT)).all()
+            s.execute(delete(WorkerBeat).where(
+                WorkerBeat.last_seen < now - timedelta(seconds=self.stale_s * FORGET_WORKERS_AFTER)))
         return [rid for rid, status, dispatches, attempts in rows
                 if self.revive(rid, status, dispatches, attempts, now=now)]
 
