@@ -86,6 +86,17 @@ def serve_phase(preset: Path, args, extra: dict) -> dict:
             "throughput_rps": round(len(ok) / wall, 3), "wall_s": round(wall, 1)}
 
 
+def server_rejections() -> dict[str, float]:
+    """Sum, count and buckets of this process's pigment_rpc_seconds for rejected GeneratePersonalized calls."""
+    from prometheus_client import REGISTRY
+
+    labels = {"method": "GeneratePersonalized", "code": "RESOURCE_EXHAUSTED"}
+    found = {k: REGISTRY.get_sample_value(f"pigment_rpc_seconds_{k}", labels) or 0.0 for k in ("sum", "count")}
+    for le in ("0.01", "0.05"):
+        found[f"le_{le}"] = REGISTRY.get_sample_value("pigment_rpc_seconds_bucket", {**labels, "le": le}) or 0.0
+    return found
+
+
 def over_limit_calls(target: str, clients: int, calls: int) -> tuple[list[tuple[str, float]], list[float]]:
     """In a separate process: ``calls`` GeneratePersonalized calls over the limit from ``clients`` threads (a
     warm-up call first: the first call on a channel pays its connection), then as many health checks."""
@@ -130,9 +141,11 @@ def full_phase(preset: Path, args, extra: dict) -> dict:
                 time.sleep(0.05)
             # the callers run in a process of their own, as real clients do: client threads sharing the
             # server's interpreter (and its GIL) would be timed as if they were the server's own cost
+            before = server_rejections()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
                 results, health_s = clients.submit(over_limit_calls, f"127.0.0.1:{port}", args.clients,
                                                    args.reject_calls).result()
+            handled = {k: v - before[k] for k, v in server_rejections().items()}
             rejections = [t for c, t in results if c == "RESOURCE_EXHAUSTED"]
             with stack.sessions() as s:  # waiting in the queue (a shared database may hold done rows too)
                 admitted = s.scalar(select(func.count()).select_from(RenderRequest)
@@ -144,6 +157,11 @@ def full_phase(preset: Path, args, extra: dict) -> dict:
     return {"queue_depth": args.queue_depth, "calls_over_limit": args.reject_calls, "clients": args.clients,
             "rejected": len(rejections), "admitted_rows": admitted,
             "reject_p50_ms": pct(rejections, 0.5), "reject_p99_ms": pct(rejections, 0.99),
+            # the server's own handling time of those calls (its pigment_rpc_seconds histogram): the rest of
+            # what a caller waits is gRPC transport and CPU scheduling on the machine
+            "server_reject_mean_ms": round(handled["sum"] / handled["count"] * 1000, 2) if handled["count"] else None,
+            "server_reject_within_10ms": round(handled["le_0.01"] / handled["count"], 3) if handled["count"] else None,
+            "server_reject_within_50ms": round(handled["le_0.05"] / handled["count"], 3) if handled["count"] else None,
             "health_p50_ms": pct(health_s, 0.5), "health_p99_ms": pct(health_s, 0.99)}
 
 

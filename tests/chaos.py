@@ -369,9 +369,10 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
 
     injected: list[dict] = []
     orphans: dict[int, float | None] = {}  # worker pid of a killed server -> seconds it took to exit
+    watches: list[threading.Thread] = []
 
-    def watch_orphan(pid: int, since: float) -> None:
-        while alive(pid) and time.monotonic() - since < 120:
+    def watch_orphan(pid: int, since: float) -> None:  # SIGTERM'd: a warm shutdown finishes its render first
+        while alive(pid) and time.monotonic() - since < settings.render_timeout_s + 120:
             time.sleep(0.1)
         orphans[pid] = None if alive(pid) else round(time.monotonic() - since, 1)
 
@@ -398,7 +399,8 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
                 its_workers, killed_at = server.worker_pids(), time.monotonic()
                 server.stop(signal.SIGTERM if fault == "server_stop" else signal.SIGKILL)
                 for pid in its_workers:
-                    threading.Thread(target=watch_orphan, args=(pid, killed_at), daemon=True).start()
+                    watches.append(threading.Thread(target=watch_orphan, args=(pid, killed_at), daemon=True))
+                    watches[-1].start()
                 server.start()
                 injected.append({"fault": fault, **at, "its_workers": its_workers,
                                  "down_s": round(time.monotonic() - killed_at, 1)})
@@ -422,6 +424,8 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
     finally:
         channel.close()
         injector.join(60)
+        for watch in watches:  # a killed server's worker: gone by now, or reported as an orphan
+            watch.join(settings.render_timeout_s + 120)
         server.stop(signal.SIGTERM)
         for w in workers:
             w.stop()

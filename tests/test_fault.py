@@ -445,8 +445,8 @@ def test_replay_racing_the_late_worker_keeps_its_result(gave_up, tiny_renderer, 
     assert render_row(stack, "late-1").status == "failed"
     read = gateway._existing_and_depth
 
-    def read_then_worker_finishes(request_id, phash):
-        found = read(request_id, phash)
+    def read_then_worker_finishes(request_id):
+        found = read(request_id)
         stalled.release.set()  # the stalled worker's result lands right after the caller's read
         rendering.join(60)
         return found

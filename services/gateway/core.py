@@ -205,14 +205,16 @@ class GatewayCore:
         (else NotFound, replays included), and a new request counts against its image quota."""
         started = time.perf_counter()
         p = self.resolve(params)
+        existing, depth = self._existing_and_depth(p.request_id)
+        if existing is None and depth >= self.settings.max_queue_depth:  # full: one read, before any other work
+            raise self._overloaded(depth)  # (says nothing of the user); _insert enforces the depth exactly
         if principal is not None:
             self.history.check_user(p.user_id, principal)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
-        existing, depth = self._existing_and_depth(p.request_id, phash)
+        if existing is not None and existing.params_hash != phash:
+            raise AlreadyExists(f"request_id {p.request_id!r} was already used with different parameters")
         timings: dict[str, float] = {}
         if existing is None:
-            if depth >= self.settings.max_queue_depth:  # fail fast, before any other work; _insert is exact
-                raise self._overloaded(depth)
             if principal is not None and self.charge_images is not None:
                 self.charge_images(principal, p.num_images)
             row, timings = self._prepare(p, phash)
@@ -242,15 +244,12 @@ class GatewayCore:
             raise AlreadyExists(f"request_id {request_id!r} was already used with different parameters")
         return row
 
-    def _existing_and_depth(self, request_id: str, phash: str) -> tuple[RenderRequest | None, int]:
+    def _existing_and_depth(self, request_id: str) -> tuple[RenderRequest | None, int]:
         """The request's row (a replay), else the queue depth: one transaction, so a rejection once the queue is
         full costs one pooled connection and two indexed reads (bench/load.py times it)."""
         with transaction(self.sessions) as s:
             row = s.get(RenderRequest, request_id)
-            depth = self._depth(s) if row is None else 0
-        if row is not None and row.params_hash != phash:
-            raise AlreadyExists(f"request_id {request_id!r} was already used with different parameters")
-        return row, depth
+            return row, self._depth(s) if row is None else 0
 
     def _prepare(self, p: GenerateParams, phash: str) -> tuple[RenderRequest, dict]:
         t0 = time.perf_counter()
