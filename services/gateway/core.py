@@ -35,9 +35,9 @@ from pigment.services.common.ids import KEY_RE, check_id, check_key
 from pigment.services.common.limits import check_text
 from pigment.services.gateway.reaper import Reaper
 from pigment.services.registry import adapter_version_label
-from pigment.services.store.db import transaction
+from pigment.services.store.db import db_now, transaction
 from pigment.services.store.notify import PollingNotifier, publish
-from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
+from pigment.services.store.tables import Counter, Generation, RenderRequest
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
 METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
@@ -331,7 +331,7 @@ class GatewayCore:
                 depth = self._depth(s)
                 if depth >= self.settings.max_queue_depth:
                     raise self._overloaded(depth)
-                row.heartbeat_at, row.dispatches = utcnow(), 1
+                row.heartbeat_at, row.dispatches = db_now(s), 1
                 s.add(row)
                 s.flush()
                 for i, item in enumerate(row.conditioning["decision"]["items"]):
@@ -366,7 +366,7 @@ class GatewayCore:
             won = s.execute(update(RenderRequest).where(
                 RenderRequest.request_id == request_id, RenderRequest.status == "failed",
                 RenderRequest.error.startswith("UNAVAILABLE"),
-            ).values(status="queued", error=None, step=0, attempts=0, heartbeat_at=utcnow(),
+            ).values(status="queued", error=None, step=0, attempts=0, heartbeat_at=db_now(s),
                      dispatches=RenderRequest.dispatches + 1).execution_options(synchronize_session=False)).rowcount
         if won:
             self._send(request_id)

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pigment.services.store.db import transaction
+from pigment.services.store.db import db_now, transaction
 from pigment.services.store.notify import publish
-from pigment.services.store.tables import RenderRequest, WorkerBeat, utcnow
+from pigment.services.store.tables import RenderRequest, WorkerBeat
 
 log = logging.getLogger("pigment.reaper")
 SWEEP_LIMIT = 500  # rows per sweep; the next sweep takes the rest
@@ -59,8 +59,8 @@ class Reaper:
         adds another copy of the task to a queue nobody reads (readiness says NOT_SERVING meanwhile), and the
         first sweep after a worker appears re-sends them once. Heartbeat rows of workers silent for
         ``FORGET_WORKERS_AFTER`` staleness periods are deleted (a killed worker never deletes its own)."""
-        now = utcnow()
         with transaction(self.sessions) as s:
+            now = db_now(s)  # heartbeats are written by the database's clock too
             live = s.scalars(select(WorkerBeat.queues)
                              .where(WorkerBeat.last_seen >= now - timedelta(seconds=self.stale_s))).all()
             consumed = any(self.queue in (queues or []) for queues in live)
@@ -77,7 +77,9 @@ class Reaper:
         """Re-send one stalled request if this caller wins the compare-and-set; True if it was sent.
 
         ``force_queued`` (a replay by the caller) re-sends a queued row however recent its last send."""
-        now = now or utcnow()
+        if now is None:
+            with transaction(self.sessions) as s:
+                now = db_now(s)
         stalled = self._stalled(now, queued_too=not force_queued)
         if force_queued:
             stalled = or_(stalled, RenderRequest.status == "queued")
