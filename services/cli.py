@@ -27,7 +27,7 @@ def cmd_serve(args, settings: Settings) -> int:
     print(f"models verified: {stack.verify_models()}", flush=True)  # before anything serves
     if not args.no_migrate:
         upgrade(settings.database_url)
-    worker = Worker(settings).start() if not args.no_worker else None
+    worker = Worker(settings, supervise=True).start() if not args.no_worker else None  # restarted when it dies
     server, port = stack.server(port=args.port)
     server.start()
     http = stack.http_server(args.http_port).start() if args.http_port is not None else None

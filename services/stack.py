@@ -7,6 +7,7 @@ production the same ``Stack`` runs against PostgreSQL and Redis/RabbitMQ.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -357,6 +358,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+_WORKER_SEQ = itertools.count(1)
+
+
 class Worker:
     """A real Celery worker process consuming the render queue and the batch queue.
 
@@ -372,6 +376,9 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
+        # a node name of its own: two workers of one process named alike collide on RabbitMQ (the second
+        # dies declaring its exclusive remote-control queue: RESOURCE_LOCKED)
+        self.name = f"{os.getpid()}-{next(_WORKER_SEQ)}"
 
     def _command(self) -> list[str]:
         from pigment.services.render.celery_app import batch_queue
@@ -380,7 +387,7 @@ class Worker:
         cmd = [sys.executable, "-m", "celery", "-A", "pigment.services.render.worker", "worker",
                "-Q", ",".join(queues), "--pool", "solo" if self.concurrency == 1 else "prefork",
                "--concurrency", str(self.concurrency), "--loglevel", "INFO",
-               "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{os.getpid()}@%h"]
+               "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"render-{self.name}@%h"]
         if self.settings.retrain_every_s > 0:  # embedded: this worker also runs beat (the retrain schedule)
             cmd += ["-B", "--schedule", str(self.settings.data_dir / "celerybeat-schedule")]
         return cmd
@@ -391,6 +398,7 @@ class Worker:
         self._log_start = self.log_path.stat().st_size
         env = {**settings_env(self.settings), "PIGMENT_PARENT_PID": str(os.getpid())}
         self.proc = subprocess.Popen(self._command(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._spawned_at = time.monotonic()
 
     def start(self, wait_ready_s: float = 120.0) -> Worker:
         if self.log_path.exists():
@@ -414,20 +422,21 @@ class Worker:
         raise RuntimeError(f"render worker not ready after {wait_ready_s}s; see {self.log_path}")
 
     def _monitor(self) -> None:
-        """Restart the worker when it dies; back off (up to 30 s) while it keeps dying at once."""
+        """Restart the worker when it dies; back off (up to 30 s) while it keeps dying within 30 s of its start."""
         backoff = 1.0
         while not self._stopping.wait(0.5):
             if self.proc.poll() is None:
                 continue
+            if time.monotonic() - self._spawned_at > 30:  # it ran a while: not a crash at start-up, no backoff
+                backoff = 1.0
             log.error("render worker (pid %d) exited with %s; restarting it in %.0f s", self.proc.pid,
                       self.proc.returncode, backoff)
             if self._stopping.wait(backoff):
                 return
-            started = time.monotonic()
             self._log.close()
             self._spawn()
             self.restarts += 1
-            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+            backoff = min(backoff * 2, 30.0)
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stopping.set()

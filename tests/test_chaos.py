@@ -1,7 +1,8 @@
-"""Chaos: kill -9 workers mid-render, restart the broker with tasks queued, crash-restart PostgreSQL with
-renders in flight, stop the server mid-stream, all against a real (private) PostgreSQL, a real (private)
-Redis and real worker processes; every accepted request ends answered exactly once (counted in SQL).
-The run is in tests/chaos.py; its report is printed."""
+"""Chaos: kill -9 workers mid-render, crash-restart the broker (Redis, RabbitMQ) with tasks queued, crash-restart
+PostgreSQL with renders in flight, SIGTERM and kill -9 the server mid-stream, all against a real (private)
+PostgreSQL, real (private) brokers, real worker processes and a real ``pigment serve`` process; every
+accepted request ends answered exactly once (counted in SQL). The run is in tests/chaos.py; its report is
+printed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import uuid
 
 import pytest
 
-from chaos import PrivatePostgres, PrivateRedis, chaos_pg, chaos_redis, run_chaos, write_report
+from chaos import PrivatePostgres, PrivateRabbit, PrivateRedis, chaos_broker, chaos_pg, run_chaos, write_report
 from conftest import make_settings, running_stack
 
 FAST = {"heartbeat_interval_s": 0.5, "heartbeat_stale_s": 4.0, "reaper_interval_s": 0.5,
@@ -31,40 +32,70 @@ def private_pg():
         pg.stop()
 
 
-def chaos(tmp_path, tiny_preset, pg: PrivatePostgres, **kwargs) -> dict:
-    pg_url = pg.create_database(f"pigment_chaos_{uuid.uuid4().hex[:8]}")
-    redis = PrivateRedis(tmp_path / "redis")
-    redis.start()
-    chaos_redis[redis.url], chaos_pg[pg_url] = redis, pg
+def chaos(tmp_path, tiny_preset, database_url: str, broker, pg: PrivatePostgres | None = None, **kwargs) -> dict:
+    broker.start()
+    chaos_broker[broker.url] = broker
+    if pg is not None:
+        chaos_pg[database_url] = pg
     try:
-        settings = make_settings(tmp_path, tiny_preset, database_url=pg_url, broker_url=redis.url, **FAST)
+        settings = make_settings(tmp_path, tiny_preset, database_url=database_url, broker_url=broker.url, **FAST)
         report = run_chaos(settings, **kwargs)
     finally:
-        chaos_redis.pop(redis.url, None)
-        chaos_pg.pop(pg_url, None)
-        redis.stop()
+        chaos_broker.pop(broker.url, None)
+        chaos_pg.pop(database_url, None)
+        broker.stop()
     write_report(report, tmp_path / "chaos.json")
     print("chaos report:", json.dumps({k: v for k, v in report.items() if not k.endswith("_ids")}))
+    if report["diagnosis_ids"]:  # a lost or duplicated request: its row, images and failed calls
+        print("chaos lost/duplicated:", json.dumps(report["diagnosis_ids"], indent=1))
     return report
+
+
+def on_private_pg(tmp_path, tiny_preset, pg: PrivatePostgres, **kwargs) -> dict:
+    url = pg.create_database(f"pigment_chaos_{uuid.uuid4().hex[:8]}")
+    return chaos(tmp_path, tiny_preset, url, PrivateRedis(tmp_path / "redis"), pg, **kwargs)
+
+
+def assert_every_request_answered_once(report: dict) -> None:
+    assert report["answered"] == report["requests"], report
+    assert report["lost"] == 0 and report["duplicated"] == 0, report
+    assert report["orphaned_workers"] == 0, report  # a killed server's worker exited with it
 
 
 @pytest.mark.integration
 def test_chaos_no_request_lost_or_duplicated(tmp_path, tiny_preset, private_pg):
-    report = chaos(tmp_path, tiny_preset, private_pg, requests=16, clients=4, budget_s=180,
-                   faults=("kill_worker", "broker_restart", "pg_restart", "server_stop", "kill_worker"))
+    report = on_private_pg(tmp_path, tiny_preset, private_pg, requests=12, clients=4, steps=6, size=32,
+                           budget_s=420, faults=("kill_worker", "broker_restart", "pg_restart", "server_kill",
+                                                 "kill_worker"))
     assert report["faults_injected"] >= 4, report
-    assert "pg_restart" in [f["fault"] for f in report["faults"]], report
-    assert report["answered"] == report["requests"], report
-    assert report["lost"] == 0 and report["duplicated"] == 0, report
+    assert {"pg_restart", "server_kill"} <= {f["fault"] for f in report["faults"]}, report
+    assert report["killed_servers_workers_exit_s"], report  # the killed server had a worker, and it exited
+    assert_every_request_answered_once(report)
+
+
+@pytest.mark.integration
+def test_chaos_rabbitmq_crash_with_tasks_queued(tmp_path, tiny_preset, pg_database):
+    """A private RabbitMQ node killed -9 and started again while renders run and tasks wait in its queue."""
+    why = PrivateRabbit.unavailable()
+    if why:
+        pytest.skip(why)
+    report = chaos(tmp_path, tiny_preset, pg_database(), PrivateRabbit(tmp_path / "rabbit"), requests=8,
+                   clients=4, steps=6, size=32, budget_s=120, faults=("broker_restart",))
+    assert [f["fault"] for f in report["faults"]] == ["broker_restart"], report
+    assert report["faults"][0]["rows"].get("queued", 0) >= 1, report  # tasks were waiting when it crashed
+    assert_every_request_answered_once(report)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.soak  # out of `make test`: it lost 1 of 40 requests in one of three runs (issue 16 stays open)
+@pytest.mark.soak  # out of `make test`: 10-15 minutes on the shared 2-core machine (figures in bench/RESULTS.md)
 def test_chaos_long(tmp_path, tiny_preset, private_pg):
-    report = chaos(tmp_path, tiny_preset, private_pg, requests=40, clients=8, budget_s=400,
-                   faults=("kill_worker", "broker_restart", "pg_restart", "server_stop", "kill_worker") * 3)
-    assert report["lost"] == 0 and report["duplicated"] == 0 and report["answered"] == report["requests"], report
+    """14 faults over 40 requests; the server stop (SIGTERM) and kill each restart a real `pigment serve`
+    (1-2 minutes apiece on the loaded machine, so two of them, not one per round)."""
+    report = on_private_pg(tmp_path, tiny_preset, private_pg, requests=40, clients=8, budget_s=1000,
+                           faults=("kill_worker", "broker_restart", "pg_restart", "kill_worker") * 3
+                           + ("server_stop", "server_kill"))
+    assert_every_request_answered_once(report)
 
 
 @pytest.mark.integration

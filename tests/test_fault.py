@@ -331,3 +331,158 @@ def test_killed_server_takes_its_worker_down(tmp_path, tiny_preset):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+class WorkerKilled(BaseException):
+    """kill -9 of a worker mid-render: nothing after the raise runs (no failure is recorded, no heartbeat)."""
+
+
+class Dies:
+    """A renderer whose process is killed as the render starts."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def render_batch(self, inputs, on_step=None):
+        raise WorkerKilled
+
+
+class Stalls(Dies):
+    """A renderer that stalls (cut off from the database, starved of CPU) until released, then finishes."""
+
+    def __init__(self, real):
+        super().__init__(real)
+        self.release = threading.Event()
+
+    def render_batch(self, inputs, on_step=None):
+        self.release.wait(60)
+        return self.real.render_batch(inputs, on_step=on_step)
+
+
+@pytest.fixture(scope="module")
+def tiny_renderer(tiny_preset):
+    from pigment.models.pipeline import Renderer
+
+    return Renderer(tiny_preset)
+
+
+@pytest.fixture
+def gave_up(tmp_path, tiny_preset, tiny_renderer):
+    """A gateway core whose sends are recorded (the test plays the workers), one claim per request
+    (``max_render_attempts`` 1) and a heartbeat stale after 0.5 s; the reaper runs when the test says."""
+    from pigment.services.render.core import RenderCore
+    from pigment.services.stack import Stack
+    from pigment.services.store.migrate import upgrade
+
+    settings = make_settings(tmp_path, tiny_preset, max_render_attempts=1, heartbeat_stale_s=0.5,
+                             requeue_queued_after_s=600)
+    upgrade(settings.database_url)
+    stack = Stack(settings)
+    stack.history.ensure_user("alice")
+    sent: list[str] = []
+    gateway = stack.make_gateway(sent.append)
+
+    def worker(renderer):
+        return RenderCore(stack.sessions, stack.storage, lambda: renderer, heartbeat_s=60, stale_s=0.5,
+                          max_attempts=1)
+
+    yield stack, gateway, sent, worker
+
+
+def params(request_id: str):
+    from pigment.services.gateway.core import GenerateParams
+
+    return GenerateParams(request_id=request_id, user_id="alice", prompt="a star", num_images=1,
+                          num_inference_steps=2, height=32, width=32, method="non_personalized",
+                          retrieval="generate_only")
+
+
+def call(gateway, request_id: str, wait_s: float = 0.3):
+    """One GeneratePersonalized as a caller makes it: the result, or the error it got."""
+    from pigment.services.common.errors import PigmentError
+
+    try:
+        return gateway.generate(params(request_id), deadline=time.monotonic() + wait_s)
+    except PigmentError as exc:
+        return exc
+
+
+def test_replay_after_the_reaper_gave_up_is_rendered(gave_up, tiny_renderer):
+    """The request the 15-fault chaos soak lost: its workers went silent max_render_attempts times, the reaper
+    failed it UNAVAILABLE, the caller replayed (as UNAVAILABLE asks). The replay must be claimable: before the
+    fix it was re-queued with its claims used up, so no worker would take it and it waited forever."""
+    stack, gateway, sent, worker = gave_up
+    assert type(call(gateway, "gaveup-1")).__name__ == "DeadlineExceeded" and sent == ["gaveup-1"]
+    with pytest.raises(WorkerKilled):
+        worker(Dies(tiny_renderer)).run("gaveup-1")  # claimed, then killed
+    time.sleep(0.6)  # its heartbeat goes stale
+    assert gateway.reaper.sweep() == []  # its one claim is used: failed, not re-sent
+    row = render_row(stack, "gaveup-1")
+    assert row.status == "failed" and row.error.startswith("UNAVAILABLE"), row.error
+    assert type(call(gateway, "gaveup-1")).__name__ == "DeadlineExceeded"  # the replay re-sends it
+    assert sent == ["gaveup-1", "gaveup-1"]
+    assert worker(tiny_renderer).run("gaveup-1") == "done"  # a healthy worker may claim it
+    result = call(gateway, "gaveup-1")
+    assert "REPLAYED" in result.flags and len(result.images) == 1
+    assert generations(stack, "gaveup-1") == 1
+
+
+def test_replay_racing_the_late_worker_keeps_its_result(gave_up, tiny_renderer, monkeypatch):
+    """The reaper gave up on a stalled worker; the caller's replay read the failed row, and just then the
+    stalled worker stored its result. The replay must answer with it: before the fix it turned the done row
+    back into a queued one no worker could claim (its claims were used), and the request never ended."""
+    stack, gateway, sent, worker = gave_up
+    call(gateway, "late-1")
+    stalled = Stalls(tiny_renderer)
+    rendering = threading.Thread(target=worker(stalled).run, args=("late-1",), daemon=True)
+    rendering.start()
+    wait_for(lambda: render_row(stack, "late-1").status == "running", 10, "the claim")
+    time.sleep(0.6)
+    gateway.reaper.sweep()
+    assert render_row(stack, "late-1").status == "failed"
+    read = gateway._existing_and_depth
+
+    def read_then_worker_finishes(request_id):
+        found = read(request_id)
+        stalled.release.set()  # the stalled worker's result lands right after the caller's read
+        rendering.join(60)
+        return found
+
+    monkeypatch.setattr(gateway, "_existing_and_depth", read_then_worker_finishes)
+    result = call(gateway, "late-1", wait_s=5)
+    assert not isinstance(result, Exception), result
+    assert len(result.images) == 1 and sent == ["late-1"]  # answered by the late worker, nothing re-sent
+    row = render_row(stack, "late-1")
+    assert (row.status, row.attempts) == ("done", 1) and generations(stack, "late-1") == 1
+
+
+def test_reaper_resends_queued_rows_only_while_a_worker_consumes(tmp_path, tiny_preset):
+    """No live worker on the render queue: a stale queued row is not re-sent again and again into a queue nobody
+    reads; once a worker beats, it is re-sent once. A long-dead worker's heartbeat row is deleted."""
+    from datetime import timedelta
+
+    from pigment.services.render.liveness import beat
+    from pigment.services.stack import Stack
+    from pigment.services.store.migrate import upgrade
+    from pigment.services.store.tables import utcnow
+
+    settings = make_settings(tmp_path, tiny_preset, requeue_queued_after_s=0.2, heartbeat_stale_s=2.0)
+    upgrade(settings.database_url)
+    stack = Stack(settings)
+    stack.history.ensure_user("alice")
+    sent: list[str] = []
+    gateway = stack.make_gateway(sent.append)
+    call(gateway, "idle-1", wait_s=0.1)
+    assert sent == ["idle-1"]
+    with stack.sessions.begin() as s:  # a worker killed long ago, on the same queue
+        s.add(WorkerBeat(worker_id="gone:1", queues=[settings.render_queue], last_seen=utcnow() - timedelta(hours=1)))
+    time.sleep(0.3)
+    assert gateway.reaper.sweep() == [] and gateway.reaper.sweep() == []
+    with stack.sessions() as s:
+        assert s.get(WorkerBeat, "gone:1") is None
+    beat(stack.sessions, "here:1", [settings.render_queue])
+    assert gateway.reaper.sweep() == ["idle-1"] and gateway.reaper.sweep() == []  # once, then after requeue_s
+    assert sent == ["idle-1", "idle-1"] and render_row(stack, "idle-1").dispatches == 2

@@ -17,8 +17,8 @@ from datetime import timedelta
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pigment.services.store.db import transaction
-from pigment.services.store.tables import WorkerBeat, utcnow
+from pigment.services.store.db import db_now, transaction
+from pigment.services.store.tables import WorkerBeat
 
 log = logging.getLogger("pigment.readiness")
 
@@ -37,7 +37,7 @@ class Readiness:
         try:
             with transaction(self.sessions) as s:
                 s.execute(text("SELECT 1"))
-                cutoff = utcnow() - timedelta(seconds=self.stale_s)
+                cutoff = db_now(s) - timedelta(seconds=self.stale_s)  # the clock the workers' rows use
                 live = s.scalars(select(WorkerBeat.queues).where(WorkerBeat.last_seen >= cutoff)).all()
             if not any(self.render_queue in (queues or []) for queues in live):
                 found.append(f"no live worker consumes the render queue {self.render_queue!r}")

@@ -31,9 +31,9 @@ from pigment.services.common.ids import KEY_RE, check_id, check_key
 from pigment.services.common.limits import check_text
 from pigment.services.gateway.reaper import Reaper
 from pigment.services.registry import adapter_version_label
-from pigment.services.store.db import transaction
-from pigment.services.store.notify import PollingNotifier
-from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
+from pigment.services.store.db import db_now, transaction
+from pigment.services.store.notify import PollingNotifier, publish
+from pigment.services.store.tables import Counter, Generation, RenderRequest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -238,13 +238,17 @@ class GatewayCore:
         (else NotFound, replays included), and a new request counts against its image quota."""
         started = time.perf_counter()
         p = self.resolve(params)
+        existing, depth = self._existing_and_depth(p.request_id)
+        if existing is None and depth >= self.settings.max_queue_depth:  # full: one read, before any other work
+            raise self._overloaded(depth)  # (says nothing of the user); _insert enforces the depth exactly
         if principal is not None:
             self.history.check_user(p.user_id, principal)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
-        existing = self._existing(p.request_id, phash)
+        if existing is not None and existing.params_hash != phash:
+            raise AlreadyExists(f"request_id {p.request_id} was already used with different parameters",
+                                reason="IDEMPOTENCY_KEY_REUSED", field="request_id")
         timings: dict[str, float] = {}
         if existing is None:
-            self._check_depth()  # fail fast, before history and preference work; _insert enforces it exactly
             if principal is not None and self.charge_images is not None:
                 self.charge_images(principal, p.num_images)
             row, timings = self._prepare(p, phash, asked=bool(params.retrieval))
@@ -274,6 +278,13 @@ class GatewayCore:
             raise AlreadyExists(f"request_id {request_id} was already used with different parameters",
                                 reason="IDEMPOTENCY_KEY_REUSED", field="request_id")
         return row
+
+    def _existing_and_depth(self, request_id: str) -> tuple[RenderRequest | None, int]:
+        """The request's row (a replay), else the queue depth: one transaction, so a rejection once the queue is
+        full costs one pooled connection and two indexed reads (bench/load.py times it)."""
+        with transaction(self.sessions) as s:
+            row = s.get(RenderRequest, request_id)
+            return row, self._depth(s) if row is None else 0
 
     def _prepare(self, p: GenerateParams, phash: str, asked: bool = True) -> tuple[RenderRequest, dict]:
         t0 = time.perf_counter()
@@ -350,12 +361,6 @@ class GatewayCore:
         return Overloaded(f"render queue is full ({depth} requests waiting, limit "
                           f"{self.settings.max_queue_depth}): retry later", reason="QUEUE_FULL")
 
-    def _check_depth(self) -> None:
-        with transaction(self.sessions) as s:
-            depth = self._depth(s)
-        if depth >= self.settings.max_queue_depth:
-            raise self._overloaded(depth)
-
     @staticmethod
     def _lock_admission(s: Session) -> None:
         """Serialise admissions: write one counter row first, so count-then-insert cannot over-admit.
@@ -380,7 +385,7 @@ class GatewayCore:
                 depth = self._depth(s)
                 if depth >= self.settings.max_queue_depth:
                     raise self._overloaded(depth)
-                row.heartbeat_at, row.dispatches = utcnow(), 1
+                row.heartbeat_at, row.dispatches = db_now(s), 1
                 s.add(row)
                 s.flush()
                 for i, item in enumerate(row.conditioning["decision"]["items"]):
@@ -405,17 +410,28 @@ class GatewayCore:
             raise Unavailable(msg, reason="QUEUE_UNAVAILABLE") from exc
 
     def _requeue(self, request_id: str) -> None:
+        """A replay of a request that failed UNAVAILABLE: queue it again, with a fresh budget of claims.
+
+        A compare-and-set on the failed row: a worker that stored the result since the caller read the row
+        (or a concurrent replay that re-queued it first) wins, and nothing is sent. ``attempts`` restarts at
+        0, or a request the reaper gave up on (``max_render_attempts`` claims) would sit queued where no
+        worker may claim it, re-sent forever (the request the 15-fault chaos soak lost)."""
         with transaction(self.sessions) as s:
-            row = s.get(RenderRequest, request_id)
-            row.status, row.error, row.step = "queued", None, 0
-            row.heartbeat_at, row.dispatches = utcnow(), row.dispatches + 1
-        self._send(request_id)
+            won = s.execute(update(RenderRequest).where(
+                RenderRequest.request_id == request_id, RenderRequest.status == "failed",
+                RenderRequest.error.startswith("UNAVAILABLE"),
+            ).values(status="queued", error=None, step=0, attempts=0, heartbeat_at=db_now(s),
+                     dispatches=RenderRequest.dispatches + 1).execution_options(synchronize_session=False)).rowcount
+        if won:
+            self._send(request_id)
 
     def _mark_failed(self, request_id: str, error: str) -> None:
+        """The send failed: fail the queued row (never one a worker took meanwhile from an earlier send)."""
         with transaction(self.sessions) as s:
-            row = s.get(RenderRequest, request_id)
-            if row is not None:
-                row.status, row.error = "failed", error
+            s.execute(update(RenderRequest).where(RenderRequest.request_id == request_id,
+                                                  RenderRequest.status == "queued")
+                      .values(status="failed", error=error).execution_options(synchronize_session=False))
+            publish(s, [request_id])
 
     def _wait(self, request_id: str, deadline: float | None,
               on_progress: Callable[[ProgressEvent], None] | None) -> RenderRequest:

@@ -9,8 +9,9 @@ compare-and-set on (status, dispatches, staleness), so two reapers (two
 gateways, or a replay racing the background sweep) never both re-send the same
 stall, and a duplicate task is harmless anyway: the worker claims a row with a
 compare-and-set too, and stores generations under ids derived from the request.
-A request whose workers died ``max_render_attempts`` times fails UNAVAILABLE
-instead of killing another worker. Plain Python: no grpc, no celery.
+A request whose workers went silent ``max_render_attempts`` times fails
+UNAVAILABLE instead of killing another worker; its caller's replay queues it
+again with a fresh budget (services/gateway/core.py). Plain Python: no grpc, no celery.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
-from pigment.services.store.db import transaction
-from pigment.services.store.tables import RenderRequest, utcnow
-from sqlalchemy import and_, or_, select, update
+from pigment.services.store.db import db_now, transaction
+from pigment.services.store.notify import publish
+from pigment.services.store.tables import RenderRequest, WorkerBeat
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("pigment.reaper")
 SWEEP_LIMIT = 500  # rows per sweep; the next sweep takes the rest
+FORGET_WORKERS_AFTER = 10  # a worker's heartbeat row silent this many staleness periods is deleted
 
 
 class Reaper:
@@ -35,6 +38,7 @@ class Reaper:
         self.stale_s = settings.heartbeat_stale_s
         self.requeue_s = settings.requeue_queued_after_s
         self.max_attempts = settings.max_render_attempts
+        self.queue = settings.render_queue
 
     def _stalled(self, now, queued_too: bool = True):
         """Rows to re-send: running with a silent worker; queued long after their last send."""
@@ -48,12 +52,22 @@ class Reaper:
         return or_(running, and_(RenderRequest.status == "queued", unsent))
 
     def sweep(self) -> list[str]:
-        """One pass over the stalled rows; returns the request ids re-sent."""
-        now = utcnow()
+        """One pass over the stalled rows; returns the request ids re-sent.
+
+        Queued rows are re-sent only while a live worker consumes the render queue: with none, a re-send only
+        adds another copy of the task to a queue nobody reads (readiness says NOT_SERVING meanwhile), and the
+        first sweep after a worker appears re-sends them once. Heartbeat rows of workers silent for
+        ``FORGET_WORKERS_AFTER`` staleness periods are deleted (a killed worker never deletes its own)."""
         with transaction(self.sessions) as s:
+            now = db_now(s)  # heartbeats are written by the database's clock too
+            live = s.scalars(select(WorkerBeat.queues)
+                             .where(WorkerBeat.last_seen >= now - timedelta(seconds=self.stale_s))).all()
+            consumed = any(self.queue in (queues or []) for queues in live)
             rows = s.execute(select(RenderRequest.request_id, RenderRequest.status, RenderRequest.dispatches,
-                                    RenderRequest.attempts).where(self._stalled(now))
+                                    RenderRequest.attempts).where(self._stalled(now, queued_too=consumed))
                              .order_by(RenderRequest.created_at).limit(SWEEP_LIMIT)).all()
+            s.execute(delete(WorkerBeat).where(
+                WorkerBeat.last_seen < now - timedelta(seconds=self.stale_s * FORGET_WORKERS_AFTER)))
         return [rid for rid, status, dispatches, attempts in rows
                 if self.revive(rid, status, dispatches, attempts, now=now)]
 
@@ -62,11 +76,13 @@ class Reaper:
         """Re-send one stalled request if this caller wins the compare-and-set; True if it was sent.
 
         ``force_queued`` (a replay by the caller) re-sends a queued row however recent its last send."""
-        now = now or utcnow()
+        if now is None:
+            with transaction(self.sessions) as s:
+                now = db_now(s)
         stalled = self._stalled(now, queued_too=not force_queued)
         if force_queued:
             stalled = or_(stalled, RenderRequest.status == "queued")
-        if status == "running" and attempts >= self.max_attempts:
+        if attempts >= self.max_attempts:  # no worker may claim it again: fail it, never re-send it forever
             return self._give_up(request_id, dispatches, attempts, stalled)
         with transaction(self.sessions) as s:
             won = s.execute(update(RenderRequest).where(
@@ -85,10 +101,16 @@ class Reaper:
         return True
 
     def _give_up(self, request_id: str, dispatches: int, attempts: int, stalled) -> bool:
+        """Fail a request whose workers went silent ``max_render_attempts`` times; a replay retries it afresh."""
         with transaction(self.sessions) as s:
-            s.execute(update(RenderRequest).where(
+            failed = s.execute(update(RenderRequest).where(
                 RenderRequest.request_id == request_id, RenderRequest.dispatches == dispatches, stalled,
-            ).values(status="failed", error=f"UNAVAILABLE: the render worker died {attempts} times while rendering "
-                     "this request; not retried again (see the worker logs)")
-                .execution_options(synchronize_session=False))
+            ).values(status="failed", error=f"UNAVAILABLE: the render worker went silent {attempts} times while "
+                     "rendering this request (killed, or cut off from the database); not re-sent again: a replay "
+                     "of the same request_id retries it (see the worker logs)")
+                .execution_options(synchronize_session=False)).rowcount
+            if failed:
+                publish(s, [request_id])  # wake the waiting caller now (a bulk UPDATE skips the flush hook)
+        if failed:
+            log.warning("gave up on render %s after %d claims", request_id, attempts)
         return False

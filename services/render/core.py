@@ -28,9 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from pigment.services.common import metrics
 from pigment.services.common.errors import ModelNotReady, PigmentError, Unavailable
 from pigment.services.registry import adapter_version_label
-from pigment.services.store.db import transaction
+from pigment.services.store.db import db_now, transaction
 from pigment.services.store.notify import publish
-from pigment.services.store.tables import Generation, RenderRequest, utcnow
+from pigment.services.store.tables import Generation, RenderRequest
 
 log = logging.getLogger("pigment.render")
 GENERATION_NS = uuid.UUID("6f1c1c52-3d4e-4a7f-9a59-0d6c9f6b2a10")
@@ -205,11 +205,11 @@ class RenderCore:
         So a duplicate task (a redelivery, a re-send by the reaper or a replay) renders nothing while
         another worker is alive on the same request, and two workers never both claim it."""
         status, claimed = {}, {}
-        now = utcnow()
-        orphaned = RenderRequest.status == "running" if takeover else and_(
-            RenderRequest.status == "running", or_(RenderRequest.heartbeat_at.is_(None),
-                                                   RenderRequest.heartbeat_at < now - timedelta(seconds=self.stale_s)))
         with transaction(self.sessions) as s:
+            now = db_now(s)  # heartbeats are written and judged by the database's clock
+            orphaned = RenderRequest.status == "running" if takeover else and_(
+                RenderRequest.status == "running", or_(RenderRequest.heartbeat_at.is_(None),
+                                                       RenderRequest.heartbeat_at < now - timedelta(seconds=self.stale_s)))
             for rid in request_ids:
                 took = s.execute(
                     update(RenderRequest)
@@ -246,7 +246,7 @@ class RenderCore:
                 with transaction(self.sessions) as s:
                     s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(ids),
                                                           RenderRequest.status == "running")
-                              .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
+                              .values(heartbeat_at=db_now(s)).execution_options(synchronize_session=False))
             except Exception:  # a database blip: the next beat retries
                 log.warning("request heartbeat failed for %s", ids, exc_info=True)
 
@@ -311,7 +311,7 @@ class RenderCore:
         try:
             with transaction(self.sessions) as s:
                 s.execute(update(RenderRequest).where(RenderRequest.request_id.in_(request_ids))
-                          .values(step=step, heartbeat_at=utcnow()))
+                          .values(step=step, heartbeat_at=db_now(s)))
                 publish(s, request_ids)  # a bulk UPDATE skips the ORM flush hook
         except Unavailable as exc:
             # progress is advisory: a database restart mid-render (tests/test_chaos.py) used to raise out of

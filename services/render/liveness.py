@@ -45,11 +45,11 @@ def beat(sessions, worker_id: str, queues: list[str]) -> None:
     """Upsert this worker's heartbeat row."""
     from sqlalchemy import update
 
-    from pigment.services.store.db import transaction
-    from pigment.services.store.tables import WorkerBeat, utcnow
+    from pigment.services.store.db import db_now, transaction
+    from pigment.services.store.tables import WorkerBeat
 
-    now = utcnow()
     with transaction(sessions) as s:
+        now = db_now(s)  # readiness judges it by the same clock
         if s.execute(update(WorkerBeat).where(WorkerBeat.worker_id == worker_id)
                      .values(last_seen=now, queues=queues)).rowcount == 0:
             s.add(WorkerBeat(worker_id=worker_id, queues=queues, host=socket.gethostname(), pid=os.getpid(),

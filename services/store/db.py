@@ -5,13 +5,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, InterfaceError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.common.errors import Unavailable
-from pigment.services.store.tables import Counter
+from pigment.services.store.tables import Counter, utcnow
 
 
 def make_engine(url: str) -> Engine:
@@ -47,6 +47,14 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
             yield session
     except (OperationalError, InterfaceError) as exc:
         raise Unavailable(f"database unavailable: {str(exc.orig or exc).splitlines()[0]}") from exc
+
+
+def db_now(session: Session):
+    """Now by the database's clock on PostgreSQL, so heartbeats written on one host and judged on another never
+    compare two hosts' clocks; this host's clock on SQLite (a file: one host by construction)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(text("SELECT now()"))
+    return utcnow()
 
 
 def next_counter(session: Session, name: str, by: int = 1) -> int:
