@@ -140,7 +140,8 @@ def build_sd15(out_dir: str | Path, seed: int = 0, dtype: str = "fp32") -> Path:
         # SD 1.5's own sampler settings (diffusers' pipeline defaults) at its native 512x512
         defaults={"num_inference_steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512,
                   "num_images": 1, "dtype": "fp32"},
-        retrain={"gate": "preference"},
+        # random weights: the gate's CLIP guard checks plumbing, not quality, so it renders cheaply on a CPU
+        retrain={"gate": "preference", "gate_steps": 2, "gate_size": 256},
     )
     return out
 

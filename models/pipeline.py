@@ -61,7 +61,7 @@ class Renderer:
     """Holds the diffusion components of one preset; ``render`` is one generation."""
 
     def __init__(self, preset_dir: str | Path, backend: str = "torch", device: str = "cpu", cache_dir: Path | None = None,
-                 unet_adapter: str | Path | None = None, dtype: str | None = None):
+                 unet_adapter: str | Path | None = None, dtype: str | None = None, backend_options: dict | None = None):
         self.preset_dir = Path(preset_dir)
         self.device = device
         self.model_version = preset_version(preset_dir)
@@ -92,7 +92,8 @@ class Renderer:
             if self.dtype_name == "bf16":
                 raise ValueError(f"dtype='bf16' is not allowed with backend={backend!r}: use fp16 or fp32")
             unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device,
-                                     adapter_hash=adapter_hash, precision="fp16" if self.dtype_name == "fp16" else "fp32")
+                                     adapter_hash=adapter_hash, precision="fp16" if self.dtype_name == "fp16" else "fp32",
+                                     **(backend_options or {}))
         vae, scheduler = self._place(load_component(preset_dir, "vae")), load_component(preset_dir, "scheduler")
         if self.sdxl:
             self.pipe = self._sdxl_pipeline(vae, unet, scheduler)
