@@ -27,7 +27,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(preset: str, backend: str, steps: int, calls: int, cache: str, exporter: str = "torchscript") -> dict:
+def child(preset: str, backend: str, steps: int, calls: int, cache: str, exporter: str = "torchscript",
+          low_memory: bool = False, render: bool = True) -> dict:
     """Runs in its own process: the renderer alone (``load_s`` includes the ONNX export on a cache miss)."""
     import torch
 
@@ -35,7 +36,7 @@ def child(preset: str, backend: str, steps: int, calls: int, cache: str, exporte
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    options = {"exporter": exporter} if backend == "onnxruntime" else {}
+    options = {"exporter": exporter, "low_memory": low_memory} if backend == "onnxruntime" else {}
     renderer = Renderer(preset, backend=backend, cache_dir=Path(cache), backend_options=options)
     load_s = time.perf_counter() - t0
     size = renderer.defaults["height"]
@@ -53,20 +54,21 @@ def child(preset: str, backend: str, steps: int, calls: int, cache: str, exporte
         renderer.pipe.vae.decode(torch.randn(1, 4, latent, latent) / renderer.pipe.vae.config.scaling_factor)
         vae_s = time.perf_counter() - t
     t = time.perf_counter()
-    renderer.render(RenderInputs(segments=["a red star"], num_inference_steps=steps, seed=1))
-    render_s = time.perf_counter() - t
-    return {"backend": backend, **({"exporter": exporter} if options else {}), "size": size,
+    if render:
+        renderer.render(RenderInputs(segments=["a red star"], num_inference_steps=steps, seed=1))
+    render_s = time.perf_counter() - t if render else None
+    return {"backend": backend, **options, "size": size,
             "load_s": round(load_s, 2),
             "unet_call_s": [round(x, 2) for x in unet_s], "unet_batch": 2, "vae_decode_s": round(vae_s, 2),
-            "render_s": round(render_s, 2), "steps": steps, "peak_rss_mb": round(peak_rss_mb())}
+            "render_s": render_s and round(render_s, 2), "steps": steps, "peak_rss_mb": round(peak_rss_mb())}
 
 
 def measure_backend(preset: str, backend: str, steps: int, calls: int, cache: str, exporter: str = "torchscript",
-                    max_rss_mb: float | None = None) -> dict:
+                    max_rss_mb: float | None = None, low_memory: bool = False, render: bool = True) -> dict:
     """The child's result; on a shared machine it is killed (and says so) once its RSS passes ``max_rss_mb``."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import realsize; "
             f"print('RESULT', json.dumps(realsize.child({preset!r}, {backend!r}, {steps}, {calls}, {cache!r}, "
-            f"{exporter!r})))")
+            f"{exporter!r}, {low_memory!r}, {render!r})))")
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True)
@@ -76,14 +78,14 @@ def measure_backend(preset: str, backend: str, steps: int, calls: int, cache: st
             if max_rss_mb and peak > max_rss_mb:
                 proc.kill()
                 proc.wait()
-                return {"backend": backend, "exporter": exporter, "error": f"killed at {peak:.0f} MB RSS "
+                return {"backend": backend, "error": f"killed at {peak:.0f} MB RSS "
                         f"(--max-rss-mb {max_rss_mb:.0f}) after {time.perf_counter() - t0:.0f} s"}
             time.sleep(0.5)
         out.seek(0)
         err.seek(0)
         line = next((x for x in out.read().splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            return {"backend": backend, "exporter": exporter, "error": err.read()[-1500:]}
+            return {"backend": backend, "error": err.read()[-1500:]}
     return {**json.loads(line[7:]), "process_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -104,7 +106,7 @@ def ratios(backends: list[dict]) -> dict:
         return {}
     ref = ok["torch"]
     return {name: {"unet_call": round(min(b["unet_call_s"]) / min(ref["unet_call_s"]), 3),
-                   "render": round(b["render_s"] / ref["render_s"], 3),
+                   "render": round(b["render_s"] / ref["render_s"], 3) if b["render_s"] and ref["render_s"] else None,
                    "peak_rss": round(b["peak_rss_mb"] / ref["peak_rss_mb"], 3)}
             for name, b in ok.items() if name != "torch"}
 
@@ -176,6 +178,8 @@ def main() -> int:
     p.add_argument("--ort-exporter", default="torchscript", choices=("torchscript", "dynamo"),
                    help="ONNX exporter for onnxruntime (dynamo streams the weights: less memory)")
     p.add_argument("--max-rss-mb", type=float, default=None, help="kill a backend's process past this RSS")
+    p.add_argument("--ort-low-memory", action="store_true", help="onnxruntime without pre-packing or arena")
+    p.add_argument("--no-render", action="store_true", help="UNet calls and VAE decode only, no whole render")
     p.add_argument("--out", default="bench/out/realsize.json")
     p.add_argument("--append", action="store_true", help="add to the results already in --out (e.g. --backends '' "
                    "--serve after a backends run)")
@@ -192,7 +196,8 @@ def main() -> int:
     for backend in filter(None, args.backends.split(",")):
         print(f"[realsize] {backend} ...", flush=True)
         result["backends"].append(measure_backend(args.preset, backend, args.steps, args.calls, cache,
-                                                  args.ort_exporter, args.max_rss_mb))
+                                                  args.ort_exporter, args.max_rss_mb, args.ort_low_memory,
+                                                  not args.no_render))
         print(json.dumps(result["backends"][-1]), flush=True)
         write(args.out, result)  # each phase is kept, whatever happens to the next
     if result["backends"]:
