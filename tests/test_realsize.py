@@ -1,7 +1,8 @@
 """An SD 1.5-architecture preset (random weights, `pigment models build --arch sd15`) served at its native
 512x512 through gRPC and a real worker, then one scheduled retrain on it with the generic gate.
 
-Slow (minutes; the worker peaks at ~5.5 GB serving, the retrain worker at ~7 GB): runs only with
+Slow (34 min on a 2-core VM at load average 15-22, bench/RESULTS.md; the serving worker peaks at ~8 GB with
+5 images at 512, the retrain worker at ~6 GB): runs only with
 PIGMENT_TEST_SD15=DIR (an sd15 preset; built there first if DIR has no manifest). The retrain is made
 affordable on a CPU the way a real one would be: a rank-2 LoRA, one Diffusion-DPO step at 256x256 (the
 served 512x512 images resized), the gate reading its implicit reward at that size and rendering its CLIP
