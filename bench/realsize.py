@@ -27,15 +27,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(preset: str, backend: str, steps: int, calls: int, cache: str) -> dict:
-    """Runs in its own process: the renderer alone."""
+def child(preset: str, backend: str, steps: int, calls: int, cache: str, exporter: str = "torchscript",
+          low_memory: bool = False, render: bool = True) -> dict:
+    """Runs in its own process: the renderer alone (``load_s`` includes the ONNX export on a cache miss)."""
     import torch
 
     from pigment.models.pipeline import Renderer, RenderInputs
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    renderer = Renderer(preset, backend=backend, cache_dir=Path(cache))
+    options = {"exporter": exporter, "low_memory": low_memory} if backend == "onnxruntime" else {}
+    renderer = Renderer(preset, backend=backend, cache_dir=Path(cache), backend_options=options)
     load_s = time.perf_counter() - t0
     size = renderer.defaults["height"]
     latent = size // renderer.vae_scale
@@ -52,22 +54,61 @@ def child(preset: str, backend: str, steps: int, calls: int, cache: str) -> dict
         renderer.pipe.vae.decode(torch.randn(1, 4, latent, latent) / renderer.pipe.vae.config.scaling_factor)
         vae_s = time.perf_counter() - t
     t = time.perf_counter()
-    renderer.render(RenderInputs(segments=["a red star"], num_inference_steps=steps, seed=1))
-    render_s = time.perf_counter() - t
-    return {"backend": backend, "size": size, "load_s": round(load_s, 2),
+    if render:
+        renderer.render(RenderInputs(segments=["a red star"], num_inference_steps=steps, seed=1))
+    render_s = time.perf_counter() - t if render else None
+    return {"backend": backend, **options, "size": size,
+            "load_s": round(load_s, 2),
             "unet_call_s": [round(x, 2) for x in unet_s], "unet_batch": 2, "vae_decode_s": round(vae_s, 2),
-            "render_s": round(render_s, 2), "steps": steps, "peak_rss_mb": round(peak_rss_mb())}
+            "render_s": render_s and round(render_s, 2), "steps": steps, "peak_rss_mb": round(peak_rss_mb())}
 
 
-def measure_backend(preset: str, backend: str, steps: int, calls: int, cache: str) -> dict:
+def measure_backend(preset: str, backend: str, steps: int, calls: int, cache: str, exporter: str = "torchscript",
+                    max_rss_mb: float | None = None, low_memory: bool = False, render: bool = True) -> dict:
+    """The child's result; on a shared machine it is killed (and says so) once its RSS passes ``max_rss_mb``."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import realsize; "
-            f"print('RESULT', json.dumps(realsize.child({preset!r}, {backend!r}, {steps}, {calls}, {cache!r})))")
+            f"print('RESULT', json.dumps(realsize.child({preset!r}, {backend!r}, {steps}, {calls}, {cache!r}, "
+            f"{exporter!r}, {low_memory!r}, {render!r})))")
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        return {"backend": backend, "error": out.stderr[-1500:]}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, rss_mb(proc.pid) or 0.0)
+            if max_rss_mb and peak > max_rss_mb:
+                proc.kill()
+                proc.wait()
+                return {"backend": backend, "error": f"killed at {peak:.0f} MB RSS "
+                        f"(--max-rss-mb {max_rss_mb:.0f}) after {time.perf_counter() - t0:.0f} s"}
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        line = next((x for x in out.read().splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            return {"backend": backend, "error": err.read()[-1500:]}
     return {**json.loads(line[7:]), "process_s": round(time.perf_counter() - t0, 1)}
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def ratios(backends: list[dict]) -> dict:
+    """Each backend's fastest UNet call and VAE decode against torch's (below 1: faster than torch)."""
+    ok = {b["backend"]: b for b in backends if "error" not in b}
+    if "torch" not in ok:
+        return {}
+    ref = ok["torch"]
+    return {name: {"unet_call": round(min(b["unet_call_s"]) / min(ref["unet_call_s"]), 3),
+                   "render": round(b["render_s"] / ref["render_s"], 3) if b["render_s"] and ref["render_s"] else None,
+                   "peak_rss": round(b["peak_rss_mb"] / ref["peak_rss_mb"], 3)}
+            for name, b in ok.items() if name != "torch"}
 
 
 def serve_once(preset: str, steps: int, broker: str | None) -> dict:
@@ -134,6 +175,11 @@ def main() -> int:
     p.add_argument("--serve", action="store_true", help="also one request end to end through gRPC + worker")
     p.add_argument("--broker", default=None, help="e.g. redis://127.0.0.1:6379/0 (default: filesystem)")
     p.add_argument("--cache", default=None, help="engine cache dir (default: a temp dir)")
+    p.add_argument("--ort-exporter", default="torchscript", choices=("torchscript", "dynamo"),
+                   help="ONNX exporter for onnxruntime (dynamo streams the weights: less memory)")
+    p.add_argument("--max-rss-mb", type=float, default=None, help="kill a backend's process past this RSS")
+    p.add_argument("--ort-low-memory", action="store_true", help="onnxruntime without pre-packing or arena")
+    p.add_argument("--no-render", action="store_true", help="UNet calls and VAE decode only, no whole render")
     p.add_argument("--out", default="bench/out/realsize.json")
     p.add_argument("--append", action="store_true", help="add to the results already in --out (e.g. --backends '' "
                    "--serve after a backends run)")
@@ -149,9 +195,14 @@ def main() -> int:
         result = {**json.loads(Path(args.out).read_text()), "appended": result}
     for backend in filter(None, args.backends.split(",")):
         print(f"[realsize] {backend} ...", flush=True)
-        result["backends"].append(measure_backend(args.preset, backend, args.steps, args.calls, cache))
+        result["backends"].append(measure_backend(args.preset, backend, args.steps, args.calls, cache,
+                                                  args.ort_exporter, args.max_rss_mb, args.ort_low_memory,
+                                                  not args.no_render))
         print(json.dumps(result["backends"][-1]), flush=True)
         write(args.out, result)  # each phase is kept, whatever happens to the next
+    if result["backends"]:
+        result["ratio_to_torch"] = ratios(result["backends"])
+        print("ratio to torch (fastest UNet call, render, peak RSS):", json.dumps(result["ratio_to_torch"]))
     if args.serve:
         print("[realsize] serving one request end to end ...", flush=True)
         result["serve"] = serve_once(args.preset, args.steps, args.broker)

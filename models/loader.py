@@ -30,6 +30,8 @@ KINDS: dict[str, str] = {
     "scheduler": "diffusers:DDIMScheduler",
     "text_encoder": "transformers:CLIPTextModel",
     "tokenizer": "transformers:AutoTokenizer",
+    "text_encoder_2": "transformers:CLIPTextModelWithProjection",  # SDXL's second encoder (pooled projection)
+    "tokenizer_2": "transformers:AutoTokenizer",
     "llm": "transformers:AutoModelForCausalLM",
     "llm_tokenizer": "transformers:AutoTokenizer",
     "clip": "transformers:CLIPModel",

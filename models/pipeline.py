@@ -9,6 +9,15 @@ side is the encoding of "" for each segment and zeros for the soft tokens.
 
 One call renders one request; per-image generators (seed + i) keep every image
 reproducible whether it is rendered alone or in a batch.
+
+The pipeline follows the UNet's config, not the preset's name: a UNet with
+``addition_embed_type="text_time"`` (SDXL's) is served by ``StableDiffusionXLPipeline``.
+There each segment is encoded by both text encoders (penultimate hidden states,
+concatenated along features, as SDXL does), the pooled vector is text_encoder_2's
+projection of the whole prompt (the segments joined with ", "), and the pipeline adds
+the size/crop time ids. Soft tokens work when the preference head writes the UNet's
+cross-attention width (both encoders side by side); the exported backends
+(onnxruntime, tensorrt) take SD-style UNets only.
 """
 
 from __future__ import annotations
@@ -53,9 +62,7 @@ class Renderer:
     """Holds the diffusion components of one preset; ``render`` is one generation."""
 
     def __init__(self, preset_dir: str | Path, backend: str = "torch", device: str = "cpu", cache_dir: Path | None = None,
-                 unet_adapter: str | Path | None = None, dtype: str | None = None):
-        from diffusers import StableDiffusionPipeline
-
+                 unet_adapter: str | Path | None = None, dtype: str | None = None, backend_options: dict | None = None):
         self.preset_dir = Path(preset_dir)
         self.device = device
         self.model_version = preset_version(preset_dir)
@@ -69,43 +76,80 @@ class Renderer:
         self.tokenizer = load_component(preset_dir, "tokenizer")
         self.text_encoder = self._place(load_component(preset_dir, "text_encoder"))
         unet = self._place(load_component(preset_dir, "unet"))
+        self.sdxl = is_sdxl(unet.config)
         adapter_hash = None
         if unet_adapter is not None:  # a UNet LoRA (e.g. `pigment train diffusion-dpo`), fused into the weights
             adapter_hash = load_unet_lora(unet, unet_adapter)
             self.model_version += f"+unet-{adapter_hash}"
         self.backend = backend
         if backend != "torch":
-            from pigment.models.backends import load_unet_backend
+            from pigment.models.backends import BackendUnavailable, load_unet_backend
+
+            if self.sdxl:
+                raise BackendUnavailable(
+                    f"backend={backend!r} exports SD-style UNets (sample, timestep, encoder_hidden_states); this "
+                    "preset's UNet also takes SDXL's pooled text embeds and time ids: use render_backend 'torch'")
 
             if self.dtype_name == "bf16":
                 raise ValueError(f"dtype='bf16' is not allowed with backend={backend!r}: use fp16 or fp32")
             unet = load_unet_backend(backend, unet, cache_dir=cache_dir or self.preset_dir / ".engines", device=device,
-                                     adapter_hash=adapter_hash, precision="fp16" if self.dtype_name == "fp16" else "fp32")
-        self.pipe = StableDiffusionPipeline(
-            vae=self._place(load_component(preset_dir, "vae")),
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet,
-            scheduler=load_component(preset_dir, "scheduler"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+                                     adapter_hash=adapter_hash, precision="fp16" if self.dtype_name == "fp16" else "fp32",
+                                     **(backend_options or {}))
+        vae, scheduler = self._place(load_component(preset_dir, "vae")), load_component(preset_dir, "scheduler")
+        if self.sdxl:
+            self.pipe = self._sdxl_pipeline(vae, unet, scheduler)
+            self.text_dim = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            self.pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self.text_dim = self.text_encoder.config.hidden_size
         self.pipe.set_progress_bar_config(disable=True)
-        self.text_dim = self.text_encoder.config.hidden_size
         self.vae_scale = self.pipe.vae_scale_factor
+
+    def _sdxl_pipeline(self, vae, unet, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        from pigment.models.loader import has_component
+
+        missing = [n for n in ("text_encoder_2", "tokenizer_2") if not has_component(self.preset_dir, n)]
+        if missing:
+            raise ValueError(f"{self.preset_dir}: the UNet is SDXL's (addition_embed_type 'text_time') but the "
+                             f"preset has no {missing}: record them with `pigment models manifest`")
+        self.tokenizer_2 = load_component(self.preset_dir, "tokenizer_2")
+        self.text_encoder_2 = self._place(load_component(self.preset_dir, "text_encoder_2"))
+        if self.tokenizer_2.model_max_length != self.tokenizer.model_max_length:
+            raise ValueError(f"tokenizer_2 pads to {self.tokenizer_2.model_max_length} tokens, tokenizer to "
+                             f"{self.tokenizer.model_max_length}: SDXL concatenates them per token, they must match")
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
 
     def _place(self, module):
         """On this renderer's device, in its dtype (cast only when stored otherwise: no-op casts warn)."""
         module = module.to(self.device)
         return module if next(module.parameters()).dtype == self.dtype else module.to(self.dtype)
 
+    def _ids(self, tokenizer, text: str) -> torch.Tensor:
+        return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
     @torch.no_grad()
     def encode_text(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(
-            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0][0]
+        """[T, text_dim]: the last hidden states; SDXL: both encoders' penultimate ones, side by side."""
+        if not self.sdxl:
+            return self.text_encoder(self._ids(self.tokenizer, text))[0][0]
+        return torch.cat([enc(self._ids(tok, text), output_hidden_states=True).hidden_states[-2][0]
+                          for tok, enc in ((self.tokenizer, self.text_encoder),
+                                           (self.tokenizer_2, self.text_encoder_2))], dim=-1)
+
+    @torch.no_grad()
+    def pooled(self, inputs: RenderInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's (positive, negative) pooled embeds: text_encoder_2's projection of the joined prompt and of ""."""
+        prompt = ", ".join(s for s in inputs.segments if s)
+        return tuple(self.text_encoder_2(self._ids(self.tokenizer_2, t))[0][0] for t in (prompt, ""))
 
     def conditioning(self, inputs: RenderInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive, negative) embeddings [T, D] for one request."""
@@ -190,7 +234,13 @@ class Renderer:
                 on_step(step + 1, first.num_inference_steps)
             return {}
 
+        extra = {}
+        if self.sdxl:
+            pooled = [self.pooled(inputs) for inputs in batch]
+            for i, key in enumerate(("pooled_prompt_embeds", "negative_pooled_prompt_embeds")):
+                extra[key] = torch.cat([p[i].unsqueeze(0).expand(x.num_images, -1) for p, x in zip(pooled, batch)])
         result = self.pipe(
+            **extra,
             prompt_embeds=pos,
             negative_prompt_embeds=neg,
             num_inference_steps=first.num_inference_steps,
@@ -207,6 +257,11 @@ class Renderer:
                                         model_version=self.model_version, conditioning_tokens=int(p.shape[0])))
             start += len(group)
         return outputs
+
+
+def is_sdxl(unet_config) -> bool:
+    """SDXL's UNet: conditioned on pooled text embeds and size/crop time ids besides cross attention."""
+    return getattr(unet_config, "addition_embed_type", None) == "text_time"
 
 
 UNET_LORA_FILE = "pytorch_lora_weights.safetensors"

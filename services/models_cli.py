@@ -10,9 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pigment.models.build import ARCHS  # light: the builders import torch inside
 from pigment.services.common.errors import InvalidInput
-
-ARCHS = ("tiny", "sd15")  # models/build.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """The generic promotion gate (held-out DPO implicit reward + CLIP content guard) decides like the toy
-world's evaluator on the toy preset: a harmless candidate passes both, a harmful one fails both."""
+world's evaluator on the toy preset: a harmless candidate passes both, a harmful one fails both, and a
+candidate that Diffusion-DPO really improved is promoted by both, each scoring it up."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import make_settings
 
 from pigment.training.gate import _accuracy, make_gate
 from pigment.training.retrain import RetrainCore, split_heldout, toy_gate
+from pigment.training.train_diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer, read_image_pairs
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "presets" / "toy"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -111,3 +113,74 @@ def test_a_round_with_the_preference_gate_holds_out_pairs_it_never_trains_on(tmp
     m = result.metrics
     assert m["gate"] == "preference" and m["baseline"]["joint"] == 0.5 and m["candidate"]["n_heldout_pairs"] == 1
     assert m["train"]["pairs"] == 3
+
+
+def damaged_preset(tmp_path: Path, scale: float) -> Path:
+    """The toy preset with a random low-rank change fused into its UNet: it draws shapes and colours worse."""
+    import shutil
+
+    from pigment.models import loader
+    from pigment.models.pipeline import load_unet_lora
+
+    preset = tmp_path / "damaged"
+    shutil.copytree(TOY, preset)
+    unet = loader.load_component(TOY, "unet")
+    load_unet_lora(unet, write_lora(tmp_path / "damage", scale))
+    unet.unload_lora()  # the fused weights stay; the LoRA layers go
+    unet.save_pretrained(preset / "unet")
+    loader.refresh_component(preset, "unet")
+    return preset
+
+
+def better_worse_pairs(path: Path, better: Path, worse: Path, seeds: list[int]) -> Path:
+    """Pairs laid out as serving renders them (content, then keywords): the intact toy UNet's image is
+    chosen, the damaged one's rejected (same conditioning, same seed, 6 steps)."""
+    from pigment.models.pipeline import Renderer, RenderInputs
+    from pigment.training import toy_world as tw
+
+    renderers = {"chosen": Renderer(better), "rejected": Renderer(worse)}
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        for i in range(8):
+            attrs = {k: str(rng.choice(v)) for k, v in tw.ATTRIBUTES.items()}
+            segments = [f"a {attrs['shape']}", ", ".join(tw.keyword(k, attrs[k]) for k in ("colour", "background",
+                                                                                            "size"))]
+            row = {"content": segments[0], "keywords": [], "segments": segments}
+            for side, renderer in renderers.items():
+                inputs = RenderInputs(segments=segments, num_images=1, seed=1000 * seed + i, num_inference_steps=6)
+                row[f"{side}_image"] = f"images/{seed}_{i}_{side}.png"
+                renderer.render(inputs).images[0].save(path.parent / row[f"{side}_image"])
+            rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_candidate_dpo_really_improved_is_promoted_by_both_gates(tmp_path):
+    """Diffusion-DPO on pairs where the chosen image is clearly better (the intact UNet's against a damaged
+    UNet's) repairs part of the damage: the toy evaluator (attribute probe) and the generic gate (held-out
+    implicit reward + CLIP guard) both score the candidate up and promote it."""
+    preset = damaged_preset(tmp_path, 0.5)
+    train = better_worse_pairs(tmp_path / "train" / "pairs.jsonl", TOY, preset, [0, 1, 2])
+    heldout = better_worse_pairs(tmp_path / "heldout" / "pairs.jsonl", TOY, preset, [9])
+    trainer = DiffusionDPOTrainer(DiffusionDPOConfig(preset=str(preset), out=str(tmp_path / "dpo"), steps=40,
+                                                     batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=1000))
+    trainer.prepare(read_image_pairs(train))
+    candidate = Path(trainer.train()["adapter"])
+    settings = make_settings(tmp_path, preset, retrain_eval_samples=8, retrain_eval_seed=1)
+    core = RetrainCore(settings, None, preset_dir=preset)
+    gates = {"toy": toy_gate(settings, preset, "unet_lora"), "preference": make_gate(settings, preset, "unet_lora",
+                                                                                       heldout)}
+    gains = {}
+    for gate, evaluate in gates.items():
+        baseline, score = evaluate(None), evaluate(candidate)
+        verdict = core.regression(score, baseline)
+        gains[gate] = {k: score[k] - baseline[k] for k in ("joint", "content_fidelity")}
+        print(gate, "baseline", {k: baseline[k] for k in gains[gate]}, "candidate", {k: score[k] for k in gains[gate]},
+              verdict or "promote")
+        assert verdict == "", (gate, verdict)
+    # same sign: each gate scores the repair up on some metric and down on none
+    for gate, gain in gains.items():
+        assert min(gain.values()) >= 0 and max(gain.values()) > 0, (gate, gain)
+    assert gains["preference"]["joint"] > 0.1  # held-out pairs: the candidate prefers the better image

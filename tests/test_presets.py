@@ -168,3 +168,46 @@ def test_retrieval_threshold_is_the_presets_and_the_reason_matches_the_outcome(e
     low = decider.with_config(threshold=-1.0).decide("reader", params, [], None)
     assert low.generate and not low.retrieve and not low.items
     assert "retrieving" not in low.reason and low.reason.endswith("generating"), low.reason
+
+
+def test_an_sdxl_architecture_preset_is_built_and_served_through_grpc(tmp_path):
+    """`pigment models build --arch sdxl-small`: SDXL's UNet (text_time: pooled embeds + time ids), two text
+    encoders and an Euler scheduler, served by the real gateway and worker with the SDXL pipeline (chosen from
+    the UNet's config), every PMG method included; the exported backends refuse it with the reason."""
+    import io
+
+    from PIL import Image
+
+    from pigment.models.backends import BackendUnavailable
+    from pigment.models.pipeline import Renderer
+    from pigment.v1 import generation_pb2 as pb
+    from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+
+    preset = tmp_path / "sdxl"
+    assert main(["models", "build", "--arch", "sdxl-small", "--dir", str(preset)]) == 0
+    m = loader.read_manifest(preset)
+    assert {"text_encoder_2", "tokenizer_2"} <= set(m["components"]) and m["defaults"]["height"] == 128
+    unet_cfg = json.loads((preset / "unet" / "config.json").read_text())
+    assert unet_cfg["addition_embed_type"] == "text_time"
+    assert json.loads((preset / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "EulerDiscreteScheduler"
+    with pytest.raises(BackendUnavailable, match="SDXL's pooled text embeds and time ids"):
+        Renderer(preset, backend="onnxruntime", cache_dir=tmp_path / "engines")
+
+    settings = make_settings(tmp_path, preset)
+    with running_stack(settings) as (_stack, channel, _worker):
+        history = history_pb2_grpc.HistoryServiceStub(channel)
+        png = io.BytesIO()
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(png, format="PNG")
+        history.UpsertItems(history_pb2.UpsertItemsRequest(items=[
+            history_pb2.Item(item_id="i1", caption="a large red star", image_png=png.getvalue())]))
+        history.LogInteractions(history_pb2.LogInteractionsRequest(user_id="u", create_user=True, interactions=[
+            history_pb2.Interaction(item_id="i1", kind="like", timestamp_ms=1_700_000_000_000)]))
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        for method in (pb.METHOD_PMG, pb.METHOD_PMG_SOFT, pb.METHOD_NON_PERSONALIZED):
+            resp = stub.GeneratePersonalized(pb.GenerateRequest(
+                request_id=f"sdxl-{method}", user_id="u", prompt="a star", num_images=1, num_inference_steps=2,
+                method=method, retrieval=pb.RETRIEVAL_MODE_GENERATE_ONLY), timeout=300)
+            assert [Image.open(io.BytesIO(img.png)).size for img in resp.images] == [(128, 128)]  # the manifest's
+            # soft tokens in the UNet's cross-attention width (both encoders side by side)
+            assert resp.conditioning.soft_tokens == (0 if method == pb.METHOD_NON_PERSONALIZED else 2)

@@ -16,6 +16,7 @@ A candidate adapter is promoted only if
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Callable
@@ -32,11 +33,14 @@ def guard_prompts(preset_dir: Path, contents: list[str], limit: int) -> list[str
 
 
 def gate_sampler(preset_dir: Path) -> dict:
-    """The sampler the guard renders with: the preset's defaults, fewer steps where the manifest says so."""
+    """The sampler the guard renders with: the preset's defaults, fewer steps or a smaller square size where
+    the manifest's ``retrain`` says so (``gate_steps``, ``gate_size``)."""
     d = sampler_defaults(preset_dir)
-    steps = read_manifest(preset_dir).get("retrain", {}).get("gate_steps")
-    return {"num_inference_steps": int(steps or d["num_inference_steps"]), "guidance_scale": float(d["guidance_scale"]),
-            "height": int(d["height"]), "width": int(d["width"])}
+    retrain = read_manifest(preset_dir).get("retrain", {})
+    size = retrain.get("gate_size")
+    return {"num_inference_steps": int(retrain.get("gate_steps") or d["num_inference_steps"]),
+            "guidance_scale": float(d["guidance_scale"]),
+            "height": int(size or d["height"]), "width": int(size or d["width"])}
 
 
 def _accuracy(margins: torch.Tensor) -> float:
@@ -65,13 +69,16 @@ def clip_agreement(preset_dir: Path, prompts: list[str], segments: list[list[str
 
 
 # -- unet_lora: Diffusion-DPO's implicit reward ------------------------------------------------------------
-def unet_accuracy(preset_dir: Path, adapter: Path | None, heldout: Path, seed: int, draws: int = 4) -> float:
+def unet_accuracy(preset_dir: Path, adapter: Path | None, heldout: Path, seed: int, draws: int = 4,
+                  resolution: int = 0) -> float:
+    """``resolution``: the size the round trained at (its config's), so the reward is read where it was learnt."""
     if adapter is None:
         return 0.5
     from pigment.training.train_diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer, read_image_pairs
 
     trainer = DiffusionDPOTrainer(DiffusionDPOConfig(preset=str(preset_dir), init_adapter=str(adapter),
-                                                     out=str(heldout.parent / "gate"), seed=seed))
+                                                     out=str(heldout.parent / "gate"), seed=seed,
+                                                     resolution=resolution))
     trainer.prepare(read_image_pairs(heldout))
     rng = np.random.default_rng(seed)
     margins = []
@@ -136,19 +143,27 @@ def keyword_segments(preset_dir: Path, adapter: Path | None, rows: list[dict]) -
     return out
 
 
+def trained_resolution(settings) -> int:
+    """The round's Diffusion-DPO resolution (``retrain_config``'s ``resolution``; 0: the images' own)."""
+    from pigment.training.retrain import DIFFUSION_DPO_DEFAULTS, _trainer_overrides
+
+    return int(_trainer_overrides(settings, DIFFUSION_DPO_DEFAULTS).get("resolution", 0))
+
+
 def make_gate(settings, preset_dir: Path, kind: str, heldout: Path) -> Callable:
     rows = [json.loads(line) for line in Path(heldout).read_text().splitlines() if line.strip()]
     limit = settings.retrain_eval_samples
     seed = settings.retrain_eval_seed
 
     def evaluate(adapter_dir: Path | None) -> dict:
+        gc.collect()  # the round's trainer (accelerate keeps reference cycles) before loading more models
         if kind == "pigeon_lora":
             joint = keyword_accuracy(preset_dir, adapter_dir, heldout, seed)
             sample = rows[:limit]
             fidelity = clip_agreement(preset_dir, [r.get("content", "") for r in sample],
                                       keyword_segments(preset_dir, adapter_dir, sample), seed=seed)
         else:
-            joint = unet_accuracy(preset_dir, adapter_dir, heldout, seed)
+            joint = unet_accuracy(preset_dir, adapter_dir, heldout, seed, resolution=trained_resolution(settings))
             prompts = guard_prompts(preset_dir, [r.get("content", "") for r in rows], limit)
             fidelity = clip_agreement(preset_dir, prompts, [[p] for p in prompts], unet_adapter=adapter_dir,
                                       seed=seed)

@@ -75,6 +75,8 @@ class DiffusionDPOConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "no"       # no | bf16 | fp16 (Accelerate)
     checkpoint_every: int = 50
+    resolution: int = 0               # train at this square size (images resized; 0: as stored); a CPU can
+    #                                   afford an SD 1.5 UNet's backward pass at 256, not at 512
     seed: int = 0
 
     @classmethod
@@ -135,6 +137,9 @@ class DiffusionDPOTrainer:
         self.tokenizer = load_component(preset, "tokenizer")
         self.noise_scheduler = DDPMScheduler.from_pretrained(str(preset / "scheduler"), local_files_only=True)
         unet = load_component(preset, "unet").requires_grad_(False)
+        if getattr(unet.config, "addition_embed_type", None):  # SDXL's text_time: pooled embeds + time ids
+            raise ValueError(f"{preset}: the UNet takes added conditions ({unet.config.addition_embed_type!r}); "
+                             "Diffusion-DPO here trains SD-style UNets (text hidden states only)")
         if cfg.init_adapter:  # the file's metadata carries the LoRA config; the reference stays the plain UNet
             unet.load_lora_adapter(cfg.init_adapter, prefix=None, weight_name=LORA_FILE, adapter_name="default",
                                    use_safetensors=True, local_files_only=True)
@@ -171,6 +176,9 @@ class DiffusionDPOTrainer:
         self.groups = [np.array(g) for g in groups.values()]
 
     def _latents(self, images: list[np.ndarray]) -> torch.Tensor:
+        size = self.cfg.resolution
+        if size and any(im.shape[:2] != (size, size) for im in images):
+            images = [np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images]
         x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1).to(self.device)
         out = [self.vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, len(x), 64)]
         return torch.cat(out) * self.vae.config.scaling_factor

@@ -45,21 +45,26 @@ def providers_for(device: str) -> list[Any]:
     return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> Any:
+def session_options(threads: int | None = None, low_memory: bool = False) -> Any:
+    """``low_memory``: no pre-packed weight copies and no arena (an 860M UNet otherwise holds its
+    weights about twice over on CPU), at some cost in speed."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if low_memory:
+        opts.enable_cpu_mem_arena = False
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
 
 
-def open_session(path: Path, device: str, threads: int | None = None) -> Any:
+def open_session(path: Path, device: str, threads: int | None = None, low_memory: bool = False) -> Any:
     """An InferenceSession on ``device``; raise BackendUnavailable if CUDA did not load."""
     ort = _ort()
     session = ort.InferenceSession(
-        str(path), session_options(threads), providers=providers_for(device)
+        str(path), session_options(threads, low_memory), providers=providers_for(device)
     )
     if (
         torch.device(device).type == "cuda"
@@ -147,6 +152,7 @@ def load(
     adapter_hash: str | None = None,
     threads: int | None = None,
     exporter: str = "torchscript",
+    low_memory: bool = False,
 ) -> OnnxRuntimeUNetRunner:
     providers_for(device)  # fail before the (slow) export when CUDA EP is missing
     if precision == "fp16" and torch.device(device).type == "cpu":
@@ -166,14 +172,14 @@ def load(
 
     key, entry = cache.get_or_build(fields, build)
     try:
-        session = open_session(entry / MODEL, device, threads)
+        session = open_session(entry / MODEL, device, threads, low_memory)
     except BackendUnavailable:
         raise
     except Exception:  # noqa: BLE001 - ORT's load errors derive from Exception only
         # verified by hash, yet unreadable (e.g. written by a broken exporter): rebuild once
         cache.discard(entry)
         key, entry = cache.get_or_build(fields, build)
-        session = open_session(entry / MODEL, device, threads)
+        session = open_session(entry / MODEL, device, threads, low_memory)
     return OnnxRuntimeUNetRunner(
         session, unet.config, profile=profile, device=device, precision=precision, cache_key=key
     )
