@@ -15,22 +15,28 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from pigment.models.loader import has_component, load_component, preset_file, preset_version, sha256_file
+from pigment.models.loader import (
+    has_component,
+    load_component,
+    preset_file,
+    preset_version,
+    sha256_file,
+)
 from pigment.models.tiny import DEFAULT_PREFERENCE_CONFIG
+from torch import nn
 
 KEYWORD_RE = re.compile(r"(\d+)\s*\.\s*([a-z][a-z \-]*?)\s*(?=\d+\s*\.|$)")
 FREE_KEYWORD_RE = re.compile(r"^[a-z][a-z\-]*( [a-z][a-z\-]*){0,2}$")
 # Without a vocabulary, words that only make sense as instructions to a model never pass.
-INSTRUCTION_WORDS = frozenset("ignore disregard instruction instructions system prompt assistant user override".split())
+INSTRUCTION_WORDS = frozenset(["ignore", "disregard", "instruction", "instructions", "system", "prompt", "assistant", "user", "override"])
 MARKUP_RE = re.compile(r"<[^>]{0,40}>|\[[A-Z_]{2,12}\]")
 # The prompt's own structure, which a caption must not imitate: numbered entries ("1. purple", the format of
 # both history lines and the keyword answer) and the template's labels ("keywords:" up to the sentence end).
@@ -55,6 +61,7 @@ class Preference:
     model_version: str = ""
     rejected_keywords: list[str] = field(default_factory=list)
     history_used: int = 0
+    prompt: str | None = None  # a method that writes the whole generation prompt (llmga); None: the caller's
 
 
 class KeywordVocabulary:
@@ -106,7 +113,7 @@ def template_labels(template: str) -> list[str]:
 
 
 KEYWORD_FORMATS = ("numbered", "free")
-CHAT_FILLER = frozenset("sure okay ok certainly of course here you go yes".split()) | {"of course", "here you go"}
+CHAT_FILLER = frozenset(["sure", "okay", "ok", "certainly", "of", "course", "here", "you", "go", "yes"]) | {"of course", "here you go"}
 _LIST_MARK_RE = re.compile(r"^\s*(?:\d+\s*[.)]|[-*\u2022])\s*")
 _SEPARATOR_RE = re.compile(r"[,;\n!?]|\s\d+\s*[.)]\s")
 
@@ -216,10 +223,11 @@ class PreferenceEncoder:
         prompt, used, truncated = self.build_prompt(captions)
         flags = [HISTORY_TRUNCATED] if truncated else []
         if used == 0:
-            return Preference([], None, flags + [EMPTY_HISTORY], model_version=self.model_version)
+            return Preference([], None, flags + [EMPTY_HISTORY], model_version=self.model_version,
+                              prompt=self.write_prompt(target, []) if method == "llmga" else None)
         keywords: list[str] = []
         rejected: list[str] = []
-        if method in ("pmg", "pmg_keywords"):
+        if method in ("pmg", "pmg_keywords", "llmga"):
             raw = self.generate_keywords(prompt)
             keywords, rejected = self.vocab.validate(raw, target)
             keywords = keywords[: int(self.cfg["max_keywords"])]
@@ -230,8 +238,14 @@ class PreferenceEncoder:
         soft = None
         if method in ("pmg", "pmg_soft") and self.head is not None:
             soft = self.soft_tokens(prompt).astype(np.float16)
-        return Preference(keywords, soft, flags, model_version=self.model_version,
-                          rejected_keywords=rejected, history_used=used)
+        return Preference(keywords, soft, flags, model_version=self.model_version, rejected_keywords=rejected,
+                          history_used=used, prompt=self.write_prompt(target, keywords) if method == "llmga" else None)
+
+    def write_prompt(self, request: str, keywords: Sequence[str]) -> str:
+        """LLMGA's prompt assistant: the request's content + the LLM's (validated) taste, through the schema."""
+        from pigment.models.prompt_assistant import write_prompt
+
+        return write_prompt(request, keywords, self.vocab, self.cfg.get("prompt_schema")).text
 
     def generate_keywords(self, prompt: str) -> list[str]:
         return self.generate_keywords_batch([prompt])[0]

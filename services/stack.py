@@ -124,7 +124,6 @@ class Stack:
     @cached_property
     def preference(self):
         from pigment.services.preference.core import PreferenceCore
-
         from pigment.services.registry import Registry
 
         def encoder(adapter_dir=None):
@@ -150,7 +149,12 @@ class Stack:
 
     def make_gateway(self, dispatch):
         """A GatewayCore handing renders to ``dispatch(request_id)``: the queue, or a local render core (batch jobs)."""
-        from pigment.models.loader import image_limits, preset_file, preset_version, sampler_defaults
+        from pigment.models.loader import (
+            image_limits,
+            preset_file,
+            preset_version,
+            sampler_defaults,
+        )
         from pigment.services.gateway.core import GatewayCore
         from pigment.services.registry import Registry
 
@@ -202,6 +206,21 @@ class Stack:
         return Decider.from_settings(self.history, self.settings, tuned)
 
     @cached_property
+    def edit(self):
+        """EditImage on the gateway: instructions read with the preset's vocabulary, rendered by the workers."""
+        from pigment.models.edit import EditConfig
+        from pigment.models.loader import preset_file
+        from pigment.models.preference import KeywordVocabulary
+        from pigment.services.common.limits import InputLimits
+        from pigment.services.gateway.edit import EditCore
+
+        vocab = preset_file(self.preset_dir, "keywords.json")
+        pref = preset_file(self.preset_dir, "preference.json")
+        schema = json.loads(pref.read_text()).get("prompt_schema") if pref else None
+        return EditCore(self.gateway, KeywordVocabulary(json.loads(vocab.read_text()) if vocab else None),
+                        EditConfig.load(self.preset_dir), InputLimits.from_settings(self.settings), schema)
+
+    @cached_property
     def feedback(self):
         from pigment.services.gateway.feedback import FeedbackCore
 
@@ -239,7 +258,7 @@ class Stack:
             (preference_pb2_grpc.add_PreferenceServiceServicer_to_server,
              PreferenceServicer(self.preference, self.history), "pigment.v1.PreferenceService"),
             (generation_pb2_grpc.add_GenerationServiceServicer_to_server,
-             GenerationServicer(self.gateway, self.feedback, self.jobs), "pigment.v1.GenerationService"),
+             GenerationServicer(self.gateway, self.feedback, self.jobs, self.edit), "pigment.v1.GenerationService"),
         ]
         from pigment.services.common.grpc_auth import AuthInterceptor, server_credentials
         from pigment.services.common.metrics import watch_queue_depth

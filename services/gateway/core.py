@@ -13,12 +13,8 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
-
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.models.loader import default_soft_weight
 from pigment.services.common.errors import (
@@ -38,9 +34,12 @@ from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import PollingNotifier
 from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
-METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
+METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized", "llmga")
 RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
 REPLAYED = "REPLAYED"
@@ -64,6 +63,7 @@ class GenerateParams:
     soft_weight: float = 0.0
     retrieval: str = ""
     include_seen: bool = False
+    verbatim_prompt: bool = False  # opt out of a method's written prompt (llmga): render ``prompt`` as given
 
 
 @dataclass
@@ -178,7 +178,7 @@ class GatewayCore:
             height=p.height or int(d["height"]), width=p.width or int(d["width"]),
             keyword_weight=p.keyword_weight or float(d.get("keyword_weight", 1.0)),
             soft_weight=p.soft_weight or default_soft_weight(d, method),
-            retrieval=retrieval, include_seen=p.include_seen,
+            retrieval=retrieval, include_seen=p.include_seen, verbatim_prompt=p.verbatim_prompt,
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
         check_range("soft_weight", r.soft_weight, 0.0, 5.0)
@@ -257,15 +257,17 @@ class GatewayCore:
         t2 = time.perf_counter()
         decision = self._decide(p, history, pref)
         t3 = time.perf_counter()
-        segments, weights = [p.prompt], [1.0]
-        if keywords:
+        # a method that writes the whole prompt (LLMGA) puts the taste into it: one segment
+        written = getattr(pref, "prompt", None) if not p.verbatim_prompt else None
+        segments, weights = [p.prompt if written is None else written], [1.0]
+        if keywords and written is None:
             segments.append(", ".join(keywords))
             weights.append(p.keyword_weight)
         conditioning = {
             "segments": segments, "segment_weights": weights, "keywords": keywords, "flags": flags,
             "soft_tokens": None if soft is None else {
                 "shape": list(soft.shape), "float16_b64": base64.b64encode(soft.astype("float16").tobytes()).decode()},
-            "soft_weight": p.soft_weight,
+            "soft_weight": p.soft_weight, "written_prompt": written or "",
             "history_item_ids": [h.item.item_id for h in history],
             "decision": asdict(decision),
             "timings_ms": {"history_ms": (t1 - t0) * 1000, "preference_ms": (t2 - t1) * 1000,
@@ -400,7 +402,7 @@ class GatewayCore:
         cond = row.conditioning
         report = {"segments": cond.get("segments", []), "segment_weights": cond.get("segment_weights", []),
                   "soft_tokens": (cond.get("soft_tokens") or {}).get("shape", [0])[0],
-                  "soft_weight": cond.get("soft_weight", 0.0)}
+                  "soft_weight": cond.get("soft_weight", 0.0), "written_prompt": cond.get("written_prompt", "")}
         decision = {k: v for k, v in cond.get("decision", asdict(NO_RETRIEVAL)).items() if k != "items"}
         return GenerateResult(
             request_id=row.request_id, images=images, keywords=cond.get("keywords", []),

@@ -8,13 +8,14 @@ from pigment.services.common.auth import current_principal
 from pigment.services.common.errors import InvalidInput
 from pigment.services.common.ids import show
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
+from pigment.services.gateway.edit import EditParams
 from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.v1 import generation_pb2 as pb
 from pigment.v1 import generation_pb2_grpc
 
 METHOD_NAMES = {
     pb.METHOD_UNSPECIFIED: "", pb.METHOD_PMG: "pmg", pb.METHOD_PMG_KEYWORDS: "pmg_keywords",
-    pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized",
+    pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized", pb.METHOD_LLMGA: "llmga",
 }
 RETRIEVAL_NAMES = {
     pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_AUTO: "auto", pb.RETRIEVAL_MODE_GENERATE_ONLY: "generate_only",
@@ -33,6 +34,7 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
         num_inference_steps=r.num_inference_steps, guidance_scale=r.guidance_scale, height=r.height,
         width=r.width, method=METHOD_NAMES.get(r.method, "?"), keyword_weight=r.keyword_weight,
         soft_weight=r.soft_weight, retrieval=RETRIEVAL_NAMES.get(r.retrieval, "?"), include_seen=r.include_seen,
+        verbatim_prompt=r.verbatim_prompt,
     )
 
 
@@ -54,10 +56,11 @@ def deadline_of(context) -> float | None:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, core: GatewayCore, feedback=None, jobs=None):
+    def __init__(self, core: GatewayCore, feedback=None, jobs=None, edit=None):
         self.core = core
         self.feedback = feedback
         self.jobs = jobs
+        self.edit = edit
 
     def GeneratePersonalized(self, request, context):
         return result_to_pb(self.core.generate(params_from_pb(request), deadline_of(context),
@@ -78,6 +81,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             kind=FEEDBACK_KINDS.get(request.kind, ""), value=request.value,
             other_generation_ids=list(request.other_generation_ids), principal=current_principal())
         return pb.LogFeedbackResponse(duplicate=duplicate)
+
+    def EditImage(self, request, context):
+        out = self.edit.edit(EditParams(
+            request_id=request.request_id, user_id=request.user_id, instruction=request.instruction,
+            generation_id=request.generation_id, image=request.image, mask=request.mask, seed=request.seed,
+            num_inference_steps=request.num_inference_steps), deadline_of(context), principal=current_principal())
+        plan = out.plan
+        return pb.EditImageResponse(result=result_to_pb(out.result), source_generation_id=out.source_generation_id,
+                                    edit=pb.EditPlan(attribute=plan.attribute, value=plan.value, region=plan.region,
+                                                     strength=plan.strength))
 
     def SubmitBatch(self, request, context):
         return pb.SubmitBatchResponse(job=job_to_pb(self.jobs.submit(BatchParams(

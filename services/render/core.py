@@ -22,15 +22,14 @@ from collections import OrderedDict, defaultdict
 from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
-
 from pigment.services.common import metrics
 from pigment.services.common.errors import ModelNotReady, PigmentError, Unavailable
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import publish
 from pigment.services.store.tables import Generation, RenderRequest, utcnow
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("pigment.render")
 GENERATION_NS = uuid.UUID("6f1c1c52-3d4e-4a7f-9a59-0d6c9f6b2a10")
@@ -249,17 +248,25 @@ class RenderCore:
             except Exception:  # a database blip: the next beat retries
                 log.warning("request heartbeat failed for %s", ids, exc_info=True)
 
-    @staticmethod
-    def _inputs(params: dict, cond: dict):
+    def _inputs(self, params: dict, cond: dict):
         from pigment.models.pipeline import RenderInputs
 
+        edit = cond.get("edit")  # an EditImage request: the source and its mask are in storage
         return RenderInputs(
+            init_image=None if edit is None else self._image(edit["source_uri"], "RGB"),
+            mask=None if edit is None else self._image(edit["mask_uri"], "L") > 127,
+            strength=1.0 if edit is None else float(edit["strength"]),
             segments=cond["segments"], segment_weights=cond.get("segment_weights"),
             soft_tokens=decode_soft_tokens(cond), soft_weight=cond.get("soft_weight", 1.0),
             num_images=params["num_images"], seed=params["seed"],
             num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
             height=params["height"], width=params["width"],
         )
+
+    def _image(self, uri: str, mode: str) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.storage.get(uri))).convert(mode))
 
     def _store(self, request_id: str, params: dict, out, render_ms: float, batch_size: int) -> str:
         uris = []

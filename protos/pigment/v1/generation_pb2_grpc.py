@@ -65,6 +65,11 @@ class GenerationServiceStub:
                 request_serializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=pigment_dot_v1_dot_generation__pb2.Job.FromString,
                 _registered_method=True)
+        self.EditImage = channel.unary_unary(
+                '/pigment.v1.GenerationService/EditImage',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.EditImageRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.EditImageResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -109,6 +114,13 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EditImage(self, request, context):
+        """LLMGA-style instruction editing: a generation (or an uploaded image) and "make the background light".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +153,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=pigment_dot_v1_dot_generation__pb2.CancelJobRequest.FromString,
                     response_serializer=pigment_dot_v1_dot_generation__pb2.Job.SerializeToString,
+            ),
+            'EditImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditImage,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.EditImageRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.EditImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +323,33 @@ class GenerationService:
             '/pigment.v1.GenerationService/CancelJob',
             pigment_dot_v1_dot_generation__pb2.CancelJobRequest.SerializeToString,
             pigment_dot_v1_dot_generation__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/EditImage',
+            pigment_dot_v1_dot_generation__pb2.EditImageRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.EditImageResponse.FromString,
             options,
             channel_credentials,
             insecure,
