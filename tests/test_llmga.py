@@ -308,3 +308,37 @@ def test_edit_errors_map_to_status_codes(toy_stack):
             fields,
             err.value.details(),
         )
+
+
+def test_eval_edit_and_llmga_rows_contract(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pigment.services.cli",
+        "eval",
+        "--preset",
+        str(TOY),
+        "--methods",
+        "llmga,edit",
+        "--n-samples",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["methods"]["llmga"]["content_fidelity"] <= 1.0
+    edit = report["methods"]["edit"]
+    for metric in ("edit_success", "edit_preserved"):
+        assert set(edit[metric]) == {"background", "colour", "size", "shape", "all"}
+    assert (
+        edit["instructions_understood"] == 1.0
+    )  # every templated instruction parses to its own kind
+    assert "| edit_success |" in out.with_suffix(".md").read_text()
