@@ -310,6 +310,17 @@ def test_edit_errors_map_to_status_codes(toy_stack):
         )
 
 
+def test_deleting_the_user_deletes_edit_sources(toy_stack):
+    stack, _ = toy_stack
+    with stack.sessions() as s:
+        edit = s.get(RenderRequest, "edit-up").conditioning["edit"]
+    assert stack.storage.exists(edit["source_uri"]) and stack.storage.exists(edit["mask_uri"])
+    stack.history.delete_user("alice")
+    assert not stack.storage.exists(edit["source_uri"]) and not stack.storage.exists(
+        edit["mask_uri"]
+    )
+
+
 def test_eval_edit_and_llmga_rows_contract(tmp_path):
     import subprocess
     import sys
@@ -331,7 +342,7 @@ def test_eval_edit_and_llmga_rows_contract(tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert 0.0 <= report["methods"]["llmga"]["content_fidelity"] <= 1.0
