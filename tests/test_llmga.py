@@ -103,6 +103,32 @@ def test_instructions_that_name_no_single_edit_say_why(vocab, instruction, why):
         parse_instruction(instruction, vocab, EditConfig.load(TOY))
 
 
+def test_edit_renders_alike_on_torch_and_onnxruntime(tmp_path):
+    from pigment.models.pipeline import Renderer, RenderInputs
+    from pigment.training import toy_world as tw
+
+    image = tw.render_item(
+        {"shape": "star", "colour": "red", "background": "dark", "size": "large"}
+    )
+    inputs = RenderInputs(
+        segments=["a large red star on a light background"],
+        seed=3,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        init_image=image,
+        mask=region_mask(image, "background"),
+    )
+    out = {
+        b: np.asarray(Renderer(TOY, backend=b, cache_dir=tmp_path).render(inputs).images[0]).astype(
+            int
+        )
+        for b in ("torch", "onnxruntime")
+    }
+    assert np.abs(out["torch"] - out["onnxruntime"]).max() <= 2
+    assert (out["torch"] != image).any()  # the background was repainted
+
+
 # ----------------------------------------------------------------------------- end to end
 def _item_png(caption: str) -> bytes:
     from pigment.training import toy_world as tw
