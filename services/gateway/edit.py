@@ -112,6 +112,10 @@ class EditCore:
             flags = [] if existing is None else [REPLAYED]
             if existing is None:
                 g._send(p.request_id)
+        elif row.status == "failed" and (row.error or "").startswith(
+            "UNAVAILABLE"
+        ):  # the broker was down
+            g._requeue(p.request_id)
         elif row.status in (
             "queued",
             "running",
