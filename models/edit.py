@@ -56,6 +56,9 @@ class EditConfig:
     strength: dict[str, float]
     synonyms: dict[str, str]
     subject_area: float = 0.47  # radius of the subject_area disc, fraction of the image side
+    describe: tuple[
+        str, ...
+    ] = ()  # attributes the preset's CLIP reads reliably from an uploaded image
 
     @classmethod
     def load(cls, preset_dir: str | Path) -> EditConfig:
@@ -66,6 +69,7 @@ class EditConfig:
             {k: float(v) for k, v in raw.get("strength", {}).items()},
             {k.lower(): v.lower() for k, v in raw.get("synonyms", {}).items()},
             float(raw.get("subject_area", 0.47)),
+            tuple(raw.get("describe", ())),
         )
         bad = {a: r for a, r in cfg.regions.items() if r not in REGIONS}
         if bad:
@@ -147,6 +151,23 @@ def edit_prompt(description: str, plan: EditPlan, vocab, schema=None) -> str:
     slots, _ = request_slots(description, vocab)
     slots[plan.attribute] = [plan.value]
     return assemble(slots, schema, list(vocab.by_attribute))
+
+
+def describe_image(image: np.ndarray, clip, vocab, attributes, schema=None) -> str:
+    """An uploaded image's description (it has no prompt of its own): per attribute in ``attributes``, the
+    vocabulary value whose text (through the prompt schema) the CLIP scores highest; assembled by the schema.
+    Only the attributes the preset lists (``describe`` in edit.json, measured) are read."""
+    from pigment.models.prompt_assistant import assemble
+
+    order = list(vocab.by_attribute)
+    image_vec = clip.embed_images([image])[0]
+    slots = {}
+    for attr in attributes:
+        values = vocab.by_attribute.get(attr, [])
+        if values:
+            texts = clip.embed_texts([assemble({attr: [v]}, schema, order) for v in values])
+            slots[attr] = [values[int(np.argmax(texts @ image_vec))]]
+    return assemble(slots, schema, order)
 
 
 def subject_mask(image: np.ndarray, threshold: float = 40.0) -> np.ndarray:

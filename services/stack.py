@@ -217,8 +217,18 @@ class Stack:
         vocab = preset_file(self.preset_dir, "keywords.json")
         pref = preset_file(self.preset_dir, "preference.json")
         schema = json.loads(pref.read_text()).get("prompt_schema") if pref else None
-        return EditCore(self.gateway, KeywordVocabulary(json.loads(vocab.read_text()) if vocab else None),
-                        EditConfig.load(self.preset_dir), InputLimits.from_settings(self.settings), schema)
+        from pigment.models.edit import describe_image
+        from pigment.models.loader import has_component
+
+        words = KeywordVocabulary(json.loads(vocab.read_text()) if vocab else None)
+        config = EditConfig.load(self.preset_dir)
+        describe = None
+        if config.describe and has_component(self.preset_dir, "clip"):  # an upload has no prompt: CLIP reads one
+
+            def describe(image):
+                return describe_image(image, self.history.embedder, words, config.describe, schema)
+
+        return EditCore(self.gateway, words, config, InputLimits.from_settings(self.settings), schema, describe)
 
     @cached_property
     def feedback(self):

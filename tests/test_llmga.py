@@ -289,6 +289,9 @@ def test_edit_an_uploaded_image(toy_stack, probe):
         ),
         timeout=180,
     )
+    # the upload has no prompt: the preset's CLIP read its colour and background for the edit's prompt
+    written = out.result.conditioning.written_prompt
+    assert "small" in written and "blue" in written and "grey background" in written, written
     after = _read(probe, out.result.images[0].png)
     assert after["size"] == "small" and after["colour"] == "blue" and after["background"] == "grey"
 

@@ -64,12 +64,21 @@ class EditResult:
 
 
 class EditCore:
-    def __init__(self, gateway: GatewayCore, vocab, config: EditConfig, image_limits, schema=None):
+    def __init__(
+        self,
+        gateway: GatewayCore,
+        vocab,
+        config: EditConfig,
+        image_limits,
+        schema=None,
+        describe=None,
+    ):
         self.gateway = gateway
         self.vocab = vocab  # the preset's KeywordVocabulary
         self.config = config
         self.image_limits = image_limits
         self.schema = schema  # the preset's prompt schema (preference.json "prompt_schema")
+        self.describe = describe  # uint8 image -> its description (the preset's CLIP), or None
 
     def edit(self, p: EditParams, deadline: float | None = None, principal=None) -> EditResult:
         g = self.gateway
@@ -142,8 +151,8 @@ class EditCore:
     def _source(self, p: EditParams, size: tuple[int, int], principal) -> tuple[np.ndarray, str]:
         """(uint8 HxWx3 at the preset's size, what the source was asked to show, "" if unknown)."""
         if p.image:
-            png = check_image("image", p.image, self.image_limits)
-            return _decode(png, size, "RGB"), ""
+            image = _decode(check_image("image", p.image, self.image_limits), size, "RGB")
+            return image, self.describe(image) if self.describe is not None else ""
         check_id("generation_id", p.generation_id)
         with transaction(self.gateway.sessions) as s:
             gen = s.get(Generation, p.generation_id)
