@@ -13,21 +13,15 @@ reproducible whether it is rendered alone or in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from pigment.models.loader import (
-    SAMPLER_KEYS,
-    has_component,
-    load_component,
-    preset_version,
-    sampler_defaults,
-    torch_dtype,
-)
 from PIL import Image
+
+from pigment.models.loader import SAMPLER_KEYS, has_component, load_component, preset_version, sampler_defaults, torch_dtype
 
 
 @dataclass

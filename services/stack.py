@@ -124,6 +124,7 @@ class Stack:
     @cached_property
     def preference(self):
         from pigment.services.preference.core import PreferenceCore
+
         from pigment.services.registry import Registry
 
         def encoder(adapter_dir=None):
@@ -149,12 +150,7 @@ class Stack:
 
     def make_gateway(self, dispatch):
         """A GatewayCore handing renders to ``dispatch(request_id)``: the queue, or a local render core (batch jobs)."""
-        from pigment.models.loader import (
-            image_limits,
-            preset_file,
-            preset_version,
-            sampler_defaults,
-        )
+        from pigment.models.loader import image_limits, preset_file, preset_version, sampler_defaults
         from pigment.services.gateway.core import GatewayCore
         from pigment.services.registry import Registry
 
@@ -208,8 +204,8 @@ class Stack:
     @cached_property
     def edit(self):
         """EditImage on the gateway: instructions read with the preset's vocabulary, rendered by the workers."""
-        from pigment.models.edit import EditConfig
-        from pigment.models.loader import preset_file
+        from pigment.models.edit import EditConfig, describe_image
+        from pigment.models.loader import has_component, preset_file
         from pigment.models.preference import KeywordVocabulary
         from pigment.services.common.limits import InputLimits
         from pigment.services.gateway.edit import EditCore
@@ -217,9 +213,6 @@ class Stack:
         vocab = preset_file(self.preset_dir, "keywords.json")
         pref = preset_file(self.preset_dir, "preference.json")
         schema = json.loads(pref.read_text()).get("prompt_schema") if pref else None
-        from pigment.models.edit import describe_image
-        from pigment.models.loader import has_component
-
         words = KeywordVocabulary(json.loads(vocab.read_text()) if vocab else None)
         config = EditConfig.load(self.preset_dir)
         describe = None

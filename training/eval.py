@@ -22,20 +22,16 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from pigment.models.loader import (
-    default_soft_weight,
-    has_component,
-    load_component,
-    preset_defaults,
-)
-from pigment.training import toy_world as tw
 from tqdm import tqdm
+
+from pigment.models.loader import default_soft_weight, has_component, load_component, preset_defaults
+from pigment.training import toy_world as tw
 
 OPEN_ATTRIBUTES = ("colour", "background", "size")
 CONTENT_ATTRIBUTE = "shape"

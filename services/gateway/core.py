@@ -13,8 +13,12 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.models.loader import default_soft_weight
 from pigment.services.common.errors import (
@@ -34,9 +38,6 @@ from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import transaction
 from pigment.services.store.notify import PollingNotifier
 from pigment.services.store.tables import Counter, Generation, RenderRequest, utcnow
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
 METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized", "llmga")
