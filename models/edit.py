@@ -45,6 +45,7 @@ class EditPlan:
     value: str  # a vocabulary entry ("light background")
     region: str
     strength: float
+    repaint_whole: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,9 +57,11 @@ class EditConfig:
     strength: dict[str, float]
     synonyms: dict[str, str]
     subject_area: float = 0.47  # radius of the subject_area disc, fraction of the image side
-    describe: tuple[
-        str, ...
-    ] = ()  # attributes the preset's CLIP reads reliably from an uploaded image
+    # attributes the preset's CLIP reads reliably from an uploaded image
+    describe: tuple[str, ...] = ()
+    # attributes whose edit renders a whole new image and keeps the source outside the region (a new
+    # background: the UNet, seeing the source's subject cells, drifts back toward the old background)
+    repaint_whole: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, preset_dir: str | Path) -> EditConfig:
@@ -70,6 +73,7 @@ class EditConfig:
             {k.lower(): v.lower() for k, v in raw.get("synonyms", {}).items()},
             float(raw.get("subject_area", 0.47)),
             tuple(raw.get("describe", ())),
+            tuple(raw.get("repaint_whole", ())),
         )
         bad = {a: r for a, r in cfg.regions.items() if r not in REGIONS}
         if bad:
@@ -141,6 +145,7 @@ def parse_instruction(instruction: str, vocab, config: EditConfig) -> EditPlan:
         value,
         config.regions.get(attr, DEFAULT_REGION),
         config.strength.get(attr, DEFAULT_STRENGTH),
+        attr in config.repaint_whole,
     )
 
 

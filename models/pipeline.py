@@ -41,6 +41,7 @@ class RenderInputs:
     init_image: np.ndarray | None = None
     mask: np.ndarray | None = None
     strength: float = 1.0
+    repaint_whole: bool = False  # the UNet repaints the whole image; only ``mask`` is pasted into the source
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Renderer:
         inputs = self.with_defaults(inputs)
         soft = 0 if inputs.soft_tokens is None else len(inputs.soft_tokens)
         tokens = len(inputs.segments) * self.tokenizer.model_max_length + soft
-        edit = () if inputs.init_image is None else ("edit", inputs.strength)
+        edit = () if inputs.init_image is None else ("edit", inputs.strength, inputs.repaint_whole)
         return (inputs.height, inputs.width, inputs.num_inference_steps, inputs.guidance_scale, tokens, *edit)
 
     @torch.no_grad()
@@ -229,7 +230,8 @@ class Renderer:
         masks = [x.mask for x in batch for _ in range(x.num_images)]
         out = self.inpaint_pipe(
             prompt_embeds=pos, negative_prompt_embeds=neg, image=[Image.fromarray(s) for s in sources],
-            mask_image=[Image.fromarray(latent_cells(m, self.vae_scale).astype(np.uint8) * 255) for m in masks],
+            mask_image=[Image.fromarray((latent_cells(m, self.vae_scale) | first.repaint_whole).astype(np.uint8) * 255)
+                        for m in masks],
             height=first.height,
             width=first.width, strength=first.strength, num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale, generator=generators, callback_on_step_end=callback,

@@ -240,12 +240,12 @@ def test_edit_a_generation_is_a_new_generation(toy_stack, probe):
     edited = out.result.images[0]
     assert edited.generation_id != src.generation_id and out.result.method == "edit"
     after = _read(probe, edited.png)
-    # the background was repainted lighter (how often the probe reads exactly "light": `pigment eval --methods
-    # edit`, bench/RESULTS.md); everything else reads as before
+    # the background was repainted light (rates over held-out items: `pigment eval --methods edit`,
+    # bench/RESULTS.md); everything else reads as before
     src_px = np.asarray(Image.open(io.BytesIO(src.png)).convert("RGB")).astype(float)
     new_px = np.asarray(Image.open(io.BytesIO(edited.png)).convert("RGB")).astype(float)
     repaint = region_mask(src_px.astype(np.uint8), "background")
-    assert before["background"] == "dark" and after["background"] != "dark"
+    assert before["background"] == "dark" and after["background"] == "light"
     assert new_px[repaint].mean() > src_px[repaint].mean() + 80
     assert {a: after[a] for a in ("shape", "colour", "size")} == {
         a: before[a] for a in ("shape", "colour", "size")

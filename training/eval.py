@@ -329,7 +329,8 @@ def evaluate_edits(preset_dir: Path, renderer, probe, cases: list[Case], seed: i
         inputs.append((n, RenderInputs(
             segments=[edit_prompt(case.target.caption, plan, vocab, schema)], num_images=1, seed=seed + n,
             num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, init_image=image,
-            mask=region_mask(image, plan.region, config), strength=plan.strength)))
+            mask=region_mask(image, plan.region, config), strength=plan.strength,
+            repaint_whole=plan.repaint_whole)))
     edited: dict[int, np.ndarray] = {}
     groups: dict[tuple, list] = {}
     for n, x in inputs:

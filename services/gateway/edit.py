@@ -142,7 +142,12 @@ class EditCore:
         edit = done.conditioning["edit"]
         return EditResult(
             result,
-            EditPlan(**{k: edit[k] for k in ("attribute", "value", "region", "strength")}),
+            EditPlan(
+                **{
+                    k: edit[k]
+                    for k in ("attribute", "value", "region", "strength", "repaint_whole")
+                }
+            ),
             edit.get("source_generation_id", ""),
             done.conditioning["segments"][0],
         )

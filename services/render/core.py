@@ -257,6 +257,7 @@ class RenderCore:
             init_image=None if edit is None else self._image(edit["source_uri"], "RGB"),
             mask=None if edit is None else self._image(edit["mask_uri"], "L") > 127,
             strength=1.0 if edit is None else float(edit["strength"]),
+            repaint_whole=bool(edit and edit.get("repaint_whole")),
             segments=cond["segments"], segment_weights=cond.get("segment_weights"),
             soft_tokens=decode_soft_tokens(cond), soft_weight=cond.get("soft_weight", 1.0),
             num_images=params["num_images"], seed=params["seed"],
