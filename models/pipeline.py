@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pigment.models.loader import SAMPLER_KEYS, load_component, preset_version, sampler_defaults, torch_dtype
+from pigment.models.loader import SAMPLER_KEYS, has_component, load_component, preset_version, sampler_defaults, torch_dtype
 
 
 @dataclass
@@ -47,6 +47,11 @@ class RenderInputs:
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
+    # an edit (masked image-to-image): the source image (uint8 HxWx3), what may change (bool HxW), how much
+    init_image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = 1.0
+    repaint_whole: bool = False  # the UNet repaints the whole image; only ``mask`` is pasted into the source
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Renderer:
             self.text_dim = self.text_encoder.config.hidden_size
         self.pipe.set_progress_bar_config(disable=True)
         self.vae_scale = self.pipe.vae_scale_factor
+        self._inpaint = None
 
     def _sdxl_pipeline(self, vae, unet, scheduler):
         from diffusers import StableDiffusionXLPipeline
@@ -196,6 +202,8 @@ class Renderer:
                 raise ValueError(f"{name}={value} must be a multiple of {self.vae_scale * 4} for this model")
         if not inputs.segments:
             raise ValueError("at least one text segment is needed (use '' for unconditional)")
+        if inputs.init_image is not None:
+            check_edit_inputs(inputs)
 
     def batch_key(self, inputs: RenderInputs) -> tuple:
         """Requests with equal keys can share one pipeline call (same shapes, schedule and token count)."""
@@ -203,7 +211,8 @@ class Renderer:
         soft = 0 if inputs.soft_tokens is None else len(inputs.soft_tokens)
         soft += 0 if inputs.reference_tokens is None else len(inputs.reference_tokens)
         tokens = len(inputs.segments) * self.tokenizer.model_max_length + soft
-        return (inputs.height, inputs.width, inputs.num_inference_steps, inputs.guidance_scale, tokens)
+        edit = () if inputs.init_image is None else ("edit", inputs.strength, inputs.repaint_whole)
+        return (inputs.height, inputs.width, inputs.num_inference_steps, inputs.guidance_scale, tokens, *edit)
 
     @torch.no_grad()
     def render(self, inputs: RenderInputs, on_step: Callable[[int, int], None] | None = None) -> RenderOutput:
@@ -234,12 +243,25 @@ class Renderer:
                 on_step(step + 1, first.num_inference_steps)
             return {}
 
-        extra = {}
+        generators = [torch.Generator("cpu").manual_seed(s) for group in seeds for s in group]
+        if first.init_image is not None:
+            images = self._edit(batch, pos, neg, generators, callback)
+        else:
+            images = self._generate(batch, pos, neg, generators, callback)
+        outputs, start = [], 0
+        for group, (p, _) in zip(seeds, conds):
+            outputs.append(RenderOutput(images=images[start:start + len(group)], seeds=group,
+                                        model_version=self.model_version, conditioning_tokens=int(p.shape[0])))
+            start += len(group)
+        return outputs
+
+    def _generate(self, batch: Sequence[RenderInputs], pos, neg, generators, callback) -> list[Image.Image]:
+        first, extra = batch[0], {}
         if self.sdxl:
             pooled = [self.pooled(inputs) for inputs in batch]
             for i, key in enumerate(("pooled_prompt_embeds", "negative_pooled_prompt_embeds")):
                 extra[key] = torch.cat([p[i].unsqueeze(0).expand(x.num_images, -1) for p, x in zip(pooled, batch)])
-        result = self.pipe(
+        return self.pipe(
             **extra,
             prompt_embeds=pos,
             negative_prompt_embeds=neg,
@@ -247,16 +269,71 @@ class Renderer:
             guidance_scale=first.guidance_scale,
             height=first.height,
             width=first.width,
-            generator=[torch.Generator("cpu").manual_seed(s) for group in seeds for s in group],
+            generator=generators,
             callback_on_step_end=callback,
             output_type="pil",
-        )
-        outputs, start = [], 0
-        for group, (p, _) in zip(seeds, conds):
-            outputs.append(RenderOutput(images=result.images[start:start + len(group)], seeds=group,
-                                        model_version=self.model_version, conditioning_tokens=int(p.shape[0])))
-            start += len(group)
-        return outputs
+        ).images
+
+    @property
+    def inpaint_pipe(self):
+        """diffusers' inpainting pipeline on this renderer's components (built once).
+
+        With a 4-channel UNet diffusers blends the noised source latents outside the mask at every step
+        (masked image-to-image); a preset with a 9-channel ``unet_inpaint`` component uses that instead."""
+        if self._inpaint is None:
+            from diffusers import StableDiffusionInpaintPipeline
+
+            if self.sdxl:
+                raise ValueError("EditImage runs the SD 1.x inpainting pipeline: an SDXL preset cannot edit yet")
+
+            parts = dict(self.pipe.components)
+            if has_component(self.preset_dir, "unet_inpaint"):
+                if self.backend != "torch":
+                    raise ValueError(f"the preset's 9-channel unet_inpaint runs on the torch backend only, "
+                                     f"not {self.backend!r}: serve edits from a torch worker")
+                parts["unet"] = self._place(load_component(self.preset_dir, "unet_inpaint"))
+            self._inpaint = StableDiffusionInpaintPipeline(**parts)
+            self._inpaint.set_progress_bar_config(disable=True)
+        return self._inpaint
+
+    def _edit(self, batch: Sequence[RenderInputs], pos, neg, generators, callback) -> list[Image.Image]:
+        """Masked image-to-image: only the mask is repainted; outside it the source pixels are kept exactly."""
+        first = batch[0]
+        sources = [x.init_image for x in batch for _ in range(x.num_images)]
+        masks = [x.mask for x in batch for _ in range(x.num_images)]
+        out = self.inpaint_pipe(
+            prompt_embeds=pos, negative_prompt_embeds=neg, image=[Image.fromarray(s) for s in sources],
+            mask_image=[Image.fromarray((latent_cells(m, self.vae_scale) | first.repaint_whole).astype(np.uint8) * 255)
+                        for m in masks],
+            height=first.height,
+            width=first.width, strength=first.strength, num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale, generator=generators, callback_on_step_end=callback,
+            output_type="np").images
+        # the VAE round trip blurs what should not change: paste the source back outside the mask
+        return [Image.fromarray(np.where(m[..., None], np.round(o * 255).astype(np.uint8), s))
+                for o, s, m in zip(out, sources, masks)]
+
+
+def latent_cells(mask: np.ndarray, scale: int) -> np.ndarray:
+    """``mask`` grown to whole latent cells (scale x scale pixel blocks): a cell the mask touches is repainted.
+
+    The pipeline samples the mask at latent resolution; a cell left out there keeps the source's latent, so
+    pixels of the mask inside it would come back unchanged from the VAE. The pixel mask still decides what
+    is pasted back (``Renderer._edit``)."""
+    h, w = mask.shape
+    cells = mask[: h // scale * scale, : w // scale * scale].reshape(h // scale, scale, w // scale, scale)
+    return np.repeat(np.repeat(cells.any(axis=(1, 3)), scale, 0), scale, 1)
+
+
+def check_edit_inputs(inputs: RenderInputs) -> None:
+    shape = (inputs.height, inputs.width)
+    if inputs.init_image.dtype != np.uint8 or inputs.init_image.shape != (*shape, 3):
+        raise ValueError(f"edit source must be uint8 {shape[0]}x{shape[1]}x3, got {inputs.init_image.dtype} "
+                         f"{inputs.init_image.shape}")
+    if inputs.mask is None or inputs.mask.shape != shape or not inputs.mask.any():
+        raise ValueError(f"edit mask must be a non-empty {shape[0]}x{shape[1]} boolean array")
+    if not 0.0 < inputs.strength <= 1.0:
+        raise ValueError(f"edit strength={inputs.strength} must be in (0, 1]")
 
 
 def is_sdxl(unet_config) -> bool:

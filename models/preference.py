@@ -57,6 +57,7 @@ class Preference:
     history_used: int = 0
     feedback_used: list[str] = field(default_factory=list)  # feedback_ids that shaped the keywords
     explored_attribute: str = ""  # on an exploration candidate: the attribute it varies ("*": sampled)
+    prompt: str | None = None  # a method that writes the whole generation prompt (llmga); None: the caller's
 
 
 class KeywordVocabulary:
@@ -231,10 +232,11 @@ class PreferenceEncoder:
         prompt, used, truncated = self.build_prompt(captions)
         flags = [HISTORY_TRUNCATED] if truncated else []
         if used == 0:
-            return Preference([], None, flags + [EMPTY_HISTORY], model_version=self.model_version)
+            return Preference([], None, flags + [EMPTY_HISTORY], model_version=self.model_version,
+                              prompt=self.write_prompt(target, []) if method == "llmga" else None)
         keywords: list[str] = []
         rejected: list[str] = []
-        if method in ("pmg", "pmg_keywords"):
+        if method in ("pmg", "pmg_keywords", "llmga"):
             raw = self.generate_keywords(prompt)
             keywords, rejected = self.vocab.validate(raw, target)
             keywords = keywords[: int(self.cfg["max_keywords"])]
@@ -247,8 +249,14 @@ class PreferenceEncoder:
         soft = None
         if method in ("pmg", "pmg_soft") and self.head is not None:
             soft = self.soft_tokens(prompt).astype(np.float16)
-        return Preference(keywords, soft, flags, model_version=self.model_version,
-                          rejected_keywords=rejected, history_used=used)
+        return Preference(keywords, soft, flags, model_version=self.model_version, rejected_keywords=rejected,
+                          history_used=used, prompt=self.write_prompt(target, keywords) if method == "llmga" else None)
+
+    def write_prompt(self, request: str, keywords: Sequence[str]) -> str:
+        """LLMGA's prompt assistant: the request's content + the LLM's (validated) taste, through the schema."""
+        from pigment.models.prompt_assistant import write_prompt
+
+        return write_prompt(request, keywords, self.vocab, self.cfg.get("prompt_schema")).text
 
     def generate_keywords(self, prompt: str) -> list[str]:
         return self.generate_keywords_batch([prompt])[0]

@@ -218,6 +218,28 @@ class Stack:
         return Decider.from_settings(self.history, self.settings, tuned)
 
     @cached_property
+    def edit(self):
+        """EditImage on the gateway: instructions read with the preset's vocabulary, rendered by the workers."""
+        from pigment.models.edit import EditConfig, describe_image
+        from pigment.models.loader import has_component, preset_file
+        from pigment.models.preference import KeywordVocabulary
+        from pigment.services.common.limits import InputLimits
+        from pigment.services.gateway.edit import EditCore
+
+        vocab = preset_file(self.preset_dir, "keywords.json")
+        pref = preset_file(self.preset_dir, "preference.json")
+        schema = json.loads(pref.read_text()).get("prompt_schema") if pref else None
+        words = KeywordVocabulary(json.loads(vocab.read_text()) if vocab else None)
+        config = EditConfig.load(self.preset_dir)
+        describe = None
+        if config.describe and has_component(self.preset_dir, "clip"):  # an upload has no prompt: CLIP reads one
+
+            def describe(image):
+                return describe_image(image, self.history.embedder, words, config.describe, schema)
+
+        return EditCore(self.gateway, words, config, InputLimits.from_settings(self.settings), schema, describe)
+
+    @cached_property
     def feedback(self):
         from pigment.services.gateway.feedback import FeedbackCore
 
@@ -256,7 +278,7 @@ class Stack:
         return {"pigment.v1.HistoryService": HistoryServicer(self.history, self.generations),
                 "pigment.v1.PreferenceService": PreferenceServicer(self.preference, self.history),
                 "pigment.v1.GenerationService": GenerationServicer(self.gateway, self.feedback, self.jobs,
-                                                                   self.generations)}
+                                                                   self.generations, self.edit)}
 
     def http_server(self, port: int = 0):
         """The HTTP/JSON face and gallery (not started); port 0 binds a free one. Same keys, limits and TLS as

@@ -41,6 +41,15 @@ PMG_METHODS = ("pmg", "pmg_keywords", "pmg_soft")
 # Rows scored only when their trained adapter directory is given (`--pigeon-sft DIR` ...);
 # without it they are listed under "skipped", never replaced by another method.
 ADAPTER_METHODS = ("pigeon_sft", "pigeon_dpo", "diffusion_dpo")
+LLMGA_METHODS = ("llmga",)  # the prompt assistant: one written prompt (content + taste) per case
+# Instruction editing is scored apart (its own metrics): `--methods edit`.
+EDIT_METHOD = "edit"
+EDIT_INSTRUCTIONS = {  # instruction kind -> templates ({value} = the new vocabulary value's words)
+    "background": ("make the background {word}", "{word} background please"),
+    "colour": ("make it {value}", "recolour it {value}"),
+    "size": ("{comparative}", "make it {comparative}"),
+    "shape": ("turn it into a {value}", "make it a {value}"),
+}
 # Subject-driven rows (eval_reference.py: held-out subjects x prompts x seeds) run only when named in --methods.
 
 
@@ -103,6 +112,8 @@ class Methods:
     def pmg_like(self, method: str) -> Callable:
         def run(case: Case):
             pref = self.encoder.encode([it.caption for it in case.history], target=case.content, method=method)
+            if pref.prompt is not None:  # llmga: the assistant's written prompt carries the taste
+                return [pref.prompt], None
             segments = _segments(case.content, pref.keywords)
             # the weights serving uses (the preset's preference.json), so eval scores what users get
             weights = [1.0, float(self.encoder.cfg["keyword_weight"])][:len(segments)]
@@ -222,9 +233,10 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
         report = evaluate(preset_dir, split, other, n_samples, seed, world_seed, steps, guidance, lpips_backbone,
                           adapters) if other else {"preset": str(preset_dir), "methods": {}, "seconds": {}}
         return _subject_rows(report, preset_dir, subject_methods, adapters, seed, steps, guidance)
-    available = list(BASELINES) + list(PMG_METHODS) + list(ADAPTER_METHODS)
+    available = list(BASELINES) + list(PMG_METHODS) + list(LLMGA_METHODS) + list(ADAPTER_METHODS) + [EDIT_METHOD]
     everything = not methods or methods == ["all"]
-    methods = [m for m in available if m not in ADAPTER_METHODS or m in adapters] if everything else methods
+    methods = [m for m in available if (m not in ADAPTER_METHODS or m in adapters) and m != EDIT_METHOD
+               ] if everything else methods
     unknown = sorted(set(methods) - set(available))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; allowed: {available} or 'all'")
@@ -242,22 +254,27 @@ def evaluate(preset_dir: Path, split: str = "test-users", methods: list[str] | N
     cases = build_cases(world, split, n_samples, seed)
     clip = ClipEmbedder(preset_dir)
     renderer = Renderer(preset_dir)
-    encoder = PreferenceEncoder(preset_dir) if set(methods) & {*PMG_METHODS, "diffusion_dpo"} else None
+    encoder = PreferenceEncoder(preset_dir) if set(methods) & {*PMG_METHODS, *LLMGA_METHODS, "diffusion_dpo"} else None
     impl = Methods(world, encoder, clip)
     adapter_impl = _adapter_methods(preset_dir, methods, adapters, world, clip, renderer, impl)
     scorer = Scorer(preset_dir, clip, lpips_backbone)
     results, timings = {}, {}
-    total = sum(len(cases) for m in methods if m != "nearest_item")
+    total = sum(len(cases) * (len(EDIT_INSTRUCTIONS) if m == EDIT_METHOD else 1) for m in methods if m != "nearest_item")
     with tqdm(total=total, desc="eval renders", unit="img") as bar:
         for method in methods:
             t0 = time.perf_counter()
+            if method == EDIT_METHOD:
+                results[method] = evaluate_edits(preset_dir, renderer, scorer.probe, cases, seed, steps, guidance,
+                                                 size, bar)
+                timings[method] = round(time.perf_counter() - t0, 2)
+                continue
             if method == "nearest_item":
                 images = np.stack([impl.nearest_item(c) for c in cases])
             elif method in adapter_impl:
                 fn, method_renderer = adapter_impl[method]
                 images = render_cases(method_renderer, [fn(c) for c in cases], seed, steps, guidance, size, bar)
             else:
-                fn = impl.pmg_like(method) if method in PMG_METHODS else getattr(impl, method)
+                fn = impl.pmg_like(method) if method in (*PMG_METHODS, *LLMGA_METHODS) else getattr(impl, method)
                 images = render_cases(renderer, [fn(c) for c in cases], seed, steps, guidance, size, bar)
             results[method] = scorer.score(cases, images)
             timings[method] = round(time.perf_counter() - t0, 2)
@@ -291,6 +308,85 @@ def _subject_rows(report: dict, preset_dir: Path, subject_methods: list[str], ad
                                   "identity (subject_fidelity) and prompted attributes (prompt_fidelity)")
     report.setdefault("adapters", {}).update({m: str(adapters[m]) for m in subject_methods if m in adapters})
     return report
+
+def edit_requests(cases: list[Case], seed: int) -> list[tuple[str, Case, str, str]]:
+    """(kind, case, instruction, new value) for every case and instruction kind: a value other than the
+    source's, and one of the kind's phrasings, both drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 21])
+    out = []
+    for kind, templates in EDIT_INSTRUCTIONS.items():
+        for case in cases:
+            old = case.target.attributes[kind]
+            new = str(rng.choice([v for v in tw.ATTRIBUTES[kind] if v != old]))
+            comparative = {"small": "smaller", "large": "larger"}.get(new, new)
+            text = str(rng.choice(templates)).format(word=new, value=tw.keyword(kind, new), comparative=comparative)
+            out.append((kind, case, text, new))
+    return out
+
+
+def evaluate_edits(preset_dir: Path, renderer, probe, cases: list[Case], seed: int, steps: int, guidance: float,
+                   size: int, progress: tqdm | None = None) -> dict:
+    """Instruction edits of held-out items, the serving path's pieces end to end: the instruction parsed with
+    the preset's vocabulary, the region's mask found in the image, masked image-to-image with the preset's
+    UNet. ``edit_success``: the probe reads the requested value; ``edit_preserved``: it reads every other
+    attribute unchanged (as it read them on the source); per instruction kind and over all."""
+    from pigment.models.edit import (
+        EditConfig,
+        EditNotUnderstood,
+        edit_prompt,
+        parse_instruction,
+        region_mask,
+    )
+    from pigment.models.pipeline import RenderInputs
+    from pigment.models.preference import KeywordVocabulary
+
+    vocab = KeywordVocabulary(json.loads((preset_dir / "keywords.json").read_text()))
+    config = EditConfig.load(preset_dir)
+    pref = preset_dir / "preference.json"
+    schema = json.loads(pref.read_text()).get("prompt_schema") if pref.is_file() else None
+    requests = edit_requests(cases, seed)
+    inputs, understood = [], []
+    for n, (kind, case, text, new) in enumerate(requests):
+        try:
+            plan = parse_instruction(text, vocab, config)
+        except EditNotUnderstood:
+            understood.append(False)
+            continue
+        understood.append(plan.attribute == kind)
+        image = case.target.image
+        inputs.append((n, RenderInputs(
+            segments=[edit_prompt(case.target.caption, plan, vocab, schema)], num_images=1, seed=seed + n,
+            num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, init_image=image,
+            mask=region_mask(image, plan.region, config), strength=plan.strength,
+            repaint_whole=plan.repaint_whole)))
+    edited: dict[int, np.ndarray] = {}
+    groups: dict[tuple, list] = {}
+    for n, x in inputs:
+        groups.setdefault(renderer.batch_key(x), []).append((n, x))
+    for group in groups.values():
+        for i in range(0, len(group), 32):
+            chunk = group[i:i + 32]
+            for (n, _), out in zip(chunk, renderer.render_batch([x for _, x in chunk])):
+                edited[n] = np.asarray(out.images[0].convert("RGB"))
+            if progress is not None:
+                progress.update(len(chunk))
+    before = probe.predict_values(np.stack([c.target.image for _, c, _, _ in requests]))
+    after = probe.predict_values(np.stack([edited.get(n, requests[n][1].target.image) for n in range(len(requests))]))
+    rows: dict[str, list[tuple[bool, bool]]] = {}
+    for n, (kind, _, _, new) in enumerate(requests):
+        ok = n in edited and after[n][kind] == new
+        kept = n in edited and all(after[n][a] == before[n][a] for a in after[n] if a != kind)
+        rows.setdefault(kind, []).append((ok, kept))
+    every = [r for rs in rows.values() for r in rs]
+    return {
+        "edit_success": {**{k: float(np.mean([r[0] for r in rs])) for k, rs in rows.items()},
+                         "all": float(np.mean([r[0] for r in every]))},
+        "edit_preserved": {**{k: float(np.mean([r[1] for r in rs])) for k, rs in rows.items()},
+                           "all": float(np.mean([r[1] for r in every]))},
+        "instructions_understood": float(np.mean(understood)),
+        "n_per_kind": len(cases), "strength": config.strength, "regions": config.regions,
+        "examples": [r[2] for r in requests[:: max(1, len(cases))]],
+    }
 
 
 def _adapter_methods(preset_dir: Path, methods: list[str], adapters: dict, world, clip, renderer, impl) -> dict:
@@ -334,10 +430,18 @@ def _pmg_table(report: dict) -> str:
     lines = [f"split `{report['split']}`, {report['n_samples']} samples, model `{report['model_version']}`", "",
              "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in report["methods"].items():
+        if "content_fidelity" not in m:
+            continue
         vals = [m["content_fidelity"], *(m["preference_accuracy"][a] for a in OPEN_ATTRIBUTES),
                 m["preference_accuracy"]["joint"], m["target_agreement"], m["ssim_target"], m["lpips_target"],
                 m["cpis"], m["cps"]]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    edit = report["methods"].get(EDIT_METHOD)
+    if edit:
+        kinds = [k for k in edit["edit_success"] if k != "all"] + ["all"]
+        lines += ["", "| edit | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        for metric in ("edit_success", "edit_preserved"):
+            lines.append(f"| {metric} | " + " | ".join(f"{edit[metric][k]:.3f}" for k in kinds) + " |")
     lines += [f"\n{name} skipped: {why}" for name, why in report.get("skipped", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -365,8 +469,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="score methods on a toy-world split (JSON + markdown table)")
     p.add_argument("--split", default="test-users", choices=tw.SPLITS)
     p.add_argument("--methods", default="all",
-                   help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS + ADAPTER_METHODS)
-                   + "; subject-driven rows (named only): " + ", ".join(SUBJECT_METHODS))
+                    help="comma list or 'all': " + ", ".join(BASELINES + PMG_METHODS + LLMGA_METHODS + ADAPTER_METHODS)
+                   + "; 'edit' scores instruction editing (not in 'all'); subject-driven rows (named only): "
+                   + ", ".join(SUBJECT_METHODS))
     p.add_argument("--out", default="eval-output/eval.json")
     p.add_argument("--quick", action="store_true", help="48 samples (a few minutes on CPU)")
     p.add_argument("--n-samples", type=int, default=None)

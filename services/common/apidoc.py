@@ -77,6 +77,8 @@ REASONS = {
     "OVERLOADED": ("RESOURCE_EXHAUSTED", "Another overload (RetryInfo)."),
     "FAILED_PRECONDITION": ("FAILED_PRECONDITION", "The deployment cannot serve this (e.g. no catalog items to "
                                                    "retrieve, an adapter whose sha256 does not match)."),
+    "EDIT_NOT_UNDERSTOOD": ("FAILED_PRECONDITION", "EditImage: the instruction names no single attribute the "
+                                                   "preset can edit (the message says why)."),
     "NO_REFERENCE_SUPPORT": ("FAILED_PRECONDITION", "references sent to a preset without a reference_projector."),
     "QUEUE_UNAVAILABLE": ("UNAVAILABLE", "The render queue's broker is unreachable: retry with the same "
                                          "request_id (RetryInfo)."),

@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 REQUEST_ID_RE = KEY_RE  # \A...\Z: a trailing newline is not part of an id
-METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")
+METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized", "llmga")
 RETRIEVAL_MODES = ("auto", "generate_only", "retrieve_only", "both")
 NON_PERSONALIZED_EMPTY_HISTORY = "NON_PERSONALIZED_EMPTY_HISTORY"
 REPLAYED = "REPLAYED"
@@ -68,6 +68,7 @@ class GenerateParams:
     include_seen: bool = False
     references: list = field(default_factory=list)  # ReferenceInput (references.py), then "item:.."/"image:.."
     candidate: int = 0  # 0: the best guess; k > 0: the k-th exploration variant of this round (issue 20)
+    verbatim_prompt: bool = False  # opt out of a method's written prompt (llmga): render ``prompt`` as given
 
 
 @dataclass
@@ -200,7 +201,7 @@ class GatewayCore:
             keyword_weight=or_default(p.keyword_weight, float(d.get("keyword_weight", 1.0))),
             soft_weight=or_default(p.soft_weight, default_soft_weight(d, method)),
             retrieval=retrieval, include_seen=p.include_seen, references=self._references().canonical(p.references),
-            candidate=p.candidate,
+            candidate=p.candidate, verbatim_prompt=p.verbatim_prompt,
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
         check_range("soft_weight", r.soft_weight, 0.0, 5.0)
@@ -302,15 +303,17 @@ class GatewayCore:
         t2 = time.perf_counter()
         decision = self._decide(p, history, pref, asked)
         t3 = time.perf_counter()
-        segments, weights = [p.prompt], [1.0]
-        if keywords:
+        # a method that writes the whole prompt (LLMGA) puts the taste into it: one segment
+        written = getattr(pref, "prompt", None) if not p.verbatim_prompt else None
+        segments, weights = [p.prompt if written is None else written], [1.0]
+        if keywords and written is None:
             segments.append(", ".join(keywords))
             weights.append(p.keyword_weight)
         conditioning = {
             "segments": segments, "segment_weights": weights, "keywords": keywords, "flags": flags,
             "soft_tokens": None if soft is None else {
                 "shape": list(soft.shape), "float16_b64": base64.b64encode(soft.astype("float16").tobytes()).decode()},
-            "soft_weight": p.soft_weight,
+            "soft_weight": p.soft_weight, "written_prompt": written or "",
             "references": self._references().uris(p.references, p.user_id),
             "history_item_ids": [h.item.item_id for h in history],
             "feedback_used": pref.feedback_used if pref is not None else [],
@@ -469,7 +472,8 @@ class GatewayCore:
         cond = row.conditioning
         report = {"segments": cond.get("segments", []), "segment_weights": cond.get("segment_weights", []),
                   "soft_tokens": (cond.get("soft_tokens") or {}).get("shape", [0])[0],
-                  "soft_weight": cond.get("soft_weight", 0.0), "reference_images": len(cond.get("references") or [])}
+                  "soft_weight": cond.get("soft_weight", 0.0), "reference_images": len(cond.get("references") or []),
+                  "written_prompt": cond.get("written_prompt", "")}
         decision = {k: v for k, v in cond.get("decision", asdict(NO_RETRIEVAL)).items() if k != "items"}
         return GenerateResult(
             request_id=row.request_id, images=images, keywords=cond.get("keywords", []),

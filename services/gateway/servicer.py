@@ -9,6 +9,7 @@ from pigment.services.common.errors import InvalidInput
 from pigment.services.common.ids import show
 from pigment.services.common.media import DELIVERIES, chunks_to_pb, image_to_pb
 from pigment.services.gateway.core import GatewayCore, GenerateParams, GenerateResult, ProgressEvent
+from pigment.services.gateway.edit import EditParams
 from pigment.services.gateway.generations import GenerationView
 from pigment.services.gateway.jobs import BatchParams, JobView
 from pigment.services.gateway.references import ReferenceInput
@@ -17,7 +18,7 @@ from pigment.v1 import generation_pb2_grpc, media_pb2
 
 METHOD_NAMES = {
     pb.METHOD_UNSPECIFIED: "", pb.METHOD_PMG: "pmg", pb.METHOD_PMG_KEYWORDS: "pmg_keywords",
-    pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized",
+    pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized", pb.METHOD_LLMGA: "llmga",
 }
 RETRIEVAL_NAMES = {
     pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_AUTO: "auto", pb.RETRIEVAL_MODE_GENERATE_ONLY: "generate_only",
@@ -53,7 +54,7 @@ def params_from_pb(r: pb.GenerateRequest) -> GenerateParams:
         method=METHOD_NAMES.get(r.method, str(r.method)), keyword_weight=given(r, "keyword_weight"),
         soft_weight=given(r, "soft_weight"), retrieval=RETRIEVAL_NAMES.get(r.retrieval, str(r.retrieval)),
         include_seen=r.include_seen, references=[ReferenceInput(x.item_id, x.image) for x in r.references],
-        candidate=r.candidate,
+        candidate=r.candidate, verbatim_prompt=r.verbatim_prompt,
     )
 
 
@@ -87,11 +88,12 @@ def deadline_of(context) -> float | None:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, core: GatewayCore, feedback=None, jobs=None, generations=None):
+    def __init__(self, core: GatewayCore, feedback=None, jobs=None, generations=None, edit=None):
         self.core = core
         self.feedback = feedback
         self.jobs = jobs
         self.generations = generations  # GenerationsCore: lookups, and URLs for images past the inline budget
+        self.edit = edit  # EditCore (services/gateway/edit.py): EditImage
 
     def _deliver(self, result: GenerateResult) -> pb.GenerateResponse:
         if self.generations is not None:
@@ -117,6 +119,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             kind=FEEDBACK_KINDS.get(request.kind, ""), value=request.value,
             other_generation_ids=list(request.other_generation_ids), principal=current_principal())
         return pb.LogFeedbackResponse(duplicate=duplicate)
+
+    def EditImage(self, request, context):
+        out = self.edit.edit(EditParams(
+            request_id=request.request_id, user_id=request.user_id, instruction=request.instruction,
+            generation_id=request.generation_id, image=request.image, mask=request.mask, seed=given(request, "seed"),
+            num_inference_steps=given(request, "num_inference_steps")), deadline_of(context),
+            principal=current_principal())
+        plan = out.plan
+        return pb.EditImageResponse(result=self._deliver(out.result), source_generation_id=out.source_generation_id,
+                                    edit=pb.EditPlan(attribute=plan.attribute, value=plan.value, region=plan.region,
+                                                     strength=plan.strength))
 
     def SubmitBatch(self, request, context):
         return pb.SubmitBatchResponse(job=job_to_pb(self.jobs.submit(BatchParams(

@@ -324,6 +324,9 @@ class HistoryCore:
             uris = list(s.scalars(select(Generation.storage_uri).where(
                 Generation.user_id == user_id, Generation.retrieved_item_id.is_(None),
                 Generation.storage_uri.is_not(None))))
+            for cond in s.scalars(select(RenderRequest.conditioning).where(RenderRequest.user_id == user_id)):
+                edit = (cond or {}).get("edit") or {}  # an EditImage request's stored source and mask
+                uris += [edit[k] for k in ("source_uri", "mask_uri") if edit.get(k)]
             s.execute(delete(Feedback).where(or_(Feedback.user_id == user_id, Feedback.generation_id.in_(gens))),
                       execution_options={"synchronize_session": False})
             s.execute(delete(Generation).where(or_(Generation.user_id == user_id, Generation.request_id.in_(

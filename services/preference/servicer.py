@@ -10,7 +10,7 @@ from pigment.v1 import preference_pb2 as pb
 from pigment.v1 import preference_pb2_grpc
 
 MAX_CAPTIONS = 1000
-METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized")  # the gateway's methods
+METHODS = ("pmg", "pmg_keywords", "pmg_soft", "non_personalized", "llmga")  # the gateway's methods
 
 
 class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
@@ -39,4 +39,5 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         if pref.soft_tokens is not None:
             soft = pb.SoftTokens(shape=list(pref.soft_tokens.shape), float16=pref.soft_tokens.astype("<f2").tobytes())
         return pb.EncodePreferencesResponse(keywords=pref.keywords, soft_tokens=soft, cache_key=pref.cache_key,
-                                            model_version=pref.model_version, flags=pref.flags)
+                                            model_version=pref.model_version, flags=pref.flags,
+                                            written_prompt=pref.prompt or "")

@@ -259,17 +259,26 @@ class RenderCore:
 
         return replace(inputs, reference_tokens=renderer.reference_tokens([self.storage.get(u) for u in uris]))
 
-    @staticmethod
-    def _inputs(params: dict, cond: dict):
+    def _inputs(self, params: dict, cond: dict):
         from pigment.models.pipeline import RenderInputs
 
+        edit = cond.get("edit")  # an EditImage request: the source and its mask are in storage
         return RenderInputs(
+            init_image=None if edit is None else self._image(edit["source_uri"], "RGB"),
+            mask=None if edit is None else self._image(edit["mask_uri"], "L") > 127,
+            strength=1.0 if edit is None else float(edit["strength"]),
+            repaint_whole=bool(edit and edit.get("repaint_whole")),
             segments=cond["segments"], segment_weights=cond.get("segment_weights"),
             soft_tokens=decode_soft_tokens(cond), soft_weight=cond.get("soft_weight", 1.0),
             num_images=params["num_images"], seed=params["seed"],
             num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
             height=params["height"], width=params["width"],
         )
+
+    def _image(self, uri: str, mode: str) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.storage.get(uri))).convert(mode))
 
     def _store(self, request_id: str, params: dict, out, render_ms: float, batch_size: int) -> str:
         uris = []

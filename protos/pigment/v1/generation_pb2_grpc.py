@@ -80,6 +80,11 @@ class GenerationServiceStub:
                 request_serializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsRequest.SerializeToString,
                 response_deserializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsResponse.FromString,
                 _registered_method=True)
+        self.EditImage = channel.unary_unary(
+                '/pigment.v1.GenerationService/EditImage',
+                request_serializer=pigment_dot_v1_dot_generation__pb2.EditImageRequest.SerializeToString,
+                response_deserializer=pigment_dot_v1_dot_generation__pb2.EditImageResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -153,6 +158,13 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EditImage(self, request, context):
+        """LLMGA-style instruction editing: a generation (or an uploaded image) and "make the background light".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +212,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ListGenerations,
                     request_deserializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsRequest.FromString,
                     response_serializer=pigment_dot_v1_dot_generation__pb2.ListGenerationsResponse.SerializeToString,
+            ),
+            'EditImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditImage,
+                    request_deserializer=pigment_dot_v1_dot_generation__pb2.EditImageRequest.FromString,
+                    response_serializer=pigment_dot_v1_dot_generation__pb2.EditImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +463,33 @@ class GenerationService:
             '/pigment.v1.GenerationService/ListGenerations',
             pigment_dot_v1_dot_generation__pb2.ListGenerationsRequest.SerializeToString,
             pigment_dot_v1_dot_generation__pb2.ListGenerationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pigment.v1.GenerationService/EditImage',
+            pigment_dot_v1_dot_generation__pb2.EditImageRequest.SerializeToString,
+            pigment_dot_v1_dot_generation__pb2.EditImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,17 +27,19 @@ class SoftTokens(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., float16: _Optional[bytes] = ...) -> None: ...
 
 class EncodePreferencesResponse(_message.Message):
-    __slots__ = ("keywords", "soft_tokens", "cache_key", "model_version", "flags", "cache_hit")
+    __slots__ = ("keywords", "soft_tokens", "cache_key", "model_version", "flags", "cache_hit", "written_prompt")
     KEYWORDS_FIELD_NUMBER: _ClassVar[int]
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_PROMPT_FIELD_NUMBER: _ClassVar[int]
     keywords: _containers.RepeatedScalarFieldContainer[str]
     soft_tokens: SoftTokens
     cache_key: str
     model_version: str
     flags: _containers.RepeatedScalarFieldContainer[str]
     cache_hit: bool
-    def __init__(self, keywords: _Optional[_Iterable[str]] = ..., soft_tokens: _Optional[_Union[SoftTokens, _Mapping]] = ..., cache_key: _Optional[str] = ..., model_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+    written_prompt: str
+    def __init__(self, keywords: _Optional[_Iterable[str]] = ..., soft_tokens: _Optional[_Union[SoftTokens, _Mapping]] = ..., cache_key: _Optional[str] = ..., model_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ..., cache_hit: _Optional[bool] = ..., written_prompt: _Optional[str] = ...) -> None: ...

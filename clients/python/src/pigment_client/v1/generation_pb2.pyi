@@ -15,6 +15,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_PMG_KEYWORDS: _ClassVar[Method]
     METHOD_PMG_SOFT: _ClassVar[Method]
     METHOD_NON_PERSONALIZED: _ClassVar[Method]
+    METHOD_LLMGA: _ClassVar[Method]
 
 class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -77,6 +78,7 @@ METHOD_PMG: Method
 METHOD_PMG_KEYWORDS: Method
 METHOD_PMG_SOFT: Method
 METHOD_NON_PERSONALIZED: Method
+METHOD_LLMGA: Method
 RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
 RETRIEVAL_MODE_AUTO: RetrievalMode
 RETRIEVAL_MODE_GENERATE_ONLY: RetrievalMode
@@ -115,7 +117,7 @@ JOB_STATUS_CANCELLED: JobStatus
 JOB_STATUS_FAILED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen", "references", "candidate")
+    __slots__ = ("request_id", "user_id", "prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "height", "width", "method", "keyword_weight", "soft_weight", "retrieval", "include_seen", "references", "candidate", "verbatim_prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class GenerateRequest(_message.Message):
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     REFERENCES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    VERBATIM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     prompt: str
@@ -148,7 +151,8 @@ class GenerateRequest(_message.Message):
     include_seen: bool
     references: _containers.RepeatedCompositeFieldContainer[ReferenceImage]
     candidate: int
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ..., references: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ..., candidate: _Optional[int] = ...) -> None: ...
+    verbatim_prompt: bool
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., keyword_weight: _Optional[float] = ..., soft_weight: _Optional[float] = ..., retrieval: _Optional[_Union[RetrievalMode, str]] = ..., include_seen: _Optional[bool] = ..., references: _Optional[_Iterable[_Union[ReferenceImage, _Mapping]]] = ..., candidate: _Optional[int] = ..., verbatim_prompt: _Optional[bool] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("png", "generation_id", "seed", "storage_uri", "source", "item_id", "score", "url")
@@ -183,18 +187,20 @@ class Decision(_message.Message):
     def __init__(self, policy: _Optional[_Union[DecisionPolicy, str]] = ..., retrieved: _Optional[bool] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ConditioningReport(_message.Message):
-    __slots__ = ("segments", "segment_weights", "soft_tokens", "soft_weight", "reference_images")
+    __slots__ = ("segments", "segment_weights", "soft_tokens", "soft_weight", "reference_images", "written_prompt")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SOFT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_PROMPT_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedScalarFieldContainer[str]
     segment_weights: _containers.RepeatedScalarFieldContainer[float]
     soft_tokens: int
     soft_weight: float
     reference_images: int
-    def __init__(self, segments: _Optional[_Iterable[str]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., soft_tokens: _Optional[int] = ..., soft_weight: _Optional[float] = ..., reference_images: _Optional[int] = ...) -> None: ...
+    written_prompt: str
+    def __init__(self, segments: _Optional[_Iterable[str]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., soft_tokens: _Optional[int] = ..., soft_weight: _Optional[float] = ..., reference_images: _Optional[int] = ..., written_prompt: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "images", "keywords", "model_version", "flags", "timings_ms", "method", "decision", "conditioning", "feedback_used", "explored_attribute")
@@ -444,3 +450,45 @@ class ReferenceImage(_message.Message):
     item_id: str
     image: bytes
     def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+
+class EditImageRequest(_message.Message):
+    __slots__ = ("request_id", "user_id", "generation_id", "image", "instruction", "mask", "seed", "num_inference_steps")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    generation_id: str
+    image: bytes
+    instruction: str
+    mask: bytes
+    seed: int
+    num_inference_steps: int
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., generation_id: _Optional[str] = ..., image: _Optional[bytes] = ..., instruction: _Optional[str] = ..., mask: _Optional[bytes] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ...) -> None: ...
+
+class EditPlan(_message.Message):
+    __slots__ = ("attribute", "value", "region", "strength")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    value: str
+    region: str
+    strength: float
+    def __init__(self, attribute: _Optional[str] = ..., value: _Optional[str] = ..., region: _Optional[str] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class EditImageResponse(_message.Message):
+    __slots__ = ("result", "edit", "source_generation_id")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    EDIT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    result: GenerateResponse
+    edit: EditPlan
+    source_generation_id: str
+    def __init__(self, result: _Optional[_Union[GenerateResponse, _Mapping]] = ..., edit: _Optional[_Union[EditPlan, _Mapping]] = ..., source_generation_id: _Optional[str] = ...) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpigment/v1/preference.proto\x12\npigment.v1\"e\n\x18\x45ncodePreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_captions\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\",\n\nSoftTokens\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x0f\n\x07\x66loat16\x18\x02 \x01(\x0c\"\xa6\x01\n\x19\x45ncodePreferencesResponse\x12\x10\n\x08keywords\x18\x01 \x03(\t\x12+\n\x0bsoft_tokens\x18\x02 \x01(\x0b\x32\x16.pigment.v1.SoftTokens\x12\x11\n\tcache_key\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05\x66lags\x18\x05 \x03(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x32u\n\x11PreferenceService\x12`\n\x11\x45ncodePreferences\x12$.pigment.v1.EncodePreferencesRequest\x1a%.pigment.v1.EncodePreferencesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpigment/v1/preference.proto\x12\npigment.v1\"e\n\x18\x45ncodePreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_captions\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\",\n\nSoftTokens\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x0f\n\x07\x66loat16\x18\x02 \x01(\x0c\"\xbe\x01\n\x19\x45ncodePreferencesResponse\x12\x10\n\x08keywords\x18\x01 \x03(\t\x12+\n\x0bsoft_tokens\x18\x02 \x01(\x0b\x32\x16.pigment.v1.SoftTokens\x12\x11\n\tcache_key\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05\x66lags\x18\x05 \x03(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x16\n\x0ewritten_prompt\x18\x32 \x01(\t2u\n\x11PreferenceService\x12`\n\x11\x45ncodePreferences\x12$.pigment.v1.EncodePreferencesRequest\x1a%.pigment.v1.EncodePreferencesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOFTTOKENS']._serialized_start=146
   _globals['_SOFTTOKENS']._serialized_end=190
   _globals['_ENCODEPREFERENCESRESPONSE']._serialized_start=193
-  _globals['_ENCODEPREFERENCESRESPONSE']._serialized_end=359
-  _globals['_PREFERENCESERVICE']._serialized_start=361
-  _globals['_PREFERENCESERVICE']._serialized_end=478
+  _globals['_ENCODEPREFERENCESRESPONSE']._serialized_end=383
+  _globals['_PREFERENCESERVICE']._serialized_start=385
+  _globals['_PREFERENCESERVICE']._serialized_end=502
 # @@protoc_insertion_point(module_scope)
