@@ -339,6 +339,48 @@ def test_edit_errors_map_to_status_codes(toy_stack):
         )
 
 
+def test_edit_and_references_over_http(toy_stack, probe):
+    """The HTTP face's POST /v1/edit and /v1/generate with references, protobuf JSON in and out."""
+    import base64
+    import urllib.request
+
+    stack, _ = toy_stack
+    face = stack.http_server(0).start()
+
+    def post(path, body):
+        req = urllib.request.Request(face.url + path, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=180) as resp:
+            return json.loads(resp.read())
+
+    def png_of(image):  # inline (protobuf JSON's base64) within the response's budget, else a signed URL
+        if image["png"]:
+            return base64.b64decode(image["png"])
+        with urllib.request.urlopen(image["url"], timeout=30) as resp:
+            return resp.read()
+
+    try:
+        base = {"userId": "bob", "numImages": 1, "retrieval": "RETRIEVAL_MODE_GENERATE_ONLY"}
+        src = post("/v1/generate", {**base, "requestId": "http-src", "verbatimPrompt": True,
+                                    "prompt": "a large red star on a dark background"})
+        gid = src["images"][0]["generationId"]
+        out = post("/v1/edit", {"requestId": "http-edit", "userId": "bob", "generationId": gid,
+                                "instruction": "make the background light"})
+        assert out["edit"]["attribute"] == "background" and out["edit"]["value"] == "light background"
+        assert out["sourceGenerationId"] == gid  # (result.method is an enum with no edit value: SQL says edit)
+        assert out["result"]["conditioning"]["writtenPrompt"]
+        edited = out["result"]["images"][0]
+        assert _read(probe, png_of(edited))["background"] == "light"
+        with stack.sessions() as s:
+            assert s.get(Generation, edited["generationId"]).method == "edit"
+
+        ref = post("/v1/generate", {**base, "requestId": "http-ref", "prompt": "a star",
+                                    "references": [{"itemId": "item-0"}]})
+        assert ref["conditioning"]["referenceImages"] == 1
+    finally:
+        face.stop()
+
+
 def test_deleting_the_user_deletes_edit_sources(toy_stack):
     stack, _ = toy_stack
     with stack.sessions() as s:

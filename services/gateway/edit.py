@@ -111,7 +111,9 @@ class EditCore:
         row = g._existing(p.request_id, phash)
         flags = [REPLAYED]
         if row is None:
-            g._check_depth()
+            _, depth = g._existing_and_depth(p.request_id)
+            if depth >= g.settings.max_queue_depth:  # full: refused before the source and mask are stored
+                raise g._overloaded(depth)
             if principal is not None and g.charge_images is not None:
                 g.charge_images(principal, 1)
             row = self._row(p, phash, plan, prompt, source, mask, steps, size)

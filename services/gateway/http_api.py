@@ -168,6 +168,17 @@ async def generate_stream(request: Request, principal: Caller):
     )
 
 
+@router.post(
+    "/edit",
+    tags=["generation"],
+    openapi_extra=doc(gpb.EditImageRequest, gpb.EditImageResponse),
+    summary="EditImage: an instruction edit of a generation (or of image bytes); blocks until it is ready",
+)
+async def edit(request: Request, principal: Caller):
+    message = await read_json(request, gpb.EditImageRequest())
+    return to_json(await call(request, _ctx(request).generation.EditImage, message, principal))
+
+
 @router.get(
     "/generations/{generation_id}",
     tags=["generation"],
