@@ -1,6 +1,9 @@
 """The gallery page at ``/`` in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by
 selenium): the API key typed into the page, a user picked, generated images with their marks shown, a click
 on like posting real feedback (the row is read back from PostgreSQL), and a new generation with progress.
+Editing by instruction and references: on the tiny preset (neither is possible there) the page shows the
+server's reason; on the toy preset an edit becomes a new generation (method edit in SQL) shown with its plan,
+and a history item used as a reference conditions the next request.
 
 Skipped, saying why, where Chromium is not installed (`make test-deps` installs it).
 """
@@ -14,7 +17,8 @@ import pytest
 from conftest import make_settings, running_stack
 from pigment.services.common import auth
 from pigment.services.common.grpc_auth import bearer_channel
-from pigment.services.store.tables import Feedback
+from pigment.services.common.settings import REPO_PRESETS
+from pigment.services.store.tables import Feedback, Generation, RenderRequest
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
 from sqlalchemy import select
@@ -163,3 +167,120 @@ def test_gallery_shows_generations_and_posts_real_feedback(site, browser, tmp_pa
     wait.until(ec.text_to_be_present_in_element((By.ID, "progress-text"), "done: 1 images"))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == 3)
     assert "a moon" in browser.find_elements(By.CSS_SELECTOR, "#generations .card")[0].text
+
+
+def _open(browser, url, cards: int):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(url + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == cards)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history .use-reference"))
+    return wait
+
+
+def test_gallery_says_why_edit_and_references_are_refused_on_tiny(site, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    n = len(browser.find_elements(By.CSS_SELECTOR, "#generations .card")) or 2
+    wait = _open(browser, site["url"], n)  # the key is still in this tab's sessionStorage
+    card = browser.find_element(By.CSS_SELECTOR, "#generations .card")
+    card.find_element(By.CSS_SELECTOR, ".edit-instruction").send_keys("make it smaller")
+    card.find_element(By.CSS_SELECTOR, "button.edit").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "edit failed"))
+    status = browser.find_element(By.ID, "status")
+    assert "400" in status.text and "no keyword vocabulary" in status.text
+    assert status.get_attribute("class") == "error"
+
+    browser.find_element(By.CSS_SELECTOR, "#history .use-reference").click()
+    chips = browser.find_elements(By.CSS_SELECTOR, "#references .chip")
+    assert [c.get_attribute("data-item-id") for c in chips] == [f"star-{RUN}"]
+    browser.find_element(By.ID, "generate").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "generate failed"))
+    assert "reference_projector" in browser.find_element(By.ID, "status").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#references .chip")  # kept, to remove or retry
+    browser.find_element(By.CSS_SELECTOR, "#references .chip button").click()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#references .chip")
+
+
+TOY = REPO_PRESETS / "toy"
+
+
+@pytest.fixture(scope="module")
+def toy_site(tmp_path_factory, pg_database):
+    """The toy preset (keyword vocabulary and a reference projector), no keys: loopback is the local admin."""
+    if not (TOY / "manifest.json").is_file():
+        pytest.skip("the toy preset is not in this checkout")
+    from pigment.training import toy_world as tw
+    from PIL import Image
+
+    def item_png(caption):
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(tw.render_item(tw.parse_caption(caption))).save(buf, format="PNG")
+        return buf.getvalue()
+
+    settings = make_settings(tmp_path_factory.mktemp("toygallery"), TOY, database_url=pg_database())
+    with running_stack(settings) as (stack, channel, _worker):
+        http = stack.http_server(0).start()
+        history = history_pb2_grpc.HistoryServiceStub(channel)
+        caption = "a large purple heart on a light background"
+        history.UpsertItems(history_pb2.UpsertItemsRequest(items=[
+            history_pb2.Item(item_id="heart", caption=caption, image_png=item_png(caption))]))
+        history.LogInteractions(history_pb2.LogInteractionsRequest(
+            user_id=USER, create_user=True, interactions=[history_pb2.Interaction(item_id="heart", kind="like")]))
+        source = generation_pb2_grpc.GenerationServiceStub(channel).GeneratePersonalized(
+            gpb.GenerateRequest(request_id=f"src-{RUN}", user_id=USER, num_images=1, verbatim_prompt=True,
+                                prompt="a large red star on a dark background",
+                                retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY), timeout=180)
+        yield {"stack": stack, "url": http.url, "source": source.images[0].generation_id}
+        http.stop()
+
+
+def test_gallery_edits_an_image_and_uses_a_reference_on_toy(toy_site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait = _open(browser, toy_site["url"], 1)
+    card = browser.find_element(By.CSS_SELECTOR, "#generations .card")
+    assert card.get_attribute("data-generation-id") == toy_site["source"]
+    card.find_element(By.CSS_SELECTOR, ".edit-instruction").send_keys("make the background light")
+    card.find_element(By.CSS_SELECTOR, "button.edit").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == 2)
+    top = browser.find_element(By.CSS_SELECTOR, "#generations .card")  # the edit, newest first
+    assert top.find_element(By.CSS_SELECTOR, ".edit-plan").text == (
+        "edit: background → light background (region background)")
+    assert "light background" in top.find_element(By.CSS_SELECTOR, ".written").text
+    assert "edited: background" in browser.find_element(By.ID, "status").text
+    gid = top.get_attribute("data-generation-id")
+    with toy_site["stack"].sessions() as s:
+        row = s.get(Generation, gid)
+        assert (row.user_id, row.method) == (USER, "edit")
+        edit = s.get(RenderRequest, row.request_id).conditioning["edit"]
+        assert edit["source_generation_id"] == toy_site["source"] and edit["attribute"] == "background"
+
+    browser.find_element(By.CSS_SELECTOR, "#history .card[data-item-id=heart] .use-reference").click()
+    assert [c.get_attribute("data-item-id") for c in browser.find_elements(By.CSS_SELECTOR, "#references .chip")] == [
+        "heart"]
+    browser.find_element(By.ID, "prompt").send_keys("a star")
+    for field, value in (("num-images", "1"), ("steps", "4")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "progress-text"), "done: 1 images, 1 reference"))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == 3)
+    newest = browser.find_element(By.CSS_SELECTOR, "#generations .card")
+    assert newest.find_element(By.CSS_SELECTOR, ".refs").text == "from 1 reference image"
+    assert newest.find_element(By.CSS_SELECTOR, ".refs img").get_attribute("title") == "heart"  # which one
+    assert not browser.find_elements(By.CSS_SELECTOR, "#references .chip")  # used by that request
+    with toy_site["stack"].sessions() as s:
+        req = s.get(RenderRequest, s.get(Generation, newest.get_attribute("data-generation-id")).request_id)
+        assert req.params["references"] == ["item:heart"] and len(req.conditioning["references"]) == 1
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#generations img')].every(i => i.complete && i.naturalWidth > 0)"))
+    shot = tmp_path / "gallery-edit.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5000

@@ -4,6 +4,9 @@
 const KEY_STORE = "pigment.apiKey";  // sessionStorage: gone when the tab closes
 const $ = (id) => document.getElementById(id);
 let nextPage = "";
+let references = [];  // {itemId, url} for the next generate request (the "use as reference" buttons)
+let sent = [];  // the references of the request in flight, for its result's cards
+const notes = {};  // generationId -> what this tab's generate/edit responses said of it (ListGenerations has none)
 
 function headers(json) {
   const h = {};
@@ -57,6 +60,61 @@ async function sendFeedback(gen, kind, button, others) {
   }
 }
 
+// What a response says of its images: the written prompt, the reference count, the edit plan.
+function remember(result, extra) {
+  const c = result.conditioning || {};
+  (result.images || []).forEach((i) => (notes[i.generationId] = {
+    writtenPrompt: c.writtenPrompt || "", referenceImages: c.referenceImages || 0, ...extra,
+  }));
+}
+
+function noteLines(note) {
+  if (!note) return [];
+  const lines = [];
+  if (note.edit) {
+    const e = note.edit;
+    lines.push(el("div", { class: "edit-plan", title: "edited from " + note.source },
+      `edit: ${e.attribute} → ${e.value} (region ${e.region})`));
+  }
+  if (note.writtenPrompt) lines.push(el("div", { class: "written" }, `written prompt: “${note.writtenPrompt}”`));
+  if (note.referenceImages) {
+    lines.push(el("div", { class: "refs" }, `from ${note.referenceImages} reference image${note.referenceImages > 1 ? "s" : ""}`,
+      (note.references || []).map((r) => el("img", { class: "thumb", src: r.url, alt: r.itemId, title: r.itemId }))));
+  }
+  return lines;
+}
+
+async function editImage(gen, input, button) {
+  const instruction = input.value.trim();
+  if (!instruction) return say("say what to change, e.g. “make the background light”", true);
+  button.disabled = true;
+  say(`editing ${gen.generationId}: ${instruction} ...`);
+  try {
+    const out = await api("/v1/edit", {
+      requestId: "web-" + crypto.randomUUID(), userId: gen.userId, generationId: gen.generationId, instruction,
+    });
+    remember(out.result, { edit: out.edit, source: out.sourceGenerationId });
+    await loadGenerations(false);  // newest first: the edit is at the top
+    const e = out.edit;
+    say(`edited: ${e.attribute} → ${e.value} (region ${e.region})`);
+  } catch (err) {
+    say(`edit failed: ${err.message}`, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function editForm(gen) {
+  const input = el("input", { class: "edit-instruction", placeholder: "e.g. make the background light", maxlength: "300" });
+  const button = el("button", { type: "submit", class: "edit" }, "Edit");
+  const form = el("form", { class: "edit-form" }, input, button);
+  form.onsubmit = (ev) => {
+    ev.preventDefault();
+    editImage(gen, input, button);
+  };
+  return form;
+}
+
 function generationCard(gen, siblings) {
   const source = (gen.source || "").replace("RESULT_SOURCE_", "");
   const actions = el("div", { class: "actions" });
@@ -71,13 +129,15 @@ function generationCard(gen, siblings) {
     b.onclick = () => sendFeedback(gen, "pick", b, others);
     actions.append(b);
   }
-  return el("div", { class: "card generation", "data-generation-id": gen.generationId },
+  const note = notes[gen.generationId];
+  return el("div", { class: "card generation" + (note && note.edit ? " edited" : ""), "data-generation-id": gen.generationId },
     el("img", { src: imageSrc(gen.image), alt: gen.prompt || "generated image", loading: "lazy" }),
     el("div", {}, el("span", { class: "badge " + source }, source), " ", gen.prompt ? `“${gen.prompt}”` : ""),
     el("div", { class: "keywords" }, (gen.keywords || []).length ? "keywords: " + gen.keywords.join(", ") : "no keywords"),
     el("div", {}, (gen.flags || []).map((f) => el("span", { class: "flag" }, f))),
+    noteLines(note),
     el("div", {}, new Date(Number(gen.createTimeMs)).toLocaleString()),
-    actions);
+    actions, editForm(gen));
 }
 
 async function loadGenerations(append) {
@@ -98,9 +158,32 @@ async function loadHistory() {
   const user = $("user").value;
   if (!user) return;
   const data = await api(`/v1/users/${encodeURIComponent(user)}/history?pageSize=50`);
-  $("history").replaceChildren(...(data.entries || []).map((e) => el("div", { class: "card" },
-    e.item.imageUrl ? el("img", { src: e.item.imageUrl, alt: e.item.caption }) : "",
-    el("div", {}, el("b", {}, e.interaction.kind || "view"), " ", e.item.caption || e.item.itemId))));
+  $("history").replaceChildren(...(data.entries || []).map((e) => {
+    const use = el("button", { type: "button", class: "use-reference" }, "use as reference");
+    use.onclick = () => addReference(e.item.itemId, e.item.imageUrl);
+    return el("div", { class: "card", "data-item-id": e.item.itemId },
+      e.item.imageUrl ? el("img", { src: e.item.imageUrl, alt: e.item.caption }) : "",
+      el("div", {}, el("b", {}, e.interaction.kind || "view"), " ", e.item.caption || e.item.itemId),
+      el("div", { class: "actions" }, use));
+  }));
+}
+
+// References: chips above the Generate button; the next generate request sends them, then they clear.
+function addReference(itemId, url) {
+  if (!references.some((r) => r.itemId === itemId)) references.push({ itemId, url });
+  showReferences();
+}
+
+function showReferences() {
+  $("references").replaceChildren(...references.map((ref) => {
+    const drop = el("button", { type: "button", title: "remove" }, "×");
+    drop.onclick = () => {
+      references = references.filter((r) => r.itemId !== ref.itemId);
+      showReferences();
+    };
+    return el("span", { class: "chip", "data-item-id": ref.itemId },
+      ref.url ? el("img", { class: "thumb", src: ref.url, alt: "" }) : "", "reference: " + ref.itemId, drop);
+  }));
 }
 
 async function loadUser() {
@@ -135,6 +218,8 @@ async function generate(ev) {
   const images = Number($("num-images").value), steps = Number($("steps").value);
   if (images) body.numImages = images;
   if (steps) body.numInferenceSteps = steps;
+  if (references.length) body.references = references.map((r) => ({ itemId: r.itemId }));
+  sent = references.slice();
   $("generate").disabled = true;
   $("progress").hidden = false;
   $("progress").value = 0;
@@ -156,6 +241,8 @@ async function generate(ev) {
         buffer = buffer.slice(cut + 2);
       }
     }
+    references = [];
+    showReferences();
     await loadGenerations(false);
   } catch (err) {
     say(`generate failed: ${err.message}`, true);
@@ -172,8 +259,11 @@ function onEvent(block) {
     $("progress").value = data.step || 0;
     $("progress-text").textContent = `${data.status} ${data.step || 0}/${data.totalSteps || 0}`;
   } else if (kind === "result") {
+    remember(data, { references: sent });
+    const refs = (data.conditioning || {}).referenceImages || 0;
     $("progress").value = $("progress").max;
     $("progress-text").textContent = `done: ${(data.images || []).length} images` +
+      (refs ? `, ${refs} reference${refs > 1 ? "s" : ""}` : "") +
       ((data.flags || []).length ? ` (${data.flags.join(", ")})` : "");
   } else if (kind === "error") {
     throw new Error(data.message || "generation failed");
