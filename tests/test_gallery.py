@@ -169,13 +169,18 @@ def test_gallery_shows_generations_and_posts_real_feedback(site, browser, tmp_pa
     assert "a moon" in browser.find_elements(By.CSS_SELECTOR, "#generations .card")[0].text
 
 
-def _open(browser, url, cards: int):
+def _open(browser, url, cards: int, key: str = ""):
+    """The page with ``key`` in the tab's sessionStorage (as the key form leaves it), once it shows
+    at least ``cards`` generations and the history."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 120)
     browser.get(url + "/")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == cards)
+    if key:
+        browser.execute_script("sessionStorage.setItem('pigment.apiKey', arguments[0])", key)
+        browser.get(url + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) >= cards)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history .use-reference"))
     return wait
 
@@ -184,8 +189,7 @@ def test_gallery_says_why_edit_and_references_are_refused_on_tiny(site, browser)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
 
-    n = len(browser.find_elements(By.CSS_SELECTOR, "#generations .card")) or 2
-    wait = _open(browser, site["url"], n)  # the key is still in this tab's sessionStorage
+    wait = _open(browser, site["url"], 2, site["key"])
     card = browser.find_element(By.CSS_SELECTOR, "#generations .card")
     card.find_element(By.CSS_SELECTOR, ".edit-instruction").send_keys("make it smaller")
     card.find_element(By.CSS_SELECTOR, "button.edit").click()
@@ -228,14 +232,31 @@ def toy_site(tmp_path_factory, pg_database):
         http = stack.http_server(0).start()
         history = history_pb2_grpc.HistoryServiceStub(channel)
         caption = "a large purple heart on a light background"
-        history.UpsertItems(history_pb2.UpsertItemsRequest(items=[
-            history_pb2.Item(item_id="heart", caption=caption, image_png=item_png(caption))]))
-        history.LogInteractions(history_pb2.LogInteractionsRequest(
-            user_id=USER, create_user=True, interactions=[history_pb2.Interaction(item_id="heart", kind="like")]))
+        history.UpsertItems(
+            history_pb2.UpsertItemsRequest(
+                items=[
+                    history_pb2.Item(item_id="heart", caption=caption, image_png=item_png(caption))
+                ]
+            )
+        )
+        history.LogInteractions(
+            history_pb2.LogInteractionsRequest(
+                user_id=USER,
+                create_user=True,
+                interactions=[history_pb2.Interaction(item_id="heart", kind="like")],
+            )
+        )
         source = generation_pb2_grpc.GenerationServiceStub(channel).GeneratePersonalized(
-            gpb.GenerateRequest(request_id=f"src-{RUN}", user_id=USER, num_images=1, verbatim_prompt=True,
-                                prompt="a large red star on a dark background",
-                                retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY), timeout=180)
+            gpb.GenerateRequest(
+                request_id=f"src-{RUN}",
+                user_id=USER,
+                num_images=1,
+                verbatim_prompt=True,
+                prompt="a large red star on a dark background",
+                retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY,
+            ),
+            timeout=180,
+        )
         yield {"stack": stack, "url": http.url, "source": source.images[0].generation_id}
         http.stop()
 
@@ -252,35 +273,53 @@ def test_gallery_edits_an_image_and_uses_a_reference_on_toy(toy_site, browser, t
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == 2)
     top = browser.find_element(By.CSS_SELECTOR, "#generations .card")  # the edit, newest first
     assert top.find_element(By.CSS_SELECTOR, ".edit-plan").text == (
-        "edit: background → light background (region background)")
+        "edit: background → light background (region background)"
+    )
     assert "light background" in top.find_element(By.CSS_SELECTOR, ".written").text
+    assert [b.text for b in top.find_elements(By.CSS_SELECTOR, ".badge")] == ["GENERATED", "EDIT"]
     assert "edited: background" in browser.find_element(By.ID, "status").text
     gid = top.get_attribute("data-generation-id")
     with toy_site["stack"].sessions() as s:
         row = s.get(Generation, gid)
         assert (row.user_id, row.method) == (USER, "edit")
         edit = s.get(RenderRequest, row.request_id).conditioning["edit"]
-        assert edit["source_generation_id"] == toy_site["source"] and edit["attribute"] == "background"
+        assert (
+            edit["source_generation_id"] == toy_site["source"] and edit["attribute"] == "background"
+        )
 
-    browser.find_element(By.CSS_SELECTOR, "#history .card[data-item-id=heart] .use-reference").click()
-    assert [c.get_attribute("data-item-id") for c in browser.find_elements(By.CSS_SELECTOR, "#references .chip")] == [
-        "heart"]
+    browser.find_element(
+        By.CSS_SELECTOR, "#history .card[data-item-id=heart] .use-reference"
+    ).click()
+    assert [
+        c.get_attribute("data-item-id")
+        for c in browser.find_elements(By.CSS_SELECTOR, "#references .chip")
+    ] == ["heart"]
     browser.find_element(By.ID, "prompt").send_keys("a star")
     for field, value in (("num-images", "1"), ("steps", "4")):
         box = browser.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)
     browser.find_element(By.ID, "generate").click()
-    wait.until(ec.text_to_be_present_in_element((By.ID, "progress-text"), "done: 1 images, 1 reference"))
+    wait.until(
+        ec.text_to_be_present_in_element((By.ID, "progress-text"), "done: 1 images, 1 reference")
+    )
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#generations .card")) == 3)
     newest = browser.find_element(By.CSS_SELECTOR, "#generations .card")
     assert newest.find_element(By.CSS_SELECTOR, ".refs").text == "from 1 reference image"
-    assert newest.find_element(By.CSS_SELECTOR, ".refs img").get_attribute("title") == "heart"  # which one
+    which = newest.find_element(By.CSS_SELECTOR, ".refs img")
+    assert which.get_attribute("title") == "heart"
     assert not browser.find_elements(By.CSS_SELECTOR, "#references .chip")  # used by that request
     with toy_site["stack"].sessions() as s:
-        req = s.get(RenderRequest, s.get(Generation, newest.get_attribute("data-generation-id")).request_id)
-        assert req.params["references"] == ["item:heart"] and len(req.conditioning["references"]) == 1
-    wait.until(lambda d: d.execute_script(
-        "return [...document.querySelectorAll('#generations img')].every(i => i.complete && i.naturalWidth > 0)"))
+        req = s.get(
+            RenderRequest, s.get(Generation, newest.get_attribute("data-generation-id")).request_id
+        )
+        assert (
+            req.params["references"] == ["item:heart"] and len(req.conditioning["references"]) == 1
+        )
+    wait.until(
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#generations img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
     shot = tmp_path / "gallery-edit.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5000

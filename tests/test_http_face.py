@@ -335,8 +335,13 @@ def test_http_errors_are_rpc_status_json(face):
     err = json.loads(raw)
     assert status == 404 and err["code"] == code_pb2.NOT_FOUND
     assert err["message"] == f'generation "nope-{RUN}" not found'
-    assert err["details"] == [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "domain": "pigment.dev",
-                               "reason": "GENERATION_NOT_FOUND"}]
+    assert err["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "domain": "pigment.dev",
+            "reason": "GENERATION_NOT_FOUND",
+        }
+    ]
     status, _, raw = http(f"{url}/v1/generations/x?delivery=IMAGE_DELIVERY_FAX", key=key)
     assert status == 400 and "IMAGE_DELIVERY_URL" in json.loads(raw)["message"]
     assert json.loads(http(f"{url}/v1/nowhere")[2])["code"] == code_pb2.NOT_FOUND
@@ -397,7 +402,12 @@ def test_edit_and_references_over_http_say_why_on_a_preset_without_them(face):
     FAILED_PRECONDITION with their reason over HTTP, as over gRPC (a real edit over HTTP: test_llmga.py)."""
     url, key = face["url"], face["keys"]["a"]
     gid = face["first"].images[0].generation_id
-    edit = {"requestId": f"e-{RUN}", "userId": ALICE, "generationId": gid, "instruction": "make it smaller"}
+    edit = {
+        "requestId": f"e-{RUN}",
+        "userId": ALICE,
+        "generationId": gid,
+        "instruction": "make it smaller",
+    }
     status, _, raw = http(f"{url}/v1/edit", edit, key=key)
     err = json.loads(raw)
     assert status == 400 and err["code"] == code_pb2.FAILED_PRECONDITION, err
@@ -410,19 +420,30 @@ def test_edit_and_references_over_http_say_why_on_a_preset_without_them(face):
     status, _, raw = http(f"{url}/v1/edit", {**edit, "userId": BOB}, key=key)
     assert status == 404 and json.loads(raw)["code"] == code_pb2.NOT_FOUND
 
-    gen = {"requestId": f"r-{RUN}", "userId": ALICE, "prompt": "a star", "numImages": 1,
-           "references": [{"itemId": f"star-{RUN}"}]}
+    gen = {
+        "requestId": f"r-{RUN}",
+        "userId": ALICE,
+        "prompt": "a star",
+        "numImages": 1,
+        "references": [{"itemId": f"star-{RUN}"}],
+    }
     status, _, raw = http(f"{url}/v1/generate", gen, key=key)
     err = json.loads(raw)
     assert status == 400 and err["code"] == code_pb2.FAILED_PRECONDITION, err
-    assert "reference_projector" in err["message"] and err["details"][0]["reason"] == "NO_REFERENCE_SUPPORT"
+    assert (
+        "reference_projector" in err["message"]
+        and err["details"][0]["reason"] == "NO_REFERENCE_SUPPORT"
+    )
     # a reference that is not base64 is a parse error of the body, not a server error
-    status, _, raw = http(f"{url}/v1/generate", {**gen, "references": [{"image": "not base64!"}]}, key=key)
+    status, _, raw = http(
+        f"{url}/v1/generate", {**gen, "references": [{"image": "not base64!"}]}, key=key
+    )
     assert status == 400 and json.loads(raw)["code"] == code_pb2.INVALID_ARGUMENT
 
     doc = json.loads(http(f"{url}/openapi.json")[2])
     body = doc["paths"]["/v1/edit"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/pigment.v1.EditImageRequest"}
     assert {"instruction", "generationId", "mask"} <= set(
-        doc["components"]["schemas"]["pigment.v1.EditImageRequest"]["properties"])
+        doc["components"]["schemas"]["pigment.v1.EditImageRequest"]["properties"]
+    )
     assert "pigment.v1.EditPlan" in doc["components"]["schemas"]

@@ -238,7 +238,7 @@ def test_edit_a_generation_is_a_new_generation(toy_stack, probe):
     )
     assert out.source_generation_id == src.generation_id
     edited = out.result.images[0]
-    assert edited.generation_id != src.generation_id and out.result.method == "edit"
+    assert edited.generation_id != src.generation_id and out.result.method == gpb.METHOD_EDIT
     after = _read(probe, edited.png)
     # the background was repainted light (rates over held-out items: `pigment eval --methods edit`,
     # bench/RESULTS.md); everything else reads as before
@@ -342,18 +342,21 @@ def test_edit_errors_map_to_status_codes(toy_stack):
 def test_edit_and_references_over_http(toy_stack, probe):
     """The HTTP face's POST /v1/edit and /v1/generate with references, protobuf JSON in and out."""
     import base64
+    import urllib.error
     import urllib.request
 
     stack, _ = toy_stack
     face = stack.http_server(0).start()
 
     def post(path, body):
-        req = urllib.request.Request(face.url + path, json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            face.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=180) as resp:
             return json.loads(resp.read())
 
-    def png_of(image):  # inline (protobuf JSON's base64) within the response's budget, else a signed URL
+    # inline (protobuf JSON's base64) within the response's budget, else a signed URL
+    def png_of(image):
         if image["png"]:
             return base64.b64decode(image["png"])
         with urllib.request.urlopen(image["url"], timeout=30) as resp:
@@ -361,21 +364,57 @@ def test_edit_and_references_over_http(toy_stack, probe):
 
     try:
         base = {"userId": "bob", "numImages": 1, "retrieval": "RETRIEVAL_MODE_GENERATE_ONLY"}
-        src = post("/v1/generate", {**base, "requestId": "http-src", "verbatimPrompt": True,
-                                    "prompt": "a large red star on a dark background"})
+        src = post(
+            "/v1/generate",
+            {
+                **base,
+                "requestId": "http-src",
+                "verbatimPrompt": True,
+                "prompt": "a large red star on a dark background",
+            },
+        )
         gid = src["images"][0]["generationId"]
-        out = post("/v1/edit", {"requestId": "http-edit", "userId": "bob", "generationId": gid,
-                                "instruction": "make the background light"})
-        assert out["edit"]["attribute"] == "background" and out["edit"]["value"] == "light background"
-        assert out["sourceGenerationId"] == gid  # (result.method is an enum with no edit value: SQL says edit)
+        out = post(
+            "/v1/edit",
+            {
+                "requestId": "http-edit",
+                "userId": "bob",
+                "generationId": gid,
+                "instruction": "make the background light",
+            },
+        )
+        assert (
+            out["edit"]["attribute"] == "background" and out["edit"]["value"] == "light background"
+        )
+        assert out["sourceGenerationId"] == gid and out["result"]["method"] == "METHOD_EDIT"
         assert out["result"]["conditioning"]["writtenPrompt"]
         edited = out["result"]["images"][0]
         assert _read(probe, png_of(edited))["background"] == "light"
         with stack.sessions() as s:
             assert s.get(Generation, edited["generationId"]).method == "edit"
 
-        ref = post("/v1/generate", {**base, "requestId": "http-ref", "prompt": "a star",
-                                    "references": [{"itemId": "item-0"}]})
+        with urllib.request.urlopen(face.url + "/v1/users/bob/generations", timeout=30) as resp:
+            listed = {
+                g["generationId"]: g["method"] for g in json.loads(resp.read())["generations"]
+            }
+        assert listed[edited["generationId"]] == "METHOD_EDIT" and listed[gid] != "METHOD_EDIT"
+        # METHOD_EDIT names results; a generate request cannot ask for it
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post("/v1/generate", {**base, "requestId": "http-bad", "method": "METHOD_EDIT"})
+        assert (
+            err.value.code == 400
+            and "allowed METHOD_PMG" in json.loads(err.value.read())["message"]
+        )
+
+        ref = post(
+            "/v1/generate",
+            {
+                **base,
+                "requestId": "http-ref",
+                "prompt": "a star",
+                "references": [{"itemId": "item-0"}],
+            },
+        )
         assert ref["conditioning"]["referenceImages"] == 1
     finally:
         face.stop()

@@ -331,7 +331,9 @@ async def submit_job(request: Request, principal: Caller):
     return to_json(await call(request, _ctx(request).generation.SubmitBatch, message, principal))
 
 
-@router.get("/jobs/{job_id}", tags=["jobs"], openapi_extra=doc(None, gpb.GetJobResponse), summary="GetJob")
+@router.get(
+    "/jobs/{job_id}", tags=["jobs"], openapi_extra=doc(None, gpb.GetJobResponse), summary="GetJob"
+)
 async def get_job(
     request: Request,
     principal: Caller,
@@ -344,7 +346,10 @@ async def get_job(
 
 
 @router.post(
-    "/jobs/{job_id}/cancel", tags=["jobs"], openapi_extra=doc(None, gpb.CancelJobResponse), summary="CancelJob"
+    "/jobs/{job_id}/cancel",
+    tags=["jobs"],
+    openapi_extra=doc(None, gpb.CancelJobResponse),
+    summary="CancelJob",
 )
 async def cancel_job(request: Request, principal: Caller, job_id: str):
     message = gpb.CancelJobRequest(job_id=job_id)

@@ -19,6 +19,7 @@ from pigment.v1 import generation_pb2_grpc, media_pb2
 METHOD_NAMES = {
     pb.METHOD_UNSPECIFIED: "", pb.METHOD_PMG: "pmg", pb.METHOD_PMG_KEYWORDS: "pmg_keywords",
     pb.METHOD_PMG_SOFT: "pmg_soft", pb.METHOD_NON_PERSONALIZED: "non_personalized", pb.METHOD_LLMGA: "llmga",
+    pb.METHOD_EDIT: "edit",
 }
 RETRIEVAL_NAMES = {
     pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_AUTO: "auto", pb.RETRIEVAL_MODE_GENERATE_ONLY: "generate_only",

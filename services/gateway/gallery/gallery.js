@@ -130,9 +130,11 @@ function generationCard(gen, siblings) {
     actions.append(b);
   }
   const note = notes[gen.generationId];
-  return el("div", { class: "card generation" + (note && note.edit ? " edited" : ""), "data-generation-id": gen.generationId },
+  const edited = gen.method === "METHOD_EDIT";
+  return el("div", { class: "card generation" + (edited ? " edited" : ""), "data-generation-id": gen.generationId },
     el("img", { src: imageSrc(gen.image), alt: gen.prompt || "generated image", loading: "lazy" }),
-    el("div", {}, el("span", { class: "badge " + source }, source), " ", gen.prompt ? `“${gen.prompt}”` : ""),
+    el("div", {}, el("span", { class: "badge " + source }, source), edited ? el("span", { class: "badge EDIT" }, "EDIT") : "",
+      " ", gen.prompt ? `“${gen.prompt}”` : ""),
     el("div", { class: "keywords" }, (gen.keywords || []).length ? "keywords: " + gen.keywords.join(", ") : "no keywords"),
     el("div", {}, (gen.flags || []).map((f) => el("span", { class: "flag" }, f))),
     noteLines(note),
