@@ -139,7 +139,7 @@ function generationCard(gen, siblings) {
     el("div", {}, (gen.flags || []).map((f) => el("span", { class: "flag" }, f))),
     noteLines(note),
     el("div", {}, new Date(Number(gen.createTimeMs)).toLocaleString()),
-    actions, editForm(gen));
+    actions, source === "GENERATED" ? editForm(gen) : "");  // edits are offered on rendered images
 }
 
 async function loadGenerations(append) {
