@@ -238,7 +238,7 @@ def test_edit_a_generation_is_a_new_generation(toy_stack, probe):
     )
     assert out.source_generation_id == src.generation_id
     edited = out.result.images[0]
-    assert edited.generation_id != src.generation_id and out.result.method == "edit"
+    assert edited.generation_id != src.generation_id and out.result.method == gpb.METHOD_EDIT
     after = _read(probe, edited.png)
     # the background was repainted light (rates over held-out items: `pigment eval --methods edit`,
     # bench/RESULTS.md); everything else reads as before

@@ -16,6 +16,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_PMG_SOFT: _ClassVar[Method]
     METHOD_NON_PERSONALIZED: _ClassVar[Method]
     METHOD_LLMGA: _ClassVar[Method]
+    METHOD_EDIT: _ClassVar[Method]
 
 class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -79,6 +80,7 @@ METHOD_PMG_KEYWORDS: Method
 METHOD_PMG_SOFT: Method
 METHOD_NON_PERSONALIZED: Method
 METHOD_LLMGA: Method
+METHOD_EDIT: Method
 RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
 RETRIEVAL_MODE_AUTO: RetrievalMode
 RETRIEVAL_MODE_GENERATE_ONLY: RetrievalMode
