@@ -239,38 +239,50 @@ class GatewayCore:
         (else NotFound, replays included), and a new request counts against its image quota."""
         started = time.perf_counter()
         p = self.resolve(params)
-        existing, depth = self._existing_and_depth(p.request_id)
-        if existing is None and depth >= self.settings.max_queue_depth:  # full: one read, before any other work
-            raise self._overloaded(depth)  # (says nothing of the user); _insert enforces the depth exactly
-        if principal is not None:
-            self.history.check_user(p.user_id, principal)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
-        if existing is not None and existing.params_hash != phash:
-            raise AlreadyExists(f"request_id {p.request_id} was already used with different parameters",
-                                reason="IDEMPOTENCY_KEY_REUSED", field="request_id")
-        timings: dict[str, float] = {}
-        if existing is None:
-            if principal is not None and self.charge_images is not None:
-                self.charge_images(principal, p.num_images)
-            row, timings = self._prepare(p, phash, asked=bool(params.retrieval))
-            existing = self._insert(row)
-            flags = [] if existing is None else [REPLAYED]
-            if existing is None and row.status == "queued":
-                self._send(p.request_id)
-        else:
-            flags = [REPLAYED]
-            if existing.status == "failed" and existing.error and existing.error.startswith("UNAVAILABLE"):
-                self._requeue(p.request_id)
-            elif existing.status in ("queued", "running"):  # its task may be lost: re-send (running: if stale)
-                self.reaper.revive(existing.request_id, existing.status, existing.dispatches, existing.attempts,
-                                   force_queued=True)
-        t0 = time.perf_counter()
-        row = self._wait(p.request_id, deadline, on_progress)
-        timings["render_ms"] = (time.perf_counter() - t0) * 1000
+        row, flags, timings = self.run_request(
+            p.request_id, p.user_id, phash, p.num_images, lambda: self._prepare(p, phash, asked=bool(params.retrieval)),
+            deadline, on_progress, principal)
         result = self._result(row, flags)
         timings["total_ms"] = (time.perf_counter() - started) * 1000
         result.timings_ms = {**row.conditioning.get("timings_ms", {}), **timings}
         return result
+
+    def run_request(self, request_id: str, user_id: str, phash: str, num_images: int,
+                    prepare: Callable[[], tuple[RenderRequest, dict]], deadline: float | None,
+                    on_progress: Callable[[ProgressEvent], None] | None, principal) -> tuple[RenderRequest, list, dict]:
+        """The path every kind of render request shares (generation, edit): a replay of ``request_id`` (same
+        ``phash``) resumes or returns the stored row; a new request is admitted (queue depth, the principal's
+        image quota), its row built by ``prepare()`` and written before the task is queued; then the wait.
+        Returns (the finished row, flags, timings)."""
+        existing, depth = self._existing_and_depth(request_id)
+        if existing is None and depth >= self.settings.max_queue_depth:  # full: one read, before any other work
+            raise self._overloaded(depth)  # (says nothing of the user); _insert enforces the depth exactly
+        if principal is not None:
+            self.history.check_user(user_id, principal)
+        if existing is not None and existing.params_hash != phash:
+            raise AlreadyExists(f"request_id {request_id} was already used with different parameters",
+                                reason="IDEMPOTENCY_KEY_REUSED", field="request_id")
+        timings: dict[str, float] = {}
+        if existing is None:
+            if principal is not None and self.charge_images is not None:
+                self.charge_images(principal, num_images)
+            row, timings = prepare()
+            existing = self._insert(row)
+            flags = [] if existing is None else [REPLAYED]
+            if existing is None and row.status == "queued":
+                self._send(request_id)
+        else:
+            flags = [REPLAYED]
+            if existing.status == "failed" and existing.error and existing.error.startswith("UNAVAILABLE"):
+                self._requeue(request_id)
+            elif existing.status in ("queued", "running"):  # its task may be lost: re-send (running: if stale)
+                self.reaper.revive(existing.request_id, existing.status, existing.dispatches, existing.attempts,
+                                   force_queued=True)
+        t0 = time.perf_counter()
+        row = self._wait(request_id, deadline, on_progress)
+        timings["render_ms"] = (time.perf_counter() - t0) * 1000
+        return row, flags, timings
 
     def _existing(self, request_id: str, phash: str) -> RenderRequest | None:
         with transaction(self.sessions) as s:

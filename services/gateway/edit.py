@@ -29,7 +29,6 @@ from pigment.services.common.errors import FailedPrecondition, InvalidInput, Not
 from pigment.services.common.ids import check_id, check_key, show
 from pigment.services.common.limits import check_image, check_text
 from pigment.services.gateway.core import (
-    REPLAYED,
     Decision,
     GatewayCore,
     GenerateResult,
@@ -108,37 +107,12 @@ class EditCore:
                 sort_keys=True,
             ).encode()
         ).hexdigest()
-        row = g._existing(p.request_id, phash)
-        flags = [REPLAYED]
-        if row is None:
-            _, depth = g._existing_and_depth(p.request_id)
-            if depth >= g.settings.max_queue_depth:  # full: refused before the source and mask are stored
-                raise g._overloaded(depth)
-            if principal is not None and g.charge_images is not None:
-                g.charge_images(principal, 1)
-            row = self._row(p, phash, plan, prompt, source, mask, steps, size)
-            existing = g._insert(row)
-            flags = [] if existing is None else [REPLAYED]
-            if existing is None:
-                g._send(p.request_id)
-        elif row.status == "failed" and (row.error or "").startswith(
-            "UNAVAILABLE"
-        ):  # the broker was down
-            g._requeue(p.request_id)
-        elif row.status in (
-            "queued",
-            "running",
-        ):  # its task may be lost: re-send (running: if stale)
-            g.reaper.revive(
-                row.request_id, row.status, row.dispatches, row.attempts, force_queued=True
-            )
-        t0 = time.perf_counter()
-        done = g._wait(p.request_id, deadline, None)
+        done, flags, timings = g.run_request(
+            p.request_id, p.user_id, phash, 1,
+            lambda: (self._row(p, phash, plan, prompt, source, mask, steps, size), {}),
+            deadline, None, principal)
         result = g._result(done, flags)
-        result.timings_ms = {
-            **done.conditioning.get("timings_ms", {}),
-            "render_ms": (time.perf_counter() - t0) * 1000,
-        }
+        result.timings_ms = {**done.conditioning.get("timings_ms", {}), **timings}
         edit = done.conditioning["edit"]
         return EditResult(
             result,
