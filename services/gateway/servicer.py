@@ -25,7 +25,7 @@ RETRIEVAL_NAMES = {
     pb.RETRIEVAL_MODE_UNSPECIFIED: "", pb.RETRIEVAL_MODE_AUTO: "auto", pb.RETRIEVAL_MODE_GENERATE_ONLY: "generate_only",
     pb.RETRIEVAL_MODE_RETRIEVE_ONLY: "retrieve_only", pb.RETRIEVAL_MODE_BOTH: "both",
 }
-METHOD_ENUMS = {**{name: enum for enum, name in METHOD_NAMES.items() if name}, "edit": pb.METHOD_EDIT}
+METHOD_ENUMS = {name: enum for enum, name in METHOD_NAMES.items() if name}
 SOURCES = {"generated": pb.RESULT_SOURCE_GENERATED, "retrieved": pb.RESULT_SOURCE_RETRIEVED}
 POLICIES = {"none": pb.DECISION_POLICY_NONE, "forced": pb.DECISION_POLICY_FORCED,
             "threshold": pb.DECISION_POLICY_THRESHOLD, "learned": pb.DECISION_POLICY_LEARNED}
