@@ -124,7 +124,7 @@ def test_preset_components_load_and_budget():
     manifest = read_manifest(PRESET)
     assert manifest["preset"] == "toy" and {"num_inference_steps", "guidance_scale"} <= set(manifest["defaults"])
     for name, entry in manifest["components"].items():
-        assert entry["training_command"].startswith(("python -m pigment.training.train_toy", "pigment train pmg"))
+        assert entry["training_command"].startswith(("python -m pigment.training.train_toy", "pigment train pmg", "pigment train reference"))
         assert "data_seed" in entry
         assert load_component(PRESET, name) is not None
     total = sum(p.stat().st_size for p in PRESET.rglob("*.safetensors"))
