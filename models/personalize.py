@@ -38,6 +38,7 @@ DEFAULT_SIGNAL_WEIGHTS: dict[str, float] = {
 }
 RATING_PRIOR_MEAN, RATING_PRIOR_COUNT = 3.0, 2.0  # a user's mean rating shrinks toward the scale's middle
 LLM_PRIOR = 1.0  # score of the keyword the LLM chose for an attribute, before any evidence
+UNBACKED_PICK = 0.25  # weight of a pick against the belief that neither the ratings nor a next pick back
 UNCERTAIN_MARGIN = 1.5  # an attribute whose best value leads the next by less is asked about (a pick: +2)
 
 # Flags reported back to the caller.
@@ -147,6 +148,7 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
         members = [(row, c) for row, r, c in zip(kept, rounds, centres) if r == rnd]
         ratings = [row.value for row, _ in members if row.kind == "rating"]
         pick = next((row for row, _ in members if row.kind == "pick"), None)
+        unbacked = None
         if change_drop > 0 and pick is not None:
             belief = {kw: (0.0 if all_reset or kw in reset else prior_scale * prior.get(kw, 0.0)) + v
                       for kw, v in ((k, scores.get(k, 0.0)) for k in _contrast(pick)[0] | _contrast(pick)[1])}
@@ -159,12 +161,15 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
                 for kw in _contrast(pick)[0] | _contrast(pick)[1]:
                     scores.pop(kw, None)
                     reset.add(kw)
+            elif against:  # nothing backs it (yet): maybe a random click, it counts for less until confirmed
+                unbacked = pick
             contradicted, fell = against, drop > 0
         for kw in scores:
             scores[kw] *= round_decay if rnd else 1.0
         prior_scale *= round_decay if rnd else 1.0
         for row, centre in members:
-            _add_row(scores, row, table, centre, decay(row.ts_ms, now_ms, half_life_s))
+            weight = UNBACKED_PICK if row is unbacked else 1.0
+            _add_row(scores, row, table, centre, weight * decay(row.ts_ms, now_ms, half_life_s))
         if ratings:
             best_before = max(best_before, max(ratings))
     clipped = {k: max(-cap, min(cap, v)) for k, v in scores.items() if abs(v) > 1e-9}
