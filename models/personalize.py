@@ -150,8 +150,8 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
         pick = next((row for row, _ in members if row.kind == "pick"), None)
         unbacked = None
         if change_drop > 0 and pick is not None:
-            belief = {kw: (0.0 if all_reset or kw in reset else prior_scale * prior.get(kw, 0.0)) + v
-                      for kw, v in ((k, scores.get(k, 0.0)) for k in _contrast(pick)[0] | _contrast(pick)[1])}
+            belief = {kw: (0.0 if all_reset or kw in reset else prior_scale * prior.get(kw, 0.0)) + scores.get(kw, 0.0)
+                      for kw in {*pick.keywords, *(k for other in pick.others for k in other)}}
             against = _contradicts(pick, belief)
             drop = best_before - max(ratings) if ratings else 0.0
             if drop >= change_drop or (drop > 0 and (against or fell)):
@@ -210,11 +210,11 @@ def _contrast(pick: FeedbackRow) -> tuple[set[str], set[str]]:
 
 
 def _contradicts(pick: FeedbackRow, belief: dict[str, float]) -> bool:
-    """The pick prefers what the belief ranked lower: a rejected keyword outscored every chosen one."""
-    chosen, rejected = _contrast(pick)
-    if not rejected:
-        return False
-    return max(belief[kw] for kw in rejected) > max((belief[kw] for kw in chosen), default=0.0)
+    """The pick prefers an image the belief ranked lower: for some image not chosen, the belief in what it
+    has and the chosen one lacks outweighs the belief in what the chosen one has and it lacks."""
+    chosen = set(pick.keywords)
+    return any(sum(belief[kw] for kw in set(other) - chosen) > sum(belief[kw] for kw in chosen - set(other))
+               for other in pick.others)
 
 
 def _rated_best(pick: FeedbackRow, members: Sequence[FeedbackRow]) -> bool:
