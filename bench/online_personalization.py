@@ -180,7 +180,8 @@ class Bench:
         for i, (im, s) in enumerate(zip(images, scores)):
             rating = int(np.clip(np.rint(1 + 4 * s / top + rng.normal(0, self.args.rating_noise)), 1, 5))
             body = json.dumps({"feedback_id": f"{tag}-rate{i}", "user_id": u.user_id,
-                               "generation_id": im["generation_id"], "kind": "rating", "value": float(rating)})
+                               "generation_id": im["generation_id"], "kind": "FEEDBACK_KIND_RATING",
+                               "value": float(rating)})  # proto JSON: the enum by name (v1 contract)
             req = urllib.request.Request(self.http_url, data=body.encode(), method="POST",
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=60) as resp:

@@ -38,6 +38,7 @@ DEFAULT_SIGNAL_WEIGHTS: dict[str, float] = {
 }
 RATING_PRIOR_MEAN, RATING_PRIOR_COUNT = 3.0, 2.0  # a user's mean rating shrinks toward the scale's middle
 LLM_PRIOR = 1.0  # score of the keyword the LLM chose for an attribute, before any evidence
+UNBACKED_PICK = 0.25  # weight of a pick against the belief that neither the ratings nor a next pick back
 UNCERTAIN_MARGIN = 1.5  # an attribute whose best value leads the next by less is asked about (a pick: +2)
 
 # Flags reported back to the caller.
@@ -78,7 +79,8 @@ class FeedbackEvidence:
     scores: dict[str, float]
     used: list[str]
     contradictions: list[str]
-    prior_scale: float = 1.0  # weight left to the history's prior: it is older than every round of feedback
+    prior_scale: float = 1.0  # weight left to the history's prior: 0 after a change point of the whole taste
+    reset: frozenset[str] = frozenset()  # keywords whose prior a change point dropped (what a pick overturned)
 
 
 def rating_mean(values: Iterable[float]) -> float:
@@ -108,12 +110,25 @@ def weigh_signals(signals: Sequence[Signal], table: dict[str, float], half_life_
 
 
 def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap: float,
-                      half_life_s: float = 0.0, now_ms: int = 0, round_decay: float = 1.0) -> FeedbackEvidence:
+                      half_life_s: float = 0.0, now_ms: int = 0, round_decay: float = 1.0,
+                      change_drop: float = 0.0, prior: dict[str, float] | None = None) -> FeedbackEvidence:
     """keyword -> summed evidence of ``rows`` (newest last). Per image, one opinion (like, dislike or
     rating): the latest; a like and a dislike of the same image is a contradiction, resolved by the latest.
-    Each pick counts once per chosen image (its latest). A pick closes a round of candidates: a row
-    weighs ``round_decay`` ** (picks made after it), so a taste that moved is followed within rounds
-    (wall-clock decay, ``half_life_s``, is separate and optional)."""
+    Each pick counts once per chosen image (its latest). A pick opens a round of feedback.
+
+    Old evidence is forgotten at a *change point*, not by age (``change_drop`` > 0 turns it on), so one
+    random pick among settled rounds is outvoted while a taste that moved is followed within two rounds.
+    A pick *contradicts* when it prefers keywords the belief so far (``prior``, the history's keyword
+    scores, plus the evidence) ranks lower; on the keywords the candidates differ on only. Then:
+    - the round's best rating also fell ``change_drop`` below the best of earlier rounds, or fell at all
+      while the pick contradicts (nothing shown fits as before: the taste moved on more than the asked
+      attribute) -> all earlier evidence and the whole prior are dropped;
+    - the ratings back the pick (chosen rated above every other image of the round), or the previous
+      pick contradicted too -> earlier evidence and prior are dropped for the keywords this pick was
+      about (a random click is not backed by the ratings, a moved taste is; picks without ratings need
+      two in a row).
+    ``round_decay`` < 1 additionally ages evidence per later pick; wall-clock decay (``half_life_s``) is
+    separate and optional."""
     latest: dict[tuple[str, str], FeedbackRow] = {}
     kinds_seen: dict[str, set[str]] = defaultdict(set)
     for row in sorted(rows, key=lambda r: r.ts_ms):
@@ -123,25 +138,90 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
         latest[(row.generation_id, family)] = row
     kept = sorted(latest.values(), key=lambda r: r.ts_ms)
     pick_times = sorted(r.ts_ms for r in kept if r.kind == "pick")
-    mean = rating_mean(r.value for r in kept if r.kind == "rating")
+    rounds = [bisect.bisect_right(pick_times, r.ts_ms) for r in kept]  # a pick opens a round
+    centres = _rating_centres(kept, rounds)
+    prior = prior or {}
     scores: dict[str, float] = defaultdict(float)
-    used = []
-    for row in kept:
-        newer_picks = len(pick_times) - bisect.bisect_right(pick_times, row.ts_ms)
-        d = decay(row.ts_ms, now_ms, half_life_s) * round_decay**newer_picks
-        if row.kind == "pick":
-            w = table.get("pick", 0.0) * d
-            _add(scores, row.keywords, w)
-            for other in row.others:
-                _add(scores, other, -w / max(1, len(row.others)))
-        elif row.kind == "rating":
-            _add(scores, row.keywords, table.get("rating", 0.0) * (row.value - mean) * d)
-        else:
-            _add(scores, row.keywords, table.get(row.kind, table.get("default", 0.0)) * d)
-        used.append(row.feedback_id)
+    reset: set[str] = set()
+    all_reset, contradicted, fell, best_before, prior_scale = False, False, False, -math.inf, 1.0
+    for rnd in range(max(rounds, default=-1) + 1):
+        members = [(row, c) for row, r, c in zip(kept, rounds, centres) if r == rnd]
+        ratings = [row.value for row, _ in members if row.kind == "rating"]
+        pick = next((row for row, _ in members if row.kind == "pick"), None)
+        unbacked = None
+        if change_drop > 0 and pick is not None:
+            belief = {kw: (0.0 if all_reset or kw in reset else prior_scale * prior.get(kw, 0.0)) + scores.get(kw, 0.0)
+                      for kw in {*pick.keywords, *(k for other in pick.others for k in other)}}
+            against = _contradicts(pick, belief)
+            drop = best_before - max(ratings) if ratings else 0.0
+            if drop >= change_drop or (drop > 0 and (against or fell)):
+                scores, all_reset, best_before = defaultdict(float), True, -math.inf
+                drop = 0.0
+            elif against and (_rated_best(pick, [row for row, _ in members]) or contradicted or fell):
+                for kw in _contrast(pick)[0] | _contrast(pick)[1]:
+                    scores.pop(kw, None)
+                    reset.add(kw)
+            elif against:  # nothing backs it (yet): maybe a random click, it counts for less until confirmed
+                unbacked = pick
+            contradicted, fell = against, drop > 0
+        for kw in scores:
+            scores[kw] *= round_decay if rnd else 1.0
+        prior_scale *= round_decay if rnd else 1.0
+        for row, centre in members:
+            weight = UNBACKED_PICK if row is unbacked else 1.0
+            _add_row(scores, row, table, centre, weight * decay(row.ts_ms, now_ms, half_life_s))
+        if ratings:
+            best_before = max(best_before, max(ratings))
     clipped = {k: max(-cap, min(cap, v)) for k, v in scores.items() if abs(v) > 1e-9}
     contradictions = sorted(g for g, signs in kinds_seen.items() if len(signs) > 1)
-    return FeedbackEvidence(clipped, sorted(used), contradictions, round_decay ** len(pick_times))
+    return FeedbackEvidence(clipped, sorted(r.feedback_id for r in kept), contradictions,
+                            0.0 if all_reset else prior_scale, frozenset(reset))
+
+
+def _rating_centres(kept: Sequence[FeedbackRow], rounds: Sequence[int]) -> list[float]:
+    """What each rating is compared with: the mean of its round's ratings when the round rated several
+    images (the candidates share most keywords; only what they differ on is rated, so a round rated low
+    as a whole says "not this" about no keyword in particular), else the user's own mean."""
+    mean = rating_mean(r.value for r in kept if r.kind == "rating")
+    per_round: dict[int, list[float]] = defaultdict(list)
+    for row, rnd in zip(kept, rounds):
+        if row.kind == "rating":
+            per_round[rnd].append(row.value)
+    return [sum(per_round[rnd]) / len(per_round[rnd]) if len(per_round[rnd]) > 1 else mean for rnd in rounds]
+
+
+def _add_row(scores: dict[str, float], row: FeedbackRow, table: dict[str, float], centre: float, d: float) -> None:
+    if row.kind == "pick":
+        w = table.get("pick", 0.0) * d
+        _add(scores, row.keywords, w)
+        for other in row.others:
+            _add(scores, other, -w / max(1, len(row.others)))
+    elif row.kind == "rating":
+        _add(scores, row.keywords, table.get("rating", 0.0) * (row.value - centre) * d)
+    else:
+        _add(scores, row.keywords, table.get(row.kind, table.get("default", 0.0)) * d)
+
+
+def _contrast(pick: FeedbackRow) -> tuple[set[str], set[str]]:
+    """(chosen-only, rejected-only) keywords: what the candidates differ on, what the pick answers."""
+    chosen = set(pick.keywords)
+    rejected = {kw for other in pick.others for kw in other}
+    return chosen - rejected, rejected - chosen
+
+
+def _contradicts(pick: FeedbackRow, belief: dict[str, float]) -> bool:
+    """The pick prefers an image the belief ranked lower: for some image not chosen, the belief in what it
+    has and the chosen one lacks outweighs the belief in what the chosen one has and it lacks."""
+    chosen = set(pick.keywords)
+    return any(sum(belief[kw] for kw in set(other) - chosen) > sum(belief[kw] for kw in chosen - set(other))
+               for other in pick.others)
+
+
+def _rated_best(pick: FeedbackRow, members: Sequence[FeedbackRow]) -> bool:
+    """The user's ratings agree with the pick: the chosen image rated above every other one of the round."""
+    chosen = [r.value for r in members if r.kind == "rating" and r.generation_id == pick.generation_id]
+    others = [r.value for r in members if r.kind == "rating" and r.generation_id != pick.generation_id]
+    return bool(chosen and others) and chosen[0] >= max(others) and chosen[0] > sum(others) / len(others)
 
 
 def _opinion_sign(row: FeedbackRow) -> float:
@@ -176,35 +256,52 @@ def history_evidence(weighted: Sequence[tuple[str, float]], vocab) -> dict[str, 
     return dict(out)
 
 
+def prior_scores(llm_keywords: Sequence[str], history: dict[str, float]) -> dict[str, float]:
+    """keyword -> what the history alone says (the LLM's choice plus the history evidence): the belief
+    that feedback is checked against for contradictions (``feedback_evidence`` ``prior``)."""
+    out = dict(history)
+    for kw in llm_keywords:
+        out[kw] = out.get(kw, 0.0) + LLM_PRIOR
+    return out
+
+
 def choose_keywords(llm_keywords: Sequence[str], vocab, target: str, history: dict[str, float],
-                    feedback: dict[str, float], max_keywords: int, prior_scale: float = 1.0) -> Choice:
-    """Combine the LLM's keywords and the history evidence (the prior, weighted ``prior_scale``: it ages
-    like the oldest round of feedback) with feedback evidence into the keywords to render."""
+                    feedback: dict[str, float], max_keywords: int, prior_scale: float = 1.0,
+                    reset: frozenset[str] = frozenset(), explore: FeedbackEvidence | None = None) -> Choice:
+    """Combine the LLM's keywords and the history evidence (the prior, weighted ``prior_scale``; dropped
+    for an attribute with a ``reset`` keyword: a change point overturned it) with feedback evidence into
+    the keywords to render."""
     if vocab.by_attribute:
-        return _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale)
-    return _choose_free(llm_keywords, feedback, max_keywords, prior_scale)
+        return _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale, reset, explore)
+    return _choose_free(llm_keywords, feedback, max_keywords, prior_scale, reset)
 
 
-def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.0) -> Choice:
+def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.0, reset=frozenset(),
+                  explore=None) -> Choice:
     named = vocab.attributes_named_in(target)
     from_llm = {vocab.attribute_of[k]: k for k in llm_keywords if k in vocab.attribute_of}
 
-    def pick(evidence: dict[str, float], scale: float) -> tuple[dict[str, str], list[tuple[float, str, list[str]]]]:
+    def pick(evidence: dict[str, float], scale: float, reset=reset,
+             keep: dict[str, str] | None = None) -> tuple[dict[str, str], list[tuple[float, str, list[str]]]]:
         best, margins = {}, []
         for attr, values in vocab.by_attribute.items():
             if attr in named:
                 continue
-            score = {kw: scale * ((LLM_PRIOR if from_llm.get(attr) == kw else 0.0) + history.get(kw, 0.0))
+            s = 0.0 if evidence and reset.intersection(values) else scale
+            score = {kw: s * ((LLM_PRIOR if from_llm.get(attr) == kw else 0.0) + history.get(kw, 0.0))
                      + evidence.get(kw, 0.0) for kw in values}
             ranked = sorted(values, key=lambda kw: (-score[kw], kw != from_llm.get(attr), values.index(kw)))
             # an attribute is rendered when the LLM named it or the evidence for a value is positive
             if attr in from_llm or score[ranked[0]] > 0:
                 best[attr] = ranked[0]
             gap = score[ranked[0]] - score[ranked[1]] if len(ranked) > 1 else math.inf
-            margins.append((gap, attr, ranked if attr not in best else ranked[1:]))
+            shown = (keep or best).get(attr)
+            margins.append((gap, attr, [kw for kw in ranked if kw != shown]))
         return best, margins
 
     best, margins = pick(feedback, prior_scale)
+    if explore is not None:
+        _, margins = pick(explore.scores, explore.prior_scale, explore.reset, keep=best)
     prior, _ = pick({}, 1.0)
     margins.sort(key=lambda m: m[0])  # least certain attribute first
     # Ask about the uncertain attributes (all of them, interleaved, next-best value first): one uncertain
@@ -220,8 +317,8 @@ def _ordered(vocab, chosen: dict[str, str]) -> list[str]:
     return [chosen[a] for a in vocab.by_attribute if a in chosen]
 
 
-def _choose_free(llm_keywords, feedback, max_keywords, prior_scale=1.0) -> Choice:
-    score = {kw: LLM_PRIOR * prior_scale for kw in llm_keywords}
+def _choose_free(llm_keywords, feedback, max_keywords, prior_scale=1.0, reset=frozenset()) -> Choice:
+    score = {kw: 0.0 if kw in reset else LLM_PRIOR * prior_scale for kw in llm_keywords}
     for kw, v in feedback.items():
         score[kw] = score.get(kw, 0.0) + v
     order = sorted((kw for kw, v in score.items() if v > 0), key=lambda kw: (-score[kw], kw not in llm_keywords))

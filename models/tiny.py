@@ -129,5 +129,10 @@ DEFAULT_PREFERENCE_CONFIG = {
     "signal_weights": None,
     "min_readable_fraction": 0.5,  # below this share of known tokens the history is not read (flagged)
     "feedback_evidence_cap": 4.0,  # |feedback evidence| per keyword saturates here
-    "feedback_round_decay": 0.4,  # feedback weighs this much less for every later pick (a taste may move)
+    # Forgetting (models/personalize.py feedback_evidence): at change points, not by age. A round whose best
+    # rating falls this many stars below earlier rounds' best (with a contradicting pick: any fall) or a
+    # contradicting pick the ratings back starts over; 0 turns change points off.
+    "feedback_change_drop": 1.0,
+    "feedback_round_decay": 1.0,  # < 1: feedback also weighs this much less for every later pick
+    "feedback_explore_decay": 0.3,  # the candidates to explore are planned on evidence aged this fast
 }

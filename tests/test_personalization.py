@@ -156,3 +156,43 @@ def _params(request_id: str, user: str):
     from pigment.services.gateway.core import GenerateParams
 
     return GenerateParams(request_id=request_id, user_id=user, prompt="a star", method="pmg_keywords")
+
+
+def _round(rows: list, n: int, shown: list[list[str]], pick: int, ratings: list[float]) -> None:
+    """One round of a simulated user: a pick among ``shown``, then a rating of each image."""
+    ts = 1_000 * (n + 1)
+    gids = [f"r{n}c{k}" for k in range(len(shown))]
+    rows.append(pz.FeedbackRow(f"r{n}-pick", gids[pick], "pick", 1.0, ts, shown[pick],
+                               [kws for k, kws in enumerate(shown) if k != pick]))
+    rows += [pz.FeedbackRow(f"r{n}-rate{k}", gids[k], "rating", v, ts + 1 + k, shown[k])
+             for k, v in enumerate(ratings)]
+
+
+def _best(rows: list) -> list[str]:
+    vocab = KeywordVocabulary(VOCAB)  # the history's guess: red on a dark background
+    ev = pz.feedback_evidence(rows, pz.DEFAULT_SIGNAL_WEIGHTS, 4.0, change_drop=1.0,
+                              prior=pz.prior_scores(["red", "dark background"], {}))
+    return pz.choose_keywords(["red", "dark background"], vocab, "a star", {}, ev.scores, 4, ev.prior_scale,
+                              ev.reset).keywords
+
+
+def test_one_random_pick_among_settled_rounds_is_outvoted():
+    rows: list = []
+    shown = [["red", "dark background"], ["blue", "dark background"], ["green", "dark background"]]
+    for n in range(2):  # two settled rounds: red, rated best
+        _round(rows, n, shown, 0, [5, 4, 4])
+    _round(rows, 2, shown, 2, [5, 4, 4])  # a random click on green; the ratings still say red
+    assert _best(rows) == ["red", "dark background"]
+
+
+def test_a_moved_taste_is_followed_at_the_change_point():
+    rows: list = []
+    shown = [["red", "dark background"], ["blue", "dark background"], ["green", "dark background"]]
+    for n in range(2):
+        _round(rows, n, shown, 0, [5, 4, 4])
+    _round(rows, 2, shown, 1, [4, 5, 4])  # blue now, and the ratings back the pick: a change point
+    assert _best(rows) == ["blue", "dark background"]
+    rows = rows[:8]
+    _round(rows, 2, [["red", "dark background"], ["red", "light background"], ["blue", "dark background"]],
+           1, [2, 3, 2])  # best rating fell from 5 to 3: the whole taste is in question, the history's too
+    assert _best(rows) == ["red", "light background"]

@@ -116,13 +116,23 @@ class PreferenceCore:
             captions, weighted = [], []
         with self._lock:
             base = encoder.encode(captions, target=target, method=method)
-            evidence = pz.feedback_evidence(feedback, table, float(cfg.get("feedback_evidence_cap", 4.0)),
-                                            half_life_s, now_ms, float(cfg.get("feedback_round_decay", 1.0)))
+            hist = pz.history_evidence(weighted, encoder.vocab) if encoder.vocab.by_attribute else {}
+
+            def evidence_for(round_decay: float):
+                return pz.feedback_evidence(feedback, table, float(cfg.get("feedback_evidence_cap", 4.0)),
+                                            half_life_s, now_ms, round_decay,
+                                            float(cfg.get("feedback_change_drop", 0.0)),
+                                            pz.prior_scores(base.keywords, hist))
+
+            evidence = evidence_for(float(cfg.get("feedback_round_decay", 1.0)))
             keywords, explored, changed = base.keywords, "", False
             if method in ("pmg", "pmg_keywords"):
-                hist = pz.history_evidence(weighted, encoder.vocab) if encoder.vocab.by_attribute else {}
+                # what to ask next is planned on fast-forgetting evidence (a taste that may have moved is
+                # re-tested), what to show as the best guess on the steady one (a random pick is outvoted)
+                fast = float(cfg.get("feedback_explore_decay", 0.0))
                 choice = pz.choose_keywords(base.keywords, encoder.vocab, target, hist, evidence.scores,
-                                            int(cfg["max_keywords"]), evidence.prior_scale)
+                                            int(cfg["max_keywords"]), evidence.prior_scale, evidence.reset,
+                                            evidence_for(fast) if fast and feedback else None)
                 keywords, changed = encoder.vocab.validate(choice.keywords, target)[0], choice.changed_by_feedback
                 if candidate > 0:
                     keywords, explored = self._variant(encoder, choice, keywords, captions, target, candidate,
