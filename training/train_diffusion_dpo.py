@@ -345,29 +345,40 @@ def make_toy_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, ca
 
 
 def run(args) -> int:
-    cfg = DiffusionDPOConfig.load(args.config, preset=args.preset, out=args.out, steps=args.steps, pairs=args.pairs)
+    return run_dpo(args, DiffusionDPOConfig, DiffusionDPOTrainer, make_toy_pairs, read_image_pairs, "diffusion-dpo")
+
+
+def run_dpo(args, config_cls, trainer_cls, make_pairs, read_pairs, label: str) -> int:
+    """The `pigment train` entry shared by the Diffusion-DPO family (diffusion-dpo, patchdpo)."""
+    cfg = config_cls.load(args.config, preset=args.preset, out=args.out, steps=args.steps, pairs=args.pairs)
     if not cfg.pairs:
         raise SystemExit("give --pairs FILE (or `pairs:` in the config)")
     if args.make_pairs:
-        recs = make_toy_pairs(cfg.preset, cfg.pairs, cases=args.make_pairs, candidates=args.candidates, seed=cfg.seed)
+        recs = make_pairs(cfg.preset, cfg.pairs, cases=args.make_pairs, candidates=args.candidates, seed=cfg.seed)
         print(f"wrote {len(recs)} pairs to {cfg.pairs}")
-    trainer = DiffusionDPOTrainer(cfg)
-    trainer.prepare(read_image_pairs(cfg.pairs))
+    trainer = trainer_cls(cfg)
+    trainer.prepare(read_pairs(cfg.pairs))
     m = trainer.train()
-    print(f"diffusion-dpo: {m['steps']} steps in {m['seconds']}s, loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}, "
+    print(f"{label}: {m['steps']} steps in {m['seconds']}s, loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}, "
           f"implicit accuracy {m['implicit_accuracy_first']:.2f} -> {m['implicit_accuracy_last']:.2f}; "
           f"LoRA in {m['adapter']}")
     return 0
 
 
 def register(train_sub) -> None:
-    p = train_sub.add_parser("diffusion-dpo", help="Diffusion-DPO on a UNet LoRA from chosen/rejected image pairs")
-    p.add_argument("--config", default=None, help="YAML with DiffusionDPOConfig fields")
-    p.add_argument("--pairs", default=None, help="pairs JSONL (content, keywords, chosen/rejected image)")
+    register_dpo(train_sub, "diffusion-dpo", "Diffusion-DPO on a UNet LoRA from chosen/rejected image pairs",
+                 "DiffusionDPOConfig", "pairs JSONL (content, keywords, chosen/rejected image)",
+                 "first write N automatic toy-world pairs to --pairs (CLIP-to-history best vs worst)", run)
+
+
+def register_dpo(train_sub, name: str, help: str, config_name: str, pairs_help: str, make_pairs_help: str,
+                 run_fn) -> None:
+    p = train_sub.add_parser(name, help=help)
+    p.add_argument("--config", default=None, help=f"YAML with {config_name} fields")
+    p.add_argument("--pairs", default=None, help=pairs_help)
     p.add_argument("--preset", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--make-pairs", type=int, default=0, metavar="N",
-                   help="first write N automatic toy-world pairs to --pairs (CLIP-to-history best vs worst)")
+    p.add_argument("--make-pairs", type=int, default=0, metavar="N", help=make_pairs_help)
     p.add_argument("--candidates", type=int, default=4, help="with --make-pairs: images rendered per case")
-    p.set_defaults(func=lambda args, settings: run(args))
+    p.set_defaults(func=lambda args, settings: run_fn(args))

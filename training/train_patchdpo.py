@@ -35,7 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pigment.training.train_diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer, ImagePair
+from pigment.training.train_diffusion_dpo import (
+    DiffusionDPOConfig,
+    DiffusionDPOTrainer,
+    ImagePair,
+    register_dpo,
+    run_dpo,
+)
 from PIL import Image
 from tqdm import tqdm
 
@@ -206,29 +212,10 @@ def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, 
 
 
 def run(args) -> int:
-    cfg = PatchDPOConfig.load(args.config, preset=args.preset, out=args.out, steps=args.steps, pairs=args.pairs)
-    if not cfg.pairs:
-        raise SystemExit("give --pairs FILE (or `pairs:` in the config)")
-    if args.make_pairs:
-        recs = make_patch_pairs(cfg.preset, cfg.pairs, cases=args.make_pairs, candidates=args.candidates, seed=cfg.seed)
-        print(f"wrote {len(recs)} pairs to {cfg.pairs}")
-    trainer = PatchDPOTrainer(cfg)
-    trainer.prepare(read_patch_pairs(cfg.pairs))
-    m = trainer.train()
-    print(f"patchdpo: {m['steps']} steps in {m['seconds']}s, loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}, "
-          f"implicit accuracy {m['implicit_accuracy_first']:.2f} -> {m['implicit_accuracy_last']:.2f}; "
-          f"LoRA in {m['adapter']}")
-    return 0
+    return run_dpo(args, PatchDPOConfig, PatchDPOTrainer, make_patch_pairs, read_patch_pairs, "patchdpo")
 
 
 def register(train_sub) -> None:
-    p = train_sub.add_parser("patchdpo", help="PatchDPO: patch-weighted Diffusion-DPO for reference-image generation")
-    p.add_argument("--config", default=None, help="YAML with PatchDPOConfig fields")
-    p.add_argument("--pairs", default=None, help="pairs JSONL (prompt, reference, chosen/rejected + patch quality)")
-    p.add_argument("--preset", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--make-pairs", type=int, default=0, metavar="N",
-                   help="first write N toy-world pairs to --pairs (training subjects, CLIP patch quality)")
-    p.add_argument("--candidates", type=int, default=4, help="with --make-pairs: images rendered per case")
-    p.set_defaults(func=lambda args, settings: run(args))
+    register_dpo(train_sub, "patchdpo", "PatchDPO: patch-weighted Diffusion-DPO for reference-image generation",
+                 "PatchDPOConfig", "pairs JSONL (prompt, reference, chosen/rejected + patch quality)",
+                 "first write N toy-world pairs to --pairs (training subjects, CLIP patch quality)", run)
