@@ -28,21 +28,10 @@ class ClipEmbedder:
         files = read_manifest(preset_dir)["components"]["clip"]["files"]
         # The embedding space is identified by the weights: a new CLIP means a new index.
         self.model_id = "clip-" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-        pre = component_dir(preset_dir, "clip") / "preprocessor_config.json"
-        cfg = json.loads(pre.read_text()) if pre.is_file() else {}
-        self.mean = np.asarray(cfg.get("image_mean", CLIP_MEAN), dtype=np.float32)
-        self.std = np.asarray(cfg.get("image_std", CLIP_STD), dtype=np.float32)
+        self.mean, self.std = clip_normalisation(preset_dir, "clip")
 
     def _pixels(self, images: Sequence[Image.Image | bytes | np.ndarray]) -> torch.Tensor:
-        arrays = []
-        for img in images:
-            if isinstance(img, bytes):
-                img = Image.open(io.BytesIO(img))
-            if isinstance(img, np.ndarray):
-                img = Image.fromarray(img)
-            img = img.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-            arrays.append((np.asarray(img, dtype=np.float32) / 255.0 - self.mean) / self.std)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
+        return clip_pixels(images, self.size, self.mean, self.std, self.device)
 
     @staticmethod
     def _normalise(x) -> np.ndarray:
@@ -60,3 +49,25 @@ class ClipEmbedder:
                                max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
         return self._normalise(self.model.get_text_features(input_ids=batch.input_ids,
                                                             attention_mask=batch.attention_mask))
+
+
+def clip_normalisation(preset_dir: Path, component: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of a CLIP vision component's preprocessor config (CLIP's own when it has none)."""
+    pre = component_dir(preset_dir, component) / "preprocessor_config.json"
+    cfg = json.loads(pre.read_text()) if pre.is_file() else {}
+    return (np.asarray(cfg.get("image_mean", CLIP_MEAN), dtype=np.float32),
+            np.asarray(cfg.get("image_std", CLIP_STD), dtype=np.float32))
+
+
+def clip_pixels(images: Sequence[Image.Image | bytes | np.ndarray], size: int, mean: np.ndarray, std: np.ndarray,
+                device) -> torch.Tensor:
+    """Images (PIL, PNG/JPEG bytes or HxWx3 uint8) -> CLIP's normalised [N, 3, size, size] pixel values."""
+    arrays = []
+    for img in images:
+        if isinstance(img, bytes):
+            img = Image.open(io.BytesIO(img))
+        if isinstance(img, np.ndarray):
+            img = Image.fromarray(img)
+        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+        arrays.append((np.asarray(img, dtype=np.float32) / 255.0 - mean) / std)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)

@@ -11,14 +11,14 @@ UNet stays untouched and any preset that ships a projector can serve references.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from pigment.models.loader import component_dir, has_component, load_component
+from pigment.models.clip_embedder import clip_normalisation, clip_pixels
+from pigment.models.loader import has_component, load_component
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -26,8 +26,6 @@ from torch import nn
 PROJECTOR = "reference_projector"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ReferenceProjector(nn.Module):
@@ -93,25 +91,14 @@ class ImagePatches:
         self.size = int(self.tower.config.image_size)
         self.dim = int(self.tower.config.hidden_size)
         self.patch = int(self.tower.config.patch_size)
-        pre = component_dir(preset_dir, component) / "preprocessor_config.json"
-        cfg = json.loads(pre.read_text()) if pre.is_file() else {}
-        self.mean = np.asarray(cfg.get("image_mean", CLIP_MEAN), dtype=np.float32)
-        self.std = np.asarray(cfg.get("image_std", CLIP_STD), dtype=np.float32)
+        self.mean, self.std = clip_normalisation(preset_dir, component)
 
     @property
     def grid(self) -> int:
         return self.size // self.patch
 
     def pixels(self, images: Sequence[Image.Image | bytes | np.ndarray]) -> torch.Tensor:
-        arrays = []
-        for img in images:
-            if isinstance(img, bytes):
-                img = Image.open(io.BytesIO(img))
-            if isinstance(img, np.ndarray):
-                img = Image.fromarray(img)
-            img = img.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-            arrays.append((np.asarray(img, dtype=np.float32) / 255.0 - self.mean) / self.std)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
+        return clip_pixels(images, self.size, self.mean, self.std, self.device)
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image | bytes | np.ndarray], batch_size: int = 256,
