@@ -1,56 +1,47 @@
 #!/usr/bin/env bash
-# GPU measurements, ready for a lent GPU (none was lent when this was written: nothing is claimed yet).
-# Builds the sd15-architecture preset (random weights, nothing downloaded), then per backend -- torch fp16
-# eager, torch.compile, ONNX Runtime CUDA (fp16), TensorRT (fp16) -- times one UNet call at batch 1 and 8
-# (x2 for guidance), 512x512, and writes JSON with the device name to $OUT (default bench/out/gpu.json).
-#   bash bench/gpu.sh [PRESET_DIR]
-set -euo pipefail
+# The GPU measurements in one run, on a machine whose python3 has CUDA torch but not pigment's other packages
+# (the lent H200: Python 3.12, no package registry). Wheels for the missing packages travel in .whl/ (git-ignored
+# via .git/info/exclude), fetched here with: pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 (and the older manylinux tags) -d .whl diffusers faiss-cpu grpcio protobuf
+# celery sqlalchemy fastapi ... (the venv's packages the device lacks: 49 wheels, 47 MB); pigment itself goes on
+# PYTHONPATH in pyproject's package-dir layout.
+#   OUT=/some/dir bash bench/gpu.sh
+# Writes $OUT/gpu.json (bench/gpu.py: UNet per backend, the worker's Renderer, a request end to end through
+# gRPC + a worker on the GPU, exact top-10 at 1M on the GPU) and, in the background on the CPU cores,
+# $OUT/retrieval-many-1m.json (bench/retrieval.py: the many-clusters catalog at 1M, HNSW, --threads).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-PRESET=${1:-/tmp/pigment-sd15}
-OUT=${OUT:-bench/out/gpu.json}
-mkdir -p "$(dirname "$OUT")"
-[ -f "$PRESET/manifest.json" ] || "$PY" -m pigment.services.cli models build --arch sd15 --dir "$PRESET"
-"$PY" - "$PRESET" "$OUT" <<'PYEOF'
-import json, sys, time, traceback
-import torch
-from pigment.models.loader import load_component
-from pigment.models.backends import load_unet_backend
+OUT=${OUT:-bench/out}
+THREADS=${THREADS:-10}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
+mkdir -p /tmp/pkg/pigment
+for f in protos/pigment/*; do ln -sfn "$PWD/$f" /tmp/pkg/pigment/; done
+for d in services models training migrations; do ln -sfn "$PWD/$d" /tmp/pkg/pigment/$d; done
+export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers, transformers, faiss; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'transformers', transformers.__version__, 'faiss', faiss.__version__)" || exit 1
 
-preset, out = sys.argv[1], sys.argv[2]
-assert torch.cuda.is_available(), "no CUDA device"
-unet = load_component(preset, "unet").to("cuda", torch.float16)
-result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "size": 512,
-          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
-configs = [("torch", {}), ("torch", {"compile": True}), ("onnxruntime", {}), ("tensorrt", {})]
-for backend, options in configs:
-    name = backend + ("+compile" if options.get("compile") else "")
-    try:
-        t0 = time.perf_counter()
-        runner = load_unet_backend(backend, unet, cache_dir=f"{preset}/.engines", device="cuda", precision="fp16",
-                                   **options)
-        load_s = time.perf_counter() - t0
-        for batch in (1, 8):
-            n = 2 * batch  # classifier-free guidance doubles the UNet batch
-            x = torch.randn(n, 4, 64, 64, device="cuda", dtype=torch.float16)
-            ehs = torch.randn(n, 77, 768, device="cuda", dtype=torch.float16)
-            for _ in range(3):  # warm-up (compile, autotune)
-                runner(x, 500, encoder_hidden_states=ehs, return_dict=False)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(10):
-                runner(x, 500, encoder_hidden_states=ehs, return_dict=False)
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t) / 10 * 1000
-            result["runs"].append({"backend": name, "batch": batch, "unet_batch": n, "unet_call_ms": round(ms, 2),
-                                   "load_s": round(load_s, 1),
-                                   "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
-            print(result["runs"][-1], flush=True)
-        runner.close()
-    except Exception as exc:  # a backend that cannot run here is recorded, the others still measured
-        result["runs"].append({"backend": name, "error": f"{type(exc).__name__}: {exc}",
-                               "traceback": traceback.format_exc(limit=3)})
-        print(result["runs"][-1], flush=True)
-json.dump(result, open(out, "w"), indent=2)
-print("wrote", out)
-PYEOF
+# CPU-side: the many-clusters catalog at 1M with an HNSW graph on $THREADS cores (issue 22's build-time question)
+python3 bench/retrieval.py --data many-clusters --n 1000000 --kind hnsw --threads "$THREADS" \
+  --out "$OUT/retrieval-many-1m.json" > "$OUT/retrieval.log" 2>&1 &
+RETRIEVAL=$!
+
+PRESET=${PRESET:-/tmp/sd15}
+t=$(date +%s)
+[ -f "$PRESET/manifest.json" ] || python3 -m pigment.services.cli models build --arch sd15 --dir "$PRESET" \
+  --dtype fp16 2>&1 | grep -v Writing | tail -2
+echo "preset built in $(( $(date +%s) - t )) s"
+python3 bench/gpu.py --preset "$PRESET" --out "$OUT/gpu.json" ${GPU_ARGS:-}
+
+# the suite's GPU tests (fp16 backends against torch fp32), here where CUDA is
+timeout 180 python3 -m pytest -q -m gpu tests/test_backends.py -p no:cacheprovider -rs 2>&1 | tail -25 \
+  | tee "$OUT/pytest-gpu.log"
+
+echo "waiting for the retrieval run (pid $RETRIEVAL) ..."
+wait $RETRIEVAL; echo "retrieval exit $?"
+tail -20 "$OUT/retrieval.log"

@@ -111,8 +111,9 @@ def ratios(backends: list[dict]) -> dict:
             for name, b in ok.items() if name != "torch"}
 
 
-def serve_once(preset: str, steps: int, broker: str | None) -> dict:
-    """One request through gRPC, the gateway, the queue and a real worker."""
+def serve_once(preset: str, steps: int, broker: str | None, **overrides) -> dict:
+    """One request through gRPC, the gateway, the queue and a real worker (``overrides``: more Settings, e.g.
+    ``render_device="cuda"``)."""
     import grpc
 
     from pigment.services.common.settings import Settings
@@ -124,7 +125,7 @@ def serve_once(preset: str, steps: int, broker: str | None) -> dict:
     data = Path(tempfile.mkdtemp(prefix="realsize-"))
     extra = {"broker_url": broker} if broker else {}
     settings = Settings(data_dir=data, preset=preset, render_timeout_s=1800, render_queue=f"render.realsize.{time.time_ns()}",
-                        **extra)
+                        **extra, **overrides)
     upgrade(settings.database_url)
     t0 = time.perf_counter()
     stack = Stack(settings)

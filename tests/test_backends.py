@@ -267,6 +267,15 @@ def test_silent_cpu_fallback_is_refused(ort_runner, cache_dir, monkeypatch):
 @pytest.mark.parametrize("name", ["onnxruntime", "tensorrt", "torch"])
 @pytest.mark.parametrize("batch,hw,seq", [(2, (8, 8), 16), (1, (16, 12), 77)])
 def test_gpu_fp16_backends_match_torch(unet, tmp_path, name, batch, hw, seq):
+    # ONNX Runtime's CUDA EP and TensorRT are the optional `gpu` extra: a CUDA machine without them skips
+    # (seen on the lent H200, 2026-12-04); anything else that goes wrong still fails.
+    if name == "tensorrt":
+        pytest.importorskip("tensorrt", reason="the gpu extra (tensorrt) is not installed")
+    if name == "onnxruntime":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            pytest.skip("the gpu extra (onnxruntime-gpu) is not installed: no CUDAExecutionProvider")
     runner = load_unet_backend(
         name, unet, cache_dir=tmp_path, device="cuda", precision="fp16", profile=PROFILE
     )

@@ -18,7 +18,10 @@ class TorchUNetRunner(UNetRunner):
     def __init__(self, unet: torch.nn.Module, *, compile: bool = False, **kw: Any) -> None:
         super().__init__(unet.config, **kw)
         self.unet = unet
-        self._forward = torch.compile(unet, dynamic=True) if compile else unet
+        # Static shapes: on the lent H200 (torch 2.11, 2026-12-04) dynamic=True had not finished compiling the
+        # SD 1.5 UNet after 5 minutes; static compiled in 79 s and ran 1.8x eager (bench/RESULTS.md, "GPU").
+        # Each new batch size compiles once more (the gateway's micro-batches are at most render_max_batch).
+        self._forward = torch.compile(unet, dynamic=False) if compile else unet
 
     def _run(
         self, sample: torch.Tensor, timesteps: torch.Tensor, ehs: torch.Tensor

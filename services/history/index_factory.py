@@ -20,6 +20,7 @@ measures exactly what production runs.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from pigment.services.history.index_pq import RerankedIVF
 FLAT, IVF, IVFPQ, HNSW = "flat", "ivf", "ivfpq", "hnsw"
 KINDS = (FLAT, IVF, IVFPQ, HNSW)
 ADD_CHUNK = 100_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -388,12 +391,16 @@ def build_index(
     n, dim = len(rows), vectors.shape[1]
     index = new_index(kind or size_kind(n, config), dim, n, config)
     train_index(index, vectors, config, rows)
+    t0 = time.perf_counter()
     for start in range(0, n, ADD_CHUNK):
         chunk = rows[start : start + ADD_CHUNK]
         index.add_with_ids(
             np.ascontiguousarray(vectors[chunk], dtype=np.float32),
             np.ascontiguousarray(ids[chunk], dtype=np.int64),
         )
+        if n > ADD_CHUNK:  # large builds (an HNSW graph at 1M: minutes) say how far they are
+            log.info("index build (%s): %d/%d vectors added, %.0f s", index_kind(index), start + len(chunk), n,
+                     time.perf_counter() - t0)
     return index
 
 
