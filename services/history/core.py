@@ -310,11 +310,15 @@ class HistoryCore:
     def claim_reference(self, digest: str, user_id: str, image_uri: str) -> None:
         """Record that the user (and its tenant) uploaded the reference image ``digest``; before the bytes are
         stored, so no stored reference is ever without an owner DeleteUser can find."""
-        with transaction(self.sessions) as s:
-            user = _visible_user(s, user_id, None)
-            if s.get(ReferenceImage, (digest, user_id)) is None:
-                s.add(ReferenceImage(digest=digest, user_id=user_id, tenant=user.tenant, image_uri=image_uri))
-        # (a concurrent claim of the same pair fails the request's transaction: the client's retry replays)
+        try:
+            with transaction(self.sessions) as s:
+                user = _visible_user(s, user_id, None)
+                if s.get(ReferenceImage, (digest, user_id)) is None:
+                    s.add(ReferenceImage(digest=digest, user_id=user_id, tenant=user.tenant, image_uri=image_uri))
+        except IntegrityError:  # the same user's concurrent request with the same image claimed it first
+            with transaction(self.sessions) as s:
+                if s.get(ReferenceImage, (digest, user_id)) is None:
+                    raise
 
     def reference_uri(self, digest: str, user_id: str) -> str:
         """The stored reference image ``digest`` if the user or a user of its tenant uploaded it; another
