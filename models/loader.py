@@ -253,11 +253,15 @@ def sampler_defaults(preset_dir: str | Path) -> dict[str, Any]:
 
 def derived_defaults(preset_dir: str | Path, components: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Sampler defaults read off a checkpoint's own configs: the UNet's native size (sample_size times the
-    VAE's downscale), diffusers' StableDiffusionPipeline steps and guidance (50, 7.5), fp32."""
+    VAE's downscale), diffusers' pipeline steps and guidance (50, and 7.5 for StableDiffusionPipeline or 5.0
+    for StableDiffusionXLPipeline: an SDXL UNet is told by its config, addition_embed_type "text_time",
+    not by a name), fp32."""
     out: dict[str, Any] = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images": 1, "dtype": "fp32"}
     unet, vae = components.get("unet"), components.get("vae")
+    ucfg = json.loads((Path(preset_dir) / unet["path"] / "config.json").read_text()) if unet else {}
+    if ucfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text embeds + size/crop time ids
+        out["guidance_scale"] = 5.0
     if unet and vae:
-        ucfg = json.loads((Path(preset_dir) / unet["path"] / "config.json").read_text())
         vcfg = json.loads((Path(preset_dir) / vae["path"] / "config.json").read_text())
         sample = ucfg.get("sample_size", 64)
         sample = sample if isinstance(sample, int) else max(sample)

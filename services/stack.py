@@ -346,7 +346,9 @@ class Stack:
 
         readiness, interval = self.readiness(), self.settings.heartbeat_interval_s
         loops = [Periodic("readiness", lambda: set_readiness(health, names, readiness.problems()), interval),
-                 Periodic("reaper", self.gateway.reaper.sweep, self.settings.reaper_interval_s)]
+                 # an unmigrated database has nothing to sweep: readiness says so, once, instead
+                 Periodic("reaper", lambda: readiness.schema_ok and self.gateway.reaper.sweep(),
+                          self.settings.reaper_interval_s)]
         set_readiness(health, names, ["starting: readiness not checked yet"])
 
         def run() -> None:

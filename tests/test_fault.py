@@ -235,6 +235,35 @@ def test_readiness_reports_unreachable_database_and_broker(tmp_path, tiny_preset
         server.stop(0)
 
 
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def test_readiness_says_once_that_the_schema_is_not_migrated(tmp_path, tiny_preset, caplog, request, db):
+    """A server on an unmigrated database: NOT_SERVING with one clear line, not a "no such table: worker_beats"
+    traceback from the readiness and reaper loops each pass; once migrated it goes on to the worker check."""
+    import logging
+
+    from pigment.services.stack import Stack
+    from pigment.services.store.migrate import upgrade
+
+    url = {"database_url": request.getfixturevalue("pg_database")()} if db == "postgresql" else {}
+    settings = make_settings(tmp_path, tiny_preset, **FAST, **url)
+    stack = Stack(settings)
+    caplog.set_level(logging.WARNING, logger="pigment")
+    server, port = stack.server(port=0)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait_for(lambda: any("not migrated" in r.getMessage() for r in caplog.records), 10, "the schema line")
+            time.sleep(4 * FAST["reaper_interval_s"])  # several passes of both loops
+            assert health(channel) == NOT_SERVING
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("not migrated" in m for m in said) == 1 and "pigment db upgrade" in "".join(said), said
+        assert not any(r.exc_info or "no such table" in r.getMessage() for r in caplog.records), said
+        upgrade(settings.database_url)
+        assert any("no live worker" in p for p in stack.readiness().problems())
+    finally:
+        server.stop(0)
+
+
 def p50(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 

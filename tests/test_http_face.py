@@ -397,6 +397,47 @@ def test_openapi_cors_body_cap_and_timeout(face):
     assert stack is not None
 
 
+def test_overload_is_a_status_body_with_a_retry_hint(face):
+    """Past 4 x max_concurrent_rpcs requests in flight the face answers 503 with the google.rpc.Status body of
+    every other error (uvicorn's own limit answered plain text), and recovers once they end."""
+    import socket
+    import time
+
+    from pigment.services.gateway.http import HTTPServer
+
+    base, key = face["http"].ctx, face["keys"]["a"]
+    busy = base.settings.model_copy(update={"max_concurrent_rpcs": 1, "http_request_timeout_s": 30})
+    other = HTTPServer(dataclasses.replace(base, settings=busy)).start()
+    held = []
+    try:
+        for _ in range(4):  # each waits for a body that never comes: in flight until its socket closes
+            conn = socket.create_connection((other.host, other.port))
+            conn.sendall(f"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            held.append(conn)
+        deadline = time.monotonic() + 20
+        while (answer := http(f"{other.url}/v1/users", key=key))[0] != 503:
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.05)
+        _, headers, raw = answer
+        err = json.loads(raw)
+        assert err["code"] == code_pb2.RESOURCE_EXHAUSTED and "in flight" in err["message"]
+        kinds = {d["@type"].rsplit(".", 1)[1]: d for d in err["details"]}
+        assert kinds["ErrorInfo"]["reason"] == "SERVER_BUSY" and kinds["RetryInfo"]["retryDelay"] == "1s"
+        assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+        assert http(f"{other.url}/healthz")[0] == 200  # probes are never refused
+    finally:
+        for conn in held:
+            conn.close()
+    try:
+        deadline = time.monotonic() + 20
+        while (answer := http(f"{other.url}/v1/users", key=key))[0] != 200:
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.05)
+    finally:
+        other.stop()
+
+
 def test_edit_and_references_over_http_say_why_on_a_preset_without_them(face):
     """The tiny preset has no keyword vocabulary and no reference projector: both features answer
     FAILED_PRECONDITION with their reason over HTTP, as over gRPC (a real edit over HTTP: test_llmga.py)."""

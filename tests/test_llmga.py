@@ -420,6 +420,33 @@ def test_edit_and_references_over_http(toy_stack, probe):
         face.stop()
 
 
+def test_generations_carry_written_prompt_edit_plan_and_references(toy_stack):
+    """GetGeneration / ListGenerations say what was stored: the written prompt, an edit's plan and source, and
+    the references (canonical names, never storage URIs)."""
+    import hashlib
+
+    _, stub = toy_stack
+    upload = _item_png("a small green circle on a light background")
+    src = stub.GeneratePersonalized(gpb.GenerateRequest(
+        request_id="gen-fields", user_id="bob", prompt="a star", method=gpb.METHOD_LLMGA, num_images=1,
+        retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY,
+        references=[gpb.ReferenceImage(item_id="item-0"), gpb.ReferenceImage(image=upload)]), timeout=180)
+    gid = src.images[0].generation_id
+    edit = stub.EditImage(gpb.EditImageRequest(request_id="gen-fields-edit", user_id="bob", generation_id=gid,
+                                               instruction="make the background light"), timeout=180)
+    eid = edit.result.images[0].generation_id
+    got = stub.GetGeneration(gpb.GetGenerationRequest(generation_id=gid)).generation
+    digest = hashlib.sha256(upload).hexdigest()
+    assert got.written_prompt == src.conditioning.written_prompt and "star" in got.written_prompt
+    assert list(got.references) == ["item:item-0", "image:" + digest] and not got.HasField("edit")
+    listed = {g.generation_id: g for g in stub.ListGenerations(gpb.ListGenerationsRequest(user_id="bob")).generations}
+    e = listed[eid]
+    assert (e.edit.attribute, e.edit.value, e.edit.region) == ("background", "light background", "background")
+    assert e.edit.strength > 0 and e.source_generation_id == gid and e.prompt == "make the background light"
+    assert e.written_prompt == edit.result.conditioning.written_prompt and not e.references
+    assert list(listed[gid].references) == list(got.references)
+
+
 def test_deleting_the_user_deletes_edit_sources(toy_stack):
     stack, _ = toy_stack
     with stack.sessions() as s:

@@ -53,6 +53,18 @@ def test_manifest_cli_derives_the_native_size_and_refuses_bad_input(tiny_preset,
         loader.write_manifest(preset, {})
 
 
+def test_derived_guidance_follows_the_unet_config_not_a_name(tmp_path):
+    """diffusers' defaults: 7.5 for an SD UNet, 5.0 for an SDXL one (addition_embed_type "text_time")."""
+    components = {"unet": {"path": "unet"}, "vae": {"path": "vae"}}
+    for name, extra, guidance in (("sd-xl-named", {}, 7.5), ("plain", {"addition_embed_type": "text_time"}, 5.0)):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "vae").mkdir()
+        (tmp_path / name / "unet" / "config.json").write_text(json.dumps({"sample_size": 128, **extra}))
+        (tmp_path / name / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2, 3, 4]}))
+        d = loader.derived_defaults(tmp_path / name, components)
+        assert (d["guidance_scale"], d["height"], d["num_inference_steps"]) == (guidance, 1024, 50), name
+
+
 def gateway(settings, defaults, limits=None):
     from pigment.services.gateway.core import GatewayCore, GenerateParams
 

@@ -140,8 +140,8 @@ def ref_stack(tmp_path_factory, ref_preset):
         yield stack, channel, star
 
 
-def _request(request_id, refs=(), **kw):
-    return gpb.GenerateRequest(request_id=request_id, user_id="alice", prompt="a large shape on a light background",
+def _request(request_id, refs=(), user_id="alice", **kw):
+    return gpb.GenerateRequest(request_id=request_id, user_id=user_id, prompt="a large shape on a light background",
                                num_images=1, num_inference_steps=3, seed=5, method=gpb.METHOD_NON_PERSONALIZED,
                                retrieval=gpb.RETRIEVAL_MODE_GENERATE_ONLY, references=list(refs), **kw)
 
@@ -211,3 +211,37 @@ def test_subject_protocol_shape_and_scoring():
     copied = [{**c.subject.attrs, "background": "x", "size": c.prompted["size"]} for c in cases]
     assert ts.fidelity(cases, perfect)["subject_fidelity"] == 1.0 == ts.fidelity(cases, perfect)["prompt_fidelity"]
     assert ts.fidelity(cases, copied)["prompt_fidelity"] == 0.5 and ts.fidelity(cases, copied)["prompt_joint"] == 0.0
+
+
+def test_delete_user_removes_its_reference_images(ref_stack):
+    """Raw-byte references are tied to the uploader: DeleteUser removes its rows, and each file once no other
+    user's row names the same content; a digest is usable only by the uploader's tenant."""
+    from pigment.services.common.errors import NotFound
+    from pigment.services.store.tables import ReferenceImage
+    from sqlalchemy import select
+
+    stack, channel, _ = ref_stack
+    gen, hist = generation_pb2_grpc.GenerationServiceStub(channel), history_pb2_grpc.HistoryServiceStub(channel)
+    mine = _png(np.full((32, 32, 3), (10, 200, 30), np.uint8))
+    shared = _png(np.full((32, 32, 3), (200, 10, 90), np.uint8))
+    for user, tenant, refs in (("ref-del", "t-ref-a", [mine, shared]), ("ref-keep", "t-ref-b", [shared])):
+        hist.LogInteractions(history_pb2.LogInteractionsRequest(user_id=user, create_user=True, tenant=tenant))
+        gen.GeneratePersonalized(_request(f"{user}-r", [gpb.ReferenceImage(image=r) for r in refs], user_id=user),
+                                 timeout=120)
+    with stack.sessions() as s:
+        rows = {(r.user_id, r.tenant, r.image_uri) for r in s.scalars(select(ReferenceImage))
+                if r.user_id in ("ref-del", "ref-keep")}
+    by_user = {u: {uri for uu, _, uri in rows if uu == u} for u in ("ref-del", "ref-keep")}
+    assert {(u, t) for u, t, _ in rows} == {("ref-del", "t-ref-a"), ("ref-keep", "t-ref-b")} and len(rows) == 3
+    only_mine, both = sorted(by_user["ref-del"] - by_user["ref-keep"]), sorted(by_user["ref-keep"])
+    assert len(only_mine) == 1 and all(stack.storage.exists(u) for u in only_mine + both)
+    digest = both[0].rsplit("/", 1)[1][:-4]
+    with pytest.raises(NotFound):  # another tenant's upload cannot be named by its digest
+        stack.gateway.references.uris(["image:" + digest], "alice")
+    hist.DeleteUser(history_pb2.DeleteUserRequest(user_id="ref-del"))
+    with stack.sessions() as s:
+        left = {r.user_id for r in s.scalars(select(ReferenceImage)) if r.user_id in ("ref-del", "ref-keep")}
+    assert left == {"ref-keep"}
+    assert not stack.storage.exists(only_mine[0]) and stack.storage.exists(both[0])  # still the other user's
+    hist.DeleteUser(history_pb2.DeleteUserRequest(user_id="ref-keep"))
+    assert not stack.storage.exists(both[0])

@@ -73,7 +73,8 @@ REASONS = {
                                            "QuotaFailure)."),
     "OVER_QUOTA_SIZE": ("RESOURCE_EXHAUSTED", "One call asks more than the tenant's whole limit: split it."),
     "QUEUE_FULL": ("RESOURCE_EXHAUSTED", "The render queue is at max_queue_depth (RetryInfo)."),
-    "SERVER_BUSY": ("RESOURCE_EXHAUSTED", "max_concurrent_rpcs calls are in flight (RetryInfo)."),
+    "SERVER_BUSY": ("RESOURCE_EXHAUSTED", ("max_concurrent_rpcs calls are in flight (RetryInfo); on the HTTP "
+                                           "face, 4 x that requests, answered 503 with Retry-After.")),
     "OVERLOADED": ("RESOURCE_EXHAUSTED", "Another overload (RetryInfo)."),
     "FAILED_PRECONDITION": ("FAILED_PRECONDITION", "The deployment cannot serve this (e.g. no catalog items to "
                                                    "retrieve, an adapter whose sha256 does not match)."),

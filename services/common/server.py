@@ -165,9 +165,11 @@ def create_server(
 def set_readiness(health_servicer: health.HealthServicer, names: Iterable[str], problems: list[str]) -> None:
     """SERVING for the server ("") and each service when ``problems`` is empty, else NOT_SERVING (logged)."""
     status = health_pb2.HealthCheckResponse.NOT_SERVING if problems else health_pb2.HealthCheckResponse.SERVING
-    changed = False
+    # log changes only: of the status, or of why it is NOT_SERVING ("starting" -> "schema not migrated")
+    changed = getattr(health_servicer, "pigment_problems", None) != problems
+    health_servicer.pigment_problems = list(problems)
     for name in ["", *names]:
-        changed |= health_servicer._server_status.get(name) != status  # log changes only
+        changed |= health_servicer._server_status.get(name) != status
         health_servicer.set(name, status)
     if changed:
         log.warning("readiness: %s", "; ".join(problems) if problems else "SERVING")

@@ -177,8 +177,9 @@ class GatewayCore:
         self.references = references  # references.py: a subject's images -> storage URIs for the worker
 
     # -- validation -----------------------------------------------------------
-    def resolve(self, p: GenerateParams) -> GenerateParams:
-        """Fill defaults and check every field, naming it and its allowed range."""
+    def resolve(self, p: GenerateParams, blobs: dict | None = None) -> GenerateParams:
+        """Fill defaults and check every field, naming it and its allowed range. ``blobs`` collects the
+        checked bytes of raw-byte references ({sha256: png}), stored by ``_prepare`` once admitted."""
         s, d = self.settings, self.defaults
         check_key("request_id", p.request_id)
         check_id("user_id", p.user_id)
@@ -200,7 +201,7 @@ class GatewayCore:
             height=or_default(p.height, int(d["height"])), width=or_default(p.width, int(d["width"])),
             keyword_weight=or_default(p.keyword_weight, float(d.get("keyword_weight", 1.0))),
             soft_weight=or_default(p.soft_weight, default_soft_weight(d, method)),
-            retrieval=retrieval, include_seen=p.include_seen, references=self._references().canonical(p.references),
+            retrieval=retrieval, include_seen=p.include_seen, references=self._references().canonical(p.references, blobs),
             candidate=p.candidate, verbatim_prompt=p.verbatim_prompt,
         )
         check_range("keyword_weight", r.keyword_weight, 0.0, 5.0)
@@ -238,10 +239,12 @@ class GatewayCore:
         """``principal`` (None: a trusted internal caller, e.g. a batch chunk): the user must be of its tenant
         (else NotFound, replays included), and a new request counts against its image quota."""
         started = time.perf_counter()
-        p = self.resolve(params)
+        blobs: dict[str, bytes] = {}
+        p = self.resolve(params, blobs)
         phash = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode()).hexdigest()
         row, flags, timings = self.run_request(
-            p.request_id, p.user_id, phash, p.num_images, lambda: self._prepare(p, phash, asked=bool(params.retrieval)),
+            p.request_id, p.user_id, phash, p.num_images,
+            lambda: self._prepare(p, phash, asked=bool(params.retrieval), blobs=blobs),
             deadline, on_progress, principal)
         result = self._result(row, flags)
         timings["total_ms"] = (time.perf_counter() - started) * 1000
@@ -299,7 +302,8 @@ class GatewayCore:
             row = s.get(RenderRequest, request_id)
             return row, self._depth(s) if row is None else 0
 
-    def _prepare(self, p: GenerateParams, phash: str, asked: bool = True) -> tuple[RenderRequest, dict]:
+    def _prepare(self, p: GenerateParams, phash: str, asked: bool = True,
+                 blobs: dict | None = None) -> tuple[RenderRequest, dict]:
         t0 = time.perf_counter()
         history = self.history.get_history(p.user_id, self.settings.history_limit)  # NotFound for unknown users
         t1 = time.perf_counter()
@@ -326,7 +330,7 @@ class GatewayCore:
             "soft_tokens": None if soft is None else {
                 "shape": list(soft.shape), "float16_b64": base64.b64encode(soft.astype("float16").tobytes()).decode()},
             "soft_weight": p.soft_weight, "written_prompt": written or "",
-            "references": self._references().uris(p.references, p.user_id),
+            "references": self._references().uris(p.references, p.user_id, blobs),
             "history_item_ids": [h.item.item_id for h in history],
             "feedback_used": pref.feedback_used if pref is not None else [],
             "explored_attribute": pref.explored_attribute if pref is not None else "",

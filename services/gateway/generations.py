@@ -38,6 +38,10 @@ class GenerationView:
     model_version: str = ""
     method: str = ""
     image: ImageRef | None = None
+    written_prompt: str = ""  # LLMGA's or an edit's prompt; "" when the request's prompt was used as given
+    edit: dict | None = None  # an edit's plan (attribute, value, region, strength), else None
+    source_generation_id: str = ""
+    references: list[str] = field(default_factory=list)  # "item:<id>" | "image:<sha256>"
 
 
 def _ms(dt) -> int:
@@ -59,6 +63,11 @@ def _view(g: Generation, req: RenderRequest | None) -> GenerationView:
         seed=g.seed,
         model_version=g.model_version,
         method=g.method,
+        written_prompt=cond.get("written_prompt") or "",
+        edit=({k: edit[k] for k in ("attribute", "value", "region", "strength") if k in edit}
+              if (edit := cond.get("edit")) else None),
+        source_generation_id=(cond.get("edit") or {}).get("source_generation_id", ""),
+        references=list(params.get("references") or []),  # canonical: no storage URIs leave the server
     )
 
 

@@ -8,7 +8,8 @@ validation, one authorization and one error body: a ``google.rpc.Status`` (``{"c
 
 Bodies are JSON only (415 otherwise: a cross-site form can post text/plain without a CORS preflight) and at
 most ``http_max_body_bytes`` (413). CORS is off unless ``http_cors_origins`` names origins. Each request has
-``http_request_timeout_s`` (504 after it; a blocking generate gets it as its deadline); idle keep-alive
+``http_request_timeout_s`` (504 after it; a blocking generate gets it as its deadline); past
+``4 x max_concurrent_rpcs`` requests in flight, 503 with a Status body (http_limit.py); idle keep-alive
 connections close after ``http_keep_alive_s``. ``GET /healthz``, ``/metrics``, ``/openapi.json``, the gallery
 (``/``) and signed image URLs need no key; everything else under ``/v1`` does when keys are configured.
 Routes live in services/gateway/http_api.py, shared plumbing in http_io.py.
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pigment.services.common.errors import InvalidInput, NotFound, PigmentError
 from pigment.services.common.ids import show
 from pigment.services.gateway.http_io import HttpContext, error_response
+from pigment.services.gateway.http_limit import ConcurrencyLimit
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("pigment.http")
@@ -60,6 +62,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         return error_response(exc)
+
+
+def http_concurrency(settings) -> int:
+    """HTTP requests in flight at once; past it, 503 with a Status body and Retry-After."""
+    return settings.max_concurrent_rpcs * 4
 
 
 # -- the app --------------------------------------------------------------------------------------------------
@@ -102,6 +109,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["Retry-After"],
         )
+    # outermost: a request past the limit is refused before any other work, with the Status body
+    app.add_middleware(ConcurrencyLimit, limit=http_concurrency(ctx.settings))
     app.include_router(http_api.router)
     app.mount("/gallery", StaticFiles(directory=GALLERY_DIR), name="gallery")
 
@@ -154,8 +163,9 @@ class HTTPServer:
             access_log=False,
             lifespan="off",
             timeout_keep_alive=int(max(1, ctx.settings.http_keep_alive_s)),
-            # past this many open connections uvicorn answers 503 at once instead of queueing without bound
-            limit_concurrency=ctx.settings.max_concurrent_rpcs * 4,
+            # requests past http_concurrency get ConcurrencyLimit's Status body (http_limit.py); uvicorn's own
+            # plain-text 503 stays only as a backstop against a flood of idle connections
+            limit_concurrency=http_concurrency(ctx.settings) * 2,
             timeout_graceful_shutdown=5,
             ssl_certfile=str(cert) if cert else None,
             ssl_keyfile=str(key) if key else None,

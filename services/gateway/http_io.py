@@ -70,7 +70,7 @@ def error_response(exc: Exception) -> JSONResponse:
         getattr(exc, "status", "INTERNAL"), 500
     )
     headers = {}
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited) or getattr(exc, "retry_after_s", None) is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if getattr(exc, "status", "") == "UNAUTHENTICATED":
         headers["WWW-Authenticate"] = 'Bearer realm="pigment"'

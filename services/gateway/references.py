@@ -2,7 +2,8 @@
 
 A request names each reference as one of the user's items (``item_id``: visible to
 the user's tenant, i.e. its own or the public catalog's) or sends the image bytes
-(checked by header and size before any decode, then stored content-addressed).
+(checked by header and size before any decode, then stored content-addressed and tied to
+the uploading user and its tenant: services/store/tables.py ReferenceImage, removed by DeleteUser).
 The render worker reads the images from storage and turns them into conditioning
 tokens with the preset's reference projector (models/reference.py); the gateway
 only decides whether the request may carry them. Torch-free.
@@ -36,8 +37,10 @@ class References:
         self.unavailable = unavailable
         self.max_references = max_references
 
-    def canonical(self, refs: list) -> list[str]:
-        """Each reference as ``item:<id>`` or ``image:<sha256>`` (its bytes stored); the request hash covers these."""
+    def canonical(self, refs: list, blobs: dict | None = None) -> list[str]:
+        """Each reference as ``item:<id>`` or ``image:<sha256>``; the request hash covers these. The checked
+        bytes go into ``blobs`` ({sha256: png}): ``uris`` stores them once the request is admitted, so a
+        refused request leaves no file behind, and each stored file has an owner (DeleteUser)."""
         if not refs:
             return []
         if isinstance(refs[0], str):  # already canonical (a replay through resolve)
@@ -58,7 +61,8 @@ class References:
                 continue
             png = check_image(f"references[{n}].image", ref.image, self.limits)
             digest = hashlib.sha256(png).hexdigest()
-            self.storage.put(self.key(digest), png)  # content-addressed: a retry rewrites the same bytes
+            if blobs is not None:
+                blobs[digest] = png
             out.append("image:" + digest)
         return out
 
@@ -66,13 +70,19 @@ class References:
     def key(digest: str) -> str:
         return f"references/{digest[:48]}.png"
 
-    def uris(self, refs: list[str], user_id: str) -> list[str]:
-        """Storage URIs of the images; an item the user's tenant cannot see is NotFound, as if absent."""
+    def uris(self, refs: list[str], user_id: str, blobs: dict | None = None) -> list[str]:
+        """Storage URIs of the images. Bytes sent with this request (``blobs``) are tied to the user, then
+        stored (content-addressed: a retry rewrites the same bytes); an image named only by its digest must be
+        the user's tenant's, and an item the user's tenant cannot see is NotFound, both as if absent."""
         out = []
         for ref in refs:
             kind, _, value = ref.partition(":")
             if kind == "item":
                 out.append(self.history.reference_image_uri(value, user_id))
+            elif blobs and value in blobs:
+                uri = self.storage.root.rstrip("/") + "/" + self.key(value)
+                self.history.claim_reference(value, user_id, uri)
+                out.append(self.storage.put(self.key(value), blobs[value]))
             else:
-                out.append(self.storage.root.rstrip("/") + "/" + self.key(value))
+                out.append(self.history.reference_uri(value, user_id))
         return out

@@ -80,7 +80,9 @@ def generation_to_pb(v: GenerationView) -> pb.Generation:
         generation_id=v.generation_id, request_id=v.request_id, user_id=v.user_id, source=SOURCES[v.source],
         item_id=v.item_id, prompt=v.prompt, keywords=v.keywords, flags=v.flags, create_time_ms=v.create_time_ms,
         seed=v.seed, model_version=v.model_version, method=METHOD_ENUMS.get(v.method, pb.METHOD_UNSPECIFIED),
-        image=image_to_pb(v.image))
+        image=image_to_pb(v.image), written_prompt=v.written_prompt,
+        edit=pb.EditPlan(**v.edit) if v.edit is not None else None,
+        source_generation_id=v.source_generation_id, references=v.references)
 
 
 def deadline_of(context) -> float | None:

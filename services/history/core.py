@@ -34,6 +34,7 @@ from pigment.services.store.tables import (
     Item,
     Job,
     JobUser,
+    ReferenceImage,
     RenderRequest,
     User,
 )
@@ -306,9 +307,36 @@ class HistoryCore:
                 raise InvalidInput(f"reference item {item_id!r} has no image")
             return item.image_uri
 
+    def claim_reference(self, digest: str, user_id: str, image_uri: str) -> None:
+        """Record that the user (and its tenant) uploaded the reference image ``digest``; before the bytes are
+        stored, so no stored reference is ever without an owner DeleteUser can find."""
+        try:
+            with transaction(self.sessions) as s:
+                user = _visible_user(s, user_id, None)
+                if s.get(ReferenceImage, (digest, user_id)) is None:
+                    s.add(ReferenceImage(digest=digest, user_id=user_id, tenant=user.tenant, image_uri=image_uri))
+        except IntegrityError:  # the same user's concurrent request with the same image claimed it first
+            with transaction(self.sessions) as s:
+                if s.get(ReferenceImage, (digest, user_id)) is None:
+                    raise
+
+    def reference_uri(self, digest: str, user_id: str) -> str:
+        """The stored reference image ``digest`` if the user or a user of its tenant uploaded it; another
+        tenant's (or an unknown one) is NotFound, as if absent."""
+        with transaction(self.sessions) as s:
+            user = _visible_user(s, user_id, None)
+            mine = ReferenceImage.user_id == user_id
+            if user.tenant:  # a tenant's users share; users of no tenant share nothing
+                mine = or_(mine, ReferenceImage.tenant == user.tenant)
+            uri = s.scalar(select(ReferenceImage.image_uri).where(ReferenceImage.digest == digest, mine).limit(1))
+        if uri is None:
+            raise NotFound(f"reference image {show(digest)} not found")
+        return uri
+
     def delete_user(self, user_id: str, principal=None) -> tuple[int, int]:
         """GDPR deletion, everywhere pigment keeps something of the user: interactions, render requests and
-        their generations (rows and stored PNGs), feedback (so no later training round sees the user), batch
+        their generations (rows and stored PNGs), the raw reference images it uploaded (unless another user's
+        row names the same content), feedback (so no later training round sees the user), batch
         job results (and the id in the job's parameters), the private items of a tenant the user was the last
         of (rows tombstoned, vectors removed from the index), and cached preferences (``on_delete_user``).
         A caller needs the admin scope, and the user must be of its tenant."""
@@ -327,6 +355,13 @@ class HistoryCore:
             for cond in s.scalars(select(RenderRequest.conditioning).where(RenderRequest.user_id == user_id)):
                 edit = (cond or {}).get("edit") or {}  # an EditImage request's stored source and mask
                 uris += [edit[k] for k in ("source_uri", "mask_uri") if edit.get(k)]
+            # Raw-byte references: the user's rows go, and each file once no other user's row names it.
+            refs = dict(s.execute(select(ReferenceImage.digest, ReferenceImage.image_uri).where(
+                ReferenceImage.user_id == user_id)).all())
+            shared = set(s.scalars(select(ReferenceImage.digest).where(
+                ReferenceImage.digest.in_(list(refs)), ReferenceImage.user_id != user_id))) if refs else set()
+            uris += [uri for digest, uri in refs.items() if digest not in shared]
+            s.execute(delete(ReferenceImage).where(ReferenceImage.user_id == user_id))
             s.execute(delete(Feedback).where(or_(Feedback.user_id == user_id, Feedback.generation_id.in_(gens))),
                       execution_options={"synchronize_session": False})
             s.execute(delete(Generation).where(or_(Generation.user_id == user_id, Generation.request_id.in_(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
@@ -50,6 +51,32 @@ def migration_lock(url: str):
                 conn.commit()
     finally:
         engine.dispose()
+
+
+@lru_cache(maxsize=1)
+def _revisions() -> tuple[str, frozenset[str]]:
+    """(head, every revision this code ships), read once from the migration scripts."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return scripts.get_current_head(), frozenset(r.revision for r in scripts.walk_revisions())
+
+
+def schema_problem(session) -> str | None:
+    """Why the database behind ``session`` is not migrated for this code, or None when it is. A revision
+    this code does not know is a newer one (a rolling upgrade migrated ahead): not a problem."""
+    from sqlalchemy import inspect, text
+
+    conn = session.connection()
+    head, known = _revisions()
+    # the catalog, not a failing SELECT: a failed statement would abort a PostgreSQL transaction
+    if not inspect(conn).has_table("alembic_version"):
+        return (f"database schema is not migrated (no alembic_version table; this code needs {head}): run "
+                "`pigment db upgrade` (`pigment serve` does, unless --no-migrate)")
+    current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    if current is None or (current in known and current != head):
+        return f"database schema is at {current or 'no revision'}, this code needs {head}: run `pigment db upgrade`"
+    return None
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -88,6 +88,19 @@ class InteractionBatch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ReferenceImage(Base):
+    """Who uploaded a raw-byte reference image (stored content-addressed, so one file can have several
+    uploaders): DeleteUser removes the user's rows, and the file once no other user's row names it."""
+
+    __tablename__ = "reference_images"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the checked PNG
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id", ondelete="CASCADE"), primary_key=True,
+                                         index=True)
+    tenant: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the uploader's, when it uploaded
+    image_uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class RenderRequest(Base):
     """One GeneratePersonalized call: what was asked, how it was conditioned, where it is."""
 

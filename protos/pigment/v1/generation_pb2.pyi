@@ -368,7 +368,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., results: _Optional[_Iterable[_Union[JobUserResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Generation(_message.Message):
-    __slots__ = ("generation_id", "request_id", "user_id", "source", "item_id", "prompt", "keywords", "flags", "create_time_ms", "seed", "model_version", "method", "image")
+    __slots__ = ("generation_id", "request_id", "user_id", "source", "item_id", "prompt", "keywords", "flags", "create_time_ms", "seed", "model_version", "method", "image", "written_prompt", "edit", "source_generation_id", "references")
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +382,10 @@ class Generation(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    EDIT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
     generation_id: str
     request_id: str
     user_id: str
@@ -395,7 +399,11 @@ class Generation(_message.Message):
     model_version: str
     method: Method
     image: _media_pb2.Image
-    def __init__(self, generation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., source: _Optional[_Union[ResultSource, str]] = ..., item_id: _Optional[str] = ..., prompt: _Optional[str] = ..., keywords: _Optional[_Iterable[str]] = ..., flags: _Optional[_Iterable[str]] = ..., create_time_ms: _Optional[int] = ..., seed: _Optional[int] = ..., model_version: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., image: _Optional[_Union[_media_pb2.Image, _Mapping]] = ...) -> None: ...
+    written_prompt: str
+    edit: EditPlan
+    source_generation_id: str
+    references: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, generation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., source: _Optional[_Union[ResultSource, str]] = ..., item_id: _Optional[str] = ..., prompt: _Optional[str] = ..., keywords: _Optional[_Iterable[str]] = ..., flags: _Optional[_Iterable[str]] = ..., create_time_ms: _Optional[int] = ..., seed: _Optional[int] = ..., model_version: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., image: _Optional[_Union[_media_pb2.Image, _Mapping]] = ..., written_prompt: _Optional[str] = ..., edit: _Optional[_Union[EditPlan, _Mapping]] = ..., source_generation_id: _Optional[str] = ..., references: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetGenerationRequest(_message.Message):
     __slots__ = ("generation_id", "delivery")
