@@ -1,13 +1,13 @@
 """reference_images: raw-byte reference images tied to the user (and tenant) that uploaded them
 
-Revision ID: 0006_hyg
+Revision ID: 0006_reference_owners
 Revises: 0005_api
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0006_hyg'
+revision = '0006_reference_owners'
 down_revision = '0005_api'
 branch_labels = None
 depends_on = None
