@@ -754,3 +754,42 @@ def test_serve_saves_the_index_on_sigterm(tmp_path, tiny_preset):
             proc.kill()
     manifest = json.loads((tmp_path / "data" / "index" / MANIFEST).read_text())
     assert manifest["ntotal"] == 24 and manifest["high_water_mark"] == 24
+
+
+def test_auto_tries_fine_ivf_lists_on_many_small_clusters_and_filters_still_apply():
+    """Issue 22's many-clusters catalog in small: sqrt(n) lists hold several loose clusters each, so
+    their members scatter over lists and neither IVF nor its PQ codes meet the target within the
+    scan bound; lists about as small as the clusters (found through an HNSW graph over the
+    centroids) do, and a selector still filters inside that search."""
+    from pigment.services.history.index_factory import (
+        IVF,
+        IVFPQ,
+        fine_nlist,
+        has_graph_quantizer,
+        nlist_of,
+        search,
+    )
+    from pigment.services.history.index_tuning import build_tuned, draw_sample
+
+    rng = np.random.default_rng(22)
+    dim, n, size = 128, 8000, 10
+    centres = rng.standard_normal((n // size, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = 0.7 * centres[rng.integers(0, len(centres), n)]
+    x += np.sqrt(1 - 0.7**2) / np.sqrt(dim) * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    pks = np.arange(1, n + 1, dtype=np.int64)
+    config = IndexConfig(flat_threshold=200, max_scan=800, max_scan_codes=800, recall_sample=200,
+                         build_budget_s=0.0, fine_list_size=5, hnsw_quantizer_from=1000)
+    sample = draw_sample(x, pks, config.recall_sample, config.seed)
+    index, report, attempts = build_tuned(x, pks, config, IVF, sample)
+    tried = [(a.kind, a.report and round(a.report.recall_at_10, 3), a.report and a.report.effort)
+             for a in attempts]
+    assert [a.kind for a in attempts[:3]] == [IVF, IVFPQ, IVF], tried  # sqrt(n) lists, PQ, fine lists
+    assert report is attempts[2].report and report.meets_target, tried
+    assert nlist_of(index) == fine_nlist(n - len(sample.rows), config)
+    assert has_graph_quantizer(faiss.extract_index_ivf(index))
+    allowed = np.ascontiguousarray(pks[::3])
+    sel = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+    _, found = search(index, x[:5], 10, report.effort, sel)
+    assert set(found[found >= 0].tolist()) <= set(allowed.tolist())
