@@ -18,6 +18,10 @@ reach, so personalization by feedback happens *around* the LLM, on the keywords:
    (keywords with net negative evidence drop out, liked ones come in).
 4. Exploration asks about the least certain attribute: the candidates differ from the best guess in
    exactly that attribute's next-best values, so one pick answers it.
+5. After a change point of the whole taste (a round rated a star lower than before), the taste is
+   re-learnt jointly over the attributes from the picks *and* the stars of every candidate, and the
+   candidates are a design that varies several attributes at once (``_choose_after_change``): one-attribute
+   variants cannot re-ask a taste that moved on every attribute within two rounds.
 
 This module is pure (no database, no services): the gateway reads the rows, the preference core calls it.
 """
@@ -25,10 +29,13 @@ This module is pure (no database, no services): the gateway reads the rows, the 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # Weight of one signal by kind. ``rating``: per star above (+) or below (-) the user's own mean rating;
 # ``pick``: the chosen image gets +pick, the images not chosen share -pick. Unknown kinds weigh ``default``.
@@ -81,6 +88,20 @@ class FeedbackEvidence:
     contradictions: list[str]
     prior_scale: float = 1.0  # weight left to the history's prior: 0 after a change point of the whole taste
     reset: frozenset[str] = frozenset()  # keywords whose prior a change point dropped (what a pick overturned)
+    # every round as shown and answered, and where the last change point of the whole taste fell (None:
+    # there was none): after one, the keyword choice re-learns the taste jointly (``_choose_after_change``)
+    rounds_seen: tuple[RoundSeen, ...] = ()
+    change_round: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundSeen:
+    """One round of feedback as shown and answered: each rated image (its keywords, its stars) and the pick
+    (the chosen image's keywords and the others'; None when the round had no pick)."""
+
+    ratings: tuple[tuple[tuple[str, ...], float], ...]
+    chosen: tuple[str, ...] | None = None
+    others: tuple[tuple[str, ...], ...] = ()
 
 
 def rating_mean(values: Iterable[float]) -> float:
@@ -122,7 +143,11 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
     scores, plus the evidence) ranks lower; on the keywords the candidates differ on only. Then:
     - the round's best rating also fell ``change_drop`` below the best of earlier rounds, or fell at all
       while the pick contradicts (nothing shown fits as before: the taste moved on more than the asked
-      attribute) -> all earlier evidence and the whole prior are dropped;
+      attribute) -> all earlier evidence and the whole prior are dropped.
+      If the round's *mean* rating also fell ``RETHINK_DROP`` x ``change_drop`` below the best earlier
+      round's (the taste moved on more than one attribute, not one unlucky rating), ``change_round`` marks
+      it: the keyword choice then re-learns every attribute jointly from the rounds since
+      (``_choose_after_change``);
     - the ratings back the pick (chosen rated above every other image of the round), or the previous
       pick contradicted too -> earlier evidence and prior are dropped for the keywords this pick was
       about (a random click is not backed by the ratings, a moved taste is; picks without ratings need
@@ -144,6 +169,8 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
     scores: dict[str, float] = defaultdict(float)
     reset: set[str] = set()
     all_reset, contradicted, fell, best_before, prior_scale = False, False, False, -math.inf, 1.0
+    seen: list[RoundSeen] = []
+    change_round, mean_before = None, -math.inf
     for rnd in range(max(rounds, default=-1) + 1):
         members = [(row, c) for row, r, c in zip(kept, rounds, centres) if r == rnd]
         ratings = [row.value for row, _ in members if row.kind == "rating"]
@@ -155,6 +182,11 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
             against = _contradicts(pick, belief)
             drop = best_before - max(ratings) if ratings else 0.0
             if drop >= change_drop or (drop > 0 and (against or fell)):
+                # a fall by RETHINK_DROP stars or more: nothing shown is near the taste any more -> re-learn it
+                # jointly from here on; a smaller fall keeps the per-keyword evidence (it may be rating noise)
+                fall = mean_before - sum(ratings) / len(ratings)
+                change_round = len(seen) if fall >= RETHINK_DROP * change_drop else None
+                mean_before = -math.inf if change_round is not None else mean_before
                 scores, all_reset, best_before = defaultdict(float), True, -math.inf
                 drop = 0.0
             elif against and (_rated_best(pick, [row for row, _ in members]) or contradicted or fell):
@@ -172,10 +204,16 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
             _add_row(scores, row, table, centre, weight * decay(row.ts_ms, now_ms, half_life_s))
         if ratings:
             best_before = max(best_before, max(ratings))
+            mean_before = max(mean_before, sum(ratings) / len(ratings))
+        if members:
+            seen.append(RoundSeen(tuple((tuple(row.keywords), row.value) for row, _ in members if row.kind == "rating"),
+                                   tuple(pick.keywords) if pick else None,
+                                   tuple(tuple(o) for o in pick.others) if pick else ()))
     clipped = {k: max(-cap, min(cap, v)) for k, v in scores.items() if abs(v) > 1e-9}
     contradictions = sorted(g for g, signs in kinds_seen.items() if len(signs) > 1)
     return FeedbackEvidence(clipped, sorted(r.feedback_id for r in kept), contradictions,
-                            0.0 if all_reset else prior_scale, frozenset(reset))
+                            0.0 if all_reset else prior_scale, frozenset(reset), tuple(seen),
+                            change_round)
 
 
 def _rating_centres(kept: Sequence[FeedbackRow], rounds: Sequence[int]) -> list[float]:
@@ -267,18 +305,22 @@ def prior_scores(llm_keywords: Sequence[str], history: dict[str, float]) -> dict
 
 def choose_keywords(llm_keywords: Sequence[str], vocab, target: str, history: dict[str, float],
                     feedback: dict[str, float], max_keywords: int, prior_scale: float = 1.0,
-                    reset: frozenset[str] = frozenset(), explore: FeedbackEvidence | None = None) -> Choice:
+                    reset: frozenset[str] = frozenset(), explore: FeedbackEvidence | None = None,
+                    rounds_seen: Sequence[RoundSeen] = (), change_round: int | None = None) -> Choice:
     """Combine the LLM's keywords and the history evidence (the prior, weighted ``prior_scale``; dropped
     for an attribute with a ``reset`` keyword: a change point overturned it) with feedback evidence into
-    the keywords to render."""
+    the keywords to render. ``rounds_seen``/``change_round`` (from ``FeedbackEvidence``): after a change
+    point of the whole taste, the vocabulary attributes are re-learnt jointly from the rounds instead."""
     if vocab.by_attribute:
-        return _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale, reset, explore)
+        return _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale, reset, explore,
+                             rounds_seen, change_round)
     return _choose_free(llm_keywords, feedback, max_keywords, prior_scale, reset)
 
 
 def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.0, reset=frozenset(),
-                  explore=None) -> Choice:
+                  explore=None, rounds_seen=(), change_round=None) -> Choice:
     named = vocab.attributes_named_in(target)
+    last_chosen = set(rounds_seen[-1].chosen or ()) if rounds_seen else set()
     from_llm = {vocab.attribute_of[k]: k for k in llm_keywords if k in vocab.attribute_of}
 
     def pick(evidence: dict[str, float], scale: float, reset=reset,
@@ -290,7 +332,10 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.
             s = 0.0 if evidence and reset.intersection(values) else scale
             score = {kw: s * ((LLM_PRIOR if from_llm.get(attr) == kw else 0.0) + history.get(kw, 0.0))
                      + evidence.get(kw, 0.0) for kw in values}
-            ranked = sorted(values, key=lambda kw: (-score[kw], kw != from_llm.get(attr), values.index(kw)))
+            # ties (e.g. a value every candidate of the round shared: the pick says nothing about it) go to
+            # what the user chose last, then to the LLM's value
+            ranked = sorted(values, key=lambda kw: (-score[kw], kw not in last_chosen,
+                                                    kw != from_llm.get(attr), values.index(kw)))
             # an attribute is rendered when the LLM named it or the evidence for a value is positive
             if attr in from_llm or score[ranked[0]] > 0:
                 best[attr] = ranked[0]
@@ -300,9 +345,11 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.
         return best, margins
 
     best, margins = pick(feedback, prior_scale)
+    prior, _ = pick({}, 1.0)
+    if change_round is not None and rounds_seen:
+        return _choose_after_change(vocab, named, best, prior, feedback, rounds_seen, change_round)
     if explore is not None:
         _, margins = pick(explore.scores, explore.prior_scale, explore.reset, keep=best)
-    prior, _ = pick({}, 1.0)
     margins.sort(key=lambda m: m[0])  # least certain attribute first
     # Ask about the uncertain attributes (all of them, interleaved, next-best value first): one uncertain
     # attribute -> every candidate differs on it; none -> the least certain one is asked about anyway.
@@ -311,6 +358,133 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.
              for _, attr, alts in asked if depth < len(alts)]
     variants = [(attr, _ordered(vocab, {**best, attr: alt})) for attr, alt in queue]
     return Choice(_ordered(vocab, best), _ordered(vocab, best) != _ordered(vocab, prior), variants)
+
+
+# After a change point of the whole taste (a round rated RETHINK_DROP stars lower on average than the best
+# earlier round: nothing shown fits as before), the attributes are re-learnt *jointly*, and the next
+# candidates are a design, not one-attribute variants. Why: a taste that moved may have moved on every
+# attribute at once, and three variants that each change one attribute of a wrong guess test three values
+# a round (six colours, three backgrounds and two sizes need more than two rounds of that). Every candidate
+# is rated, so each image's stars say *how many* of its values are favourites; images that differ on
+# several attributes at once, chosen so that the likely tastes predict different picks and star patterns,
+# let one round's answers tell the attributes apart. Only what a rater gives is modelled:
+# - the pick prefers images with more favourite values (log-odds PICK_SHARPNESS per value; a random click
+#   stays possible);
+# - a rating: an image with every favourite value gets the user's best rating so far (the anchor), each
+#   missing one costs a share of the scale below it (unknown: averaged over STARS_PER_VALUE), plus noise
+#   (RATING_NOISE stars), rounded to whole stars and clipped at the scale's ends. Absolute stars matter: a
+#   round rated 2 throughout says none of its values is a favourite, which ratings centred on the round's
+#   mean cannot say.
+# A change point called on one unluckily rated round must not throw settled rounds away: the best guess
+# before it (from the earlier rounds and the history) keeps OLD_GUESS log-odds per value, which a real
+# drift outvotes in one round.
+PICK_SHARPNESS = 3.0
+RATING_SCALE = (1.0, 5.0)  # the feedback API's star ratings
+RATING_NOISE = 0.7
+STARS_PER_VALUE = (0.5, 0.75, 1.0)  # fractions of (anchor - lowest star) / attributes lost per missing value
+OLD_GUESS = 0.5
+RETHINK_DROP = 1.0  # in units of ``feedback_change_drop``: a round's mean rating fell this far -> re-learn
+RATING_DESIGN_WEIGHT = 1.0  # the design's value of distinguishable ratings next to distinguishable picks
+MAX_HYPOTHESES = 4096  # tastes scored jointly; larger vocabularies keep each attribute's best-scored values
+DESIGN_TASTES, DESIGN_POOL = 512, 64  # the design is planned on the most likely tastes and their images
+MAX_DESIGN = 7  # exploration variants planned per round (a request for candidate k takes the k-th)
+
+
+def _choose_after_change(vocab, named: set[str], best: dict[str, str], prior: dict[str, str],
+                         feedback: dict[str, float], seen: Sequence[RoundSeen], change_round: int) -> Choice:
+    """The taste since the change point: a posterior over every combination of values of the attributes the
+    rounds since showed (``feedback`` scores break ties only), its most likely combination as the best
+    guess and, as variants, the images that split the likely tastes into the most distinguishable groups
+    of picks and ratings (greedy, so the first k variants are the best k for any N)."""
+    shown = {kw for rnd in seen[change_round:] for kws, _ in rnd.ratings for kw in kws}
+    shown |= {kw for rnd in seen[change_round:] for kws in (rnd.chosen or (), *rnd.others) for kw in kws}
+    attrs = [a for a in vocab.by_attribute if a not in named and shown.intersection(vocab.by_attribute[a])]
+    if not attrs:
+        return Choice(_ordered(vocab, best), _ordered(vocab, best) != _ordered(vocab, prior), [])
+    values = {a: sorted(vocab.by_attribute[a], key=lambda kw: -feedback.get(kw, 0.0)) for a in attrs}
+    while math.prod(len(v) for v in values.values()) > MAX_HYPOTHESES:
+        widest = max(attrs, key=lambda a: len(values[a]))
+        values[widest] = values[widest][:-1]
+    hyps = list(itertools.product(*(values[a] for a in attrs)))
+    table = np.array(hyps, dtype=object)
+
+    def matches(keywords: Sequence[str]) -> np.ndarray:
+        """Per taste, how many of the image's values are its favourites."""
+        kws = set(keywords)
+        return np.array([sum(kw in kws for kw in h) for h in hyps], dtype=float)
+
+    anchor = max((v for rnd in seen for _, v in rnd.ratings), default=RATING_SCALE[1])
+
+    def loglik(rounds: Sequence[RoundSeen]) -> np.ndarray:
+        out = np.zeros(len(hyps))
+        for rnd in rounds:
+            if rnd.ratings:
+                m = np.stack([matches(kws) for kws, _ in rnd.ratings], axis=1)
+                out += _ratings_loglik(m, [v for _, v in rnd.ratings], len(attrs), anchor)
+            if rnd.chosen is not None and rnd.others:
+                m = PICK_SHARPNESS * np.stack([matches(kws) for kws in (rnd.chosen, *rnd.others)], axis=1)
+                out += m[:, 0] - np.logaddexp.reduce(m, axis=1)
+        return out
+
+    logp = 1e-3 * np.array([sum(feedback.get(kw, 0.0) for kw in h) for h in hyps]) + loglik(seen[change_round:])
+    if OLD_GUESS and change_round:
+        old = loglik(seen[:change_round]) + LLM_PRIOR * matches([prior[a] for a in attrs if a in prior])
+        logp += OLD_GUESS * matches(hyps[int(np.argmax(old))])
+    post = np.exp(logp - logp.max())
+    post /= post.sum()
+    top = int(np.argmax(post))
+    guess = {**best, **dict(zip(attrs, hyps[top]))}
+    # the design: candidate images are the likely tastes' own combinations; each added one is the image
+    # whose predicted picks and stars, with those of the images already in the round, split the likely
+    # tastes into the groups of largest entropy (a round that every likely taste answers differently)
+    order = np.argsort(-post, kind="stable")
+    tastes, pool = order[:DESIGN_TASTES], [int(i) for i in order[:DESIGN_POOL]]
+    weight = post[tastes] / post[tastes].sum()
+    rows = (table[tastes][:, None, :] == table[pool][None, :, :]).sum(axis=2).astype(int)
+    design, variants = [0], []  # pool[0] is the best guess
+    for _ in range(min(MAX_DESIGN, len(pool) - 1)):
+        value = {j: _design_value(rows[:, design + [j]], weight) for j in range(len(pool)) if j not in design}
+        j = max(value, key=lambda j: (value[j], -j))
+        design.append(j)
+        variant = {**guess, **dict(zip(attrs, hyps[pool[j]]))}
+        variants.append(("+".join(a for a in attrs if variant[a] != guess[a]), _ordered(vocab, variant)))
+    return Choice(_ordered(vocab, guess), _ordered(vocab, guess) != _ordered(vocab, prior), variants)
+
+
+def _ratings_loglik(m: np.ndarray, stars: Sequence[float], n_attrs: int, anchor: float) -> np.ndarray:
+    """log P(stars | taste) per taste (rows of ``m``: each rated image's number of favourite values), under
+    the rater model above, averaged over the unknown stars per value."""
+    lo, hi = RATING_SCALE
+    stars = np.asarray(stars, dtype=float)
+    upper = np.where(stars >= hi, np.inf, stars + 0.5)
+    lower = np.where(stars <= lo, -np.inf, stars - 0.5)
+    out = []
+    for frac in STARS_PER_VALUE:
+        mu = anchor - frac * (anchor - lo) / max(1, n_attrs) * (n_attrs - m)
+        p = _phi((upper - mu) / RATING_NOISE) - _phi((lower - mu) / RATING_NOISE)
+        out.append(np.log(np.maximum(p, 1e-9)).sum(axis=1))
+    return np.logaddexp.reduce(np.stack(out), axis=0) - math.log(len(STARS_PER_VALUE))
+
+
+_erf = np.vectorize(math.erf, otypes=[float])
+
+
+def _phi(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def _design_value(cols: np.ndarray, weight: np.ndarray) -> float:
+    """How well a round of these images tells the likely tastes apart: by the pick (which images are best
+    for each taste) plus, weighted RATING_DESIGN_WEIGHT, the stars (each image's number of favourites)."""
+    picks = cols == cols.max(axis=1, keepdims=True)
+    return _partition_entropy(picks, weight) + RATING_DESIGN_WEIGHT * _partition_entropy(cols, weight)
+
+
+def _partition_entropy(keys: np.ndarray, weight: np.ndarray) -> float:
+    groups: dict[bytes, float] = defaultdict(float)
+    for key, p in zip(keys, weight):
+        groups[key.tobytes()] += float(p)
+    return -sum(p * math.log(p) for p in groups.values() if p > 0)
 
 
 def _ordered(vocab, chosen: dict[str, str]) -> list[str]:
