@@ -88,7 +88,7 @@ class FeedbackEvidence:
     contradictions: list[str]
     prior_scale: float = 1.0  # weight left to the history's prior: 0 after a change point of the whole taste
     reset: frozenset[str] = frozenset()  # keywords whose prior a change point dropped (what a pick overturned)
-    # every round as shown and answered, and where the last change point of the whole taste fell (None:
+    # every round as shown and answered, and the round of the last change point of the whole taste (None:
     # there was none): after one, the keyword choice re-learns the taste jointly (``_choose_after_change``)
     rounds_seen: tuple[RoundSeen, ...] = ()
     change_round: int | None = None
@@ -144,10 +144,9 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
     - the round's best rating also fell ``change_drop`` below the best of earlier rounds, or fell at all
       while the pick contradicts (nothing shown fits as before: the taste moved on more than the asked
       attribute) -> all earlier evidence and the whole prior are dropped.
-      If the round's *mean* rating also fell ``RETHINK_DROP`` x ``change_drop`` below the best earlier
-      round's (the taste moved on more than one attribute, not one unlucky rating), ``change_round`` marks
-      it: the keyword choice then re-learns every attribute jointly from the rounds since
-      (``_choose_after_change``);
+      ``change_round`` marks it (its index in ``rounds_seen``): with a vocabulary, the keyword choice then
+      asks the rounds themselves whether and where the taste changed (``_change_round``) and re-learns
+      every attribute jointly from there (``_choose_after_change``);
     - the ratings back the pick (chosen rated above every other image of the round), or the previous
       pick contradicted too -> earlier evidence and prior are dropped for the keywords this pick was
       about (a random click is not backed by the ratings, a moved taste is; picks without ratings need
@@ -170,7 +169,7 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
     reset: set[str] = set()
     all_reset, contradicted, fell, best_before, prior_scale = False, False, False, -math.inf, 1.0
     seen: list[RoundSeen] = []
-    change_round, mean_before = None, -math.inf
+    change_round = None
     for rnd in range(max(rounds, default=-1) + 1):
         members = [(row, c) for row, r, c in zip(kept, rounds, centres) if r == rnd]
         ratings = [row.value for row, _ in members if row.kind == "rating"]
@@ -182,12 +181,7 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
             against = _contradicts(pick, belief)
             drop = best_before - max(ratings) if ratings else 0.0
             if drop >= change_drop or (drop > 0 and (against or fell)):
-                # a fall by RETHINK_DROP stars or more: nothing shown is near the taste any more -> re-learn it
-                # jointly from here on; a smaller fall keeps the per-keyword evidence (it may be rating noise)
-                fall = mean_before - sum(ratings) / len(ratings)
-                change_round = len(seen) if fall >= RETHINK_DROP * change_drop else None
-                mean_before = -math.inf if change_round is not None else mean_before
-                scores, all_reset, best_before = defaultdict(float), True, -math.inf
+                scores, all_reset, best_before, change_round = defaultdict(float), True, -math.inf, len(seen)
                 drop = 0.0
             elif against and (_rated_best(pick, [row for row, _ in members]) or contradicted or fell):
                 for kw in _contrast(pick)[0] | _contrast(pick)[1]:
@@ -204,7 +198,6 @@ def feedback_evidence(rows: Sequence[FeedbackRow], table: dict[str, float], cap:
             _add_row(scores, row, table, centre, weight * decay(row.ts_ms, now_ms, half_life_s))
         if ratings:
             best_before = max(best_before, max(ratings))
-            mean_before = max(mean_before, sum(ratings) / len(ratings))
         if members:
             seen.append(RoundSeen(tuple((tuple(row.keywords), row.value) for row, _ in members if row.kind == "rating"),
                                    tuple(pick.keywords) if pick else None,
@@ -347,7 +340,9 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.
     best, margins = pick(feedback, prior_scale)
     prior, _ = pick({}, 1.0)
     if change_round is not None and rounds_seen:
-        return _choose_after_change(vocab, named, best, prior, feedback, rounds_seen, change_round)
+        since = _change_round(vocab, named, prior, rounds_seen)
+        if since is not None:
+            return _choose_after_change(vocab, named, best, prior, feedback, rounds_seen, since)
     if explore is not None:
         _, margins = pick(explore.scores, explore.prior_scale, explore.reset, keep=best)
     margins.sort(key=lambda m: m[0])  # least certain attribute first
@@ -360,14 +355,14 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.
     return Choice(_ordered(vocab, best), _ordered(vocab, best) != _ordered(vocab, prior), variants)
 
 
-# After a change point of the whole taste (a round rated RETHINK_DROP stars lower on average than the best
-# earlier round: nothing shown fits as before), the attributes are re-learnt *jointly*, and the next
-# candidates are a design, not one-attribute variants. Why: a taste that moved may have moved on every
-# attribute at once, and three variants that each change one attribute of a wrong guess test three values
-# a round (six colours, three backgrounds and two sizes need more than two rounds of that). Every candidate
-# is rated, so each image's stars say *how many* of its values are favourites; images that differ on
-# several attributes at once, chosen so that the likely tastes predict different picks and star patterns,
-# let one round's answers tell the attributes apart. Only what a rater gives is modelled:
+# After a change point of the whole taste (the best rating of a round fell: nothing shown fits as before),
+# the attributes are re-learnt *jointly*, and the next candidates are a design, not one-attribute
+# variants. Why: a taste that moved may have moved on every attribute at once, and three variants that
+# each change one attribute of a wrong guess test three values a round (six colours, three backgrounds and
+# two sizes need more than two rounds of that). Every candidate is rated, so each image's stars say *how
+# many* of its values are favourites; images that differ on several attributes at once, chosen so that
+# the likely tastes predict different picks and star patterns, let one round's answers tell the
+# attributes apart. Only what a rater gives is modelled:
 # - the pick prefers images with more favourite values (log-odds PICK_SHARPNESS per value; a random click
 #   stays possible);
 # - a rating: an image with every favourite value gets the user's best rating so far (the anchor), each
@@ -375,61 +370,101 @@ def _choose_vocab(llm_keywords, vocab, target, history, feedback, prior_scale=1.
 #   (RATING_NOISE stars), rounded to whole stars and clipped at the scale's ends. Absolute stars matter: a
 #   round rated 2 throughout says none of its values is a favourite, which ratings centred on the round's
 #   mean cannot say.
-# A change point called on one unluckily rated round must not throw settled rounds away: the best guess
-# before it (from the earlier rounds and the history) keeps OLD_GUESS log-odds per value, which a real
-# drift outvotes in one round.
+# Where the taste changed is itself asked of the rounds (``_change_round``): the threshold that calls a
+# change point sees one round's best rating, so it fires a round late, or on one unluckily rated round
+# of a settled user. Each split "one taste before round c, another from c on" is scored by its evidence
+# (the likelihood summed over tastes: a new taste must pay for its extra freedom) against "no change",
+# with CHANGE_HAZARD the prior chance of a change per round. After the split, the best guess before it
+# keeps OLD_GUESS log-odds per value (a real drift outvotes it in one round).
 PICK_SHARPNESS = 3.0
 RATING_SCALE = (1.0, 5.0)  # the feedback API's star ratings
 RATING_NOISE = 0.7
 STARS_PER_VALUE = (0.5, 0.75, 1.0)  # fractions of (anchor - lowest star) / attributes lost per missing value
+CHANGE_HAZARD = 0.5
 OLD_GUESS = 0.5
-RETHINK_DROP = 1.0  # in units of ``feedback_change_drop``: a round's mean rating fell this far -> re-learn
 RATING_DESIGN_WEIGHT = 1.0  # the design's value of distinguishable ratings next to distinguishable picks
 MAX_HYPOTHESES = 4096  # tastes scored jointly; larger vocabularies keep each attribute's best-scored values
 DESIGN_TASTES, DESIGN_POOL = 512, 64  # the design is planned on the most likely tastes and their images
 MAX_DESIGN = 7  # exploration variants planned per round (a request for candidate k takes the k-th)
 
 
+class _Tastes:
+    """Every combination of values of ``attrs`` (a taste), and what a round of feedback says about each."""
+
+    def __init__(self, vocab, attrs: list[str], seen: Sequence[RoundSeen], feedback: dict[str, float]):
+        values = {a: sorted(vocab.by_attribute[a], key=lambda kw: -feedback.get(kw, 0.0)) for a in attrs}
+        while math.prod(len(v) for v in values.values()) > MAX_HYPOTHESES:
+            widest = max(attrs, key=lambda a: len(values[a]))
+            values[widest] = values[widest][:-1]
+        self.attrs = attrs
+        self.hyps = list(itertools.product(*(values[a] for a in attrs)))
+        self.table = np.array(self.hyps, dtype=object).reshape(len(self.hyps), len(attrs))
+        self.anchor = max((v for rnd in seen for _, v in rnd.ratings), default=RATING_SCALE[1])
+
+    def matches(self, keywords: Sequence[str]) -> np.ndarray:
+        """Per taste, how many of the image's values are its favourites."""
+        kws = set(keywords)
+        return np.array([sum(kw in kws for kw in h) for h in self.hyps], dtype=float)
+
+    def loglik(self, rnd: RoundSeen) -> np.ndarray:
+        """log P(the round's stars and pick | taste), per taste."""
+        out = np.zeros(len(self.hyps))
+        if rnd.ratings:
+            m = np.stack([self.matches(kws) for kws, _ in rnd.ratings], axis=1)
+            out += _ratings_loglik(m, [v for _, v in rnd.ratings], len(self.attrs), self.anchor)
+        if rnd.chosen is not None and rnd.others:
+            m = PICK_SHARPNESS * np.stack([self.matches(kws) for kws in (rnd.chosen, *rnd.others)], axis=1)
+            out += m[:, 0] - np.logaddexp.reduce(m, axis=1)
+        return out
+
+
+def _open_attributes(vocab, named: set[str], seen: Sequence[RoundSeen]) -> list[str]:
+    shown = {kw for rnd in seen for kws, _ in rnd.ratings for kw in kws}
+    shown |= {kw for rnd in seen for kws in (rnd.chosen or (), *rnd.others) for kw in kws}
+    return [a for a in vocab.by_attribute if a not in named and shown.intersection(vocab.by_attribute[a])]
+
+
+def _change_round(vocab, named: set[str], prior: dict[str, str], seen: Sequence[RoundSeen]) -> int | None:
+    """The round from which a new taste explains the rounds best (None: one taste explains them best)."""
+    attrs = _open_attributes(vocab, named, seen)
+    if not attrs or len(seen) < 2:
+        return None
+    tastes = _Tastes(vocab, attrs, seen, {})
+    per_round = np.stack([tastes.loglik(rnd) for rnd in seen])
+    before = LLM_PRIOR * tastes.matches([prior[a] for a in attrs if a in prior])  # the history's guess
+    before -= np.logaddexp.reduce(before)
+    fresh = np.full(len(tastes.hyps), -math.log(len(tastes.hyps)))  # a new taste: any, equally
+
+    def evidence(rows: np.ndarray, log_prior: np.ndarray) -> float:
+        return float(np.logaddexp.reduce(rows.sum(axis=0) + log_prior)) if len(rows) else 0.0
+
+    n = len(seen) - 1  # chances to change
+    best_c, best = None, evidence(per_round, before) + n * math.log(1 - CHANGE_HAZARD)
+    for c in range(1, len(seen)):
+        score = (evidence(per_round[:c], before) + evidence(per_round[c:], fresh)
+                 + math.log(CHANGE_HAZARD) + (n - 1) * math.log(1 - CHANGE_HAZARD))
+        if score > best:
+            best_c, best = c, score
+    return best_c
+
+
 def _choose_after_change(vocab, named: set[str], best: dict[str, str], prior: dict[str, str],
                          feedback: dict[str, float], seen: Sequence[RoundSeen], change_round: int) -> Choice:
-    """The taste since the change point: a posterior over every combination of values of the attributes the
+    """The taste since ``change_round``: a posterior over every combination of values of the attributes the
     rounds since showed (``feedback`` scores break ties only), its most likely combination as the best
     guess and, as variants, the images that split the likely tastes into the most distinguishable groups
     of picks and ratings (greedy, so the first k variants are the best k for any N)."""
-    shown = {kw for rnd in seen[change_round:] for kws, _ in rnd.ratings for kw in kws}
-    shown |= {kw for rnd in seen[change_round:] for kws in (rnd.chosen or (), *rnd.others) for kw in kws}
-    attrs = [a for a in vocab.by_attribute if a not in named and shown.intersection(vocab.by_attribute[a])]
+    attrs = _open_attributes(vocab, named, seen[change_round:])
     if not attrs:
         return Choice(_ordered(vocab, best), _ordered(vocab, best) != _ordered(vocab, prior), [])
-    values = {a: sorted(vocab.by_attribute[a], key=lambda kw: -feedback.get(kw, 0.0)) for a in attrs}
-    while math.prod(len(v) for v in values.values()) > MAX_HYPOTHESES:
-        widest = max(attrs, key=lambda a: len(values[a]))
-        values[widest] = values[widest][:-1]
-    hyps = list(itertools.product(*(values[a] for a in attrs)))
-    table = np.array(hyps, dtype=object)
-
-    def matches(keywords: Sequence[str]) -> np.ndarray:
-        """Per taste, how many of the image's values are its favourites."""
-        kws = set(keywords)
-        return np.array([sum(kw in kws for kw in h) for h in hyps], dtype=float)
-
-    anchor = max((v for rnd in seen for _, v in rnd.ratings), default=RATING_SCALE[1])
-
-    def loglik(rounds: Sequence[RoundSeen]) -> np.ndarray:
-        out = np.zeros(len(hyps))
-        for rnd in rounds:
-            if rnd.ratings:
-                m = np.stack([matches(kws) for kws, _ in rnd.ratings], axis=1)
-                out += _ratings_loglik(m, [v for _, v in rnd.ratings], len(attrs), anchor)
-            if rnd.chosen is not None and rnd.others:
-                m = PICK_SHARPNESS * np.stack([matches(kws) for kws in (rnd.chosen, *rnd.others)], axis=1)
-                out += m[:, 0] - np.logaddexp.reduce(m, axis=1)
-        return out
-
-    logp = 1e-3 * np.array([sum(feedback.get(kw, 0.0) for kw in h) for h in hyps]) + loglik(seen[change_round:])
+    tastes = _Tastes(vocab, attrs, seen, feedback)
+    hyps = tastes.hyps
+    logp = 1e-3 * np.array([sum(feedback.get(kw, 0.0) for kw in h) for h in hyps])
+    logp += sum((tastes.loglik(rnd) for rnd in seen[change_round:]), np.zeros(len(hyps)))
     if OLD_GUESS and change_round:
-        old = loglik(seen[:change_round]) + LLM_PRIOR * matches([prior[a] for a in attrs if a in prior])
-        logp += OLD_GUESS * matches(hyps[int(np.argmax(old))])
+        old = sum((tastes.loglik(rnd) for rnd in seen[:change_round]), np.zeros(len(hyps)))
+        old += LLM_PRIOR * tastes.matches([prior[a] for a in attrs if a in prior])
+        logp += OLD_GUESS * tastes.matches(hyps[int(np.argmax(old))])
     post = np.exp(logp - logp.max())
     post /= post.sum()
     top = int(np.argmax(post))
@@ -438,12 +473,12 @@ def _choose_after_change(vocab, named: set[str], best: dict[str, str], prior: di
     # whose predicted picks and stars, with those of the images already in the round, split the likely
     # tastes into the groups of largest entropy (a round that every likely taste answers differently)
     order = np.argsort(-post, kind="stable")
-    tastes, pool = order[:DESIGN_TASTES], [int(i) for i in order[:DESIGN_POOL]]
-    weight = post[tastes] / post[tastes].sum()
-    rows = (table[tastes][:, None, :] == table[pool][None, :, :]).sum(axis=2).astype(int)
+    rows_, pool = order[:DESIGN_TASTES], [int(i) for i in order[:DESIGN_POOL]]
+    weight = post[rows_] / post[rows_].sum()
+    counts = (tastes.table[rows_][:, None, :] == tastes.table[pool][None, :, :]).sum(axis=2).astype(int)
     design, variants = [0], []  # pool[0] is the best guess
     for _ in range(min(MAX_DESIGN, len(pool) - 1)):
-        value = {j: _design_value(rows[:, design + [j]], weight) for j in range(len(pool)) if j not in design}
+        value = {j: _design_value(counts[:, design + [j]], weight) for j in range(len(pool)) if j not in design}
         j = max(value, key=lambda j: (value[j], -j))
         design.append(j)
         variant = {**guess, **dict(zip(attrs, hyps[pool[j]]))}
