@@ -18,10 +18,11 @@ reach, so personalization by feedback happens *around* the LLM, on the keywords:
    (keywords with net negative evidence drop out, liked ones come in).
 4. Exploration asks about the least certain attribute: the candidates differ from the best guess in
    exactly that attribute's next-best values, so one pick answers it.
-5. After a change point of the whole taste (a round rated a star lower than before), the taste is
-   re-learnt jointly over the attributes from the picks *and* the stars of every candidate, and the
-   candidates are a design that varies several attributes at once (``_choose_after_change``): one-attribute
-   variants cannot re-ask a taste that moved on every attribute within two rounds.
+5. After a change point of the whole taste (a round's best rating a star lower than before), the rounds
+   are asked whether and where the taste changed (``_change_round``); from there it is re-learnt jointly
+   over the attributes from the picks *and* the stars of every candidate, and the candidates are a design
+   that varies several attributes at once (``_choose_after_change``): one-attribute variants cannot
+   re-ask a taste that moved on every attribute within two rounds.
 
 This module is pure (no database, no services): the gateway reads the rows, the preference core calls it.
 """
