@@ -71,7 +71,8 @@ def simulate(world, users, vocab, cfg, rounds: int, noise: float, drift_at: int 
             ex = (pz.feedback_evidence(rows, table, float(cfg["feedback_evidence_cap"]), 0.0, 0, fast,
                                        float(cfg.get("feedback_change_drop", 0.0)), pz.prior_scores(llm, hist))
                   if fast else None)
-            choice = pz.choose_keywords(llm, vocab, target, hist, ev.scores, 4, ev.prior_scale, ev.reset, ex)
+            choice = pz.choose_keywords(llm, vocab, target, hist, ev.scores, 4, ev.prior_scale, ev.reset, ex,
+                                        ev.rounds_seen, ev.change_round)
             shown = [choice.keywords] + [choice.variants[(k - 1) % len(choice.variants)][1] if choice.variants
                                          else choice.keywords for k in range(1, candidates)]
             per_round[r].append(all(shows(shown[0], vocab).get(a) == taste[a] for a in OPEN))

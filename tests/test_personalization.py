@@ -6,6 +6,7 @@ history's guess comes from the vocabulary evidence of the captions, and feedback
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -196,3 +197,57 @@ def test_a_moved_taste_is_followed_at_the_change_point():
     _round(rows, 2, [["red", "dark background"], ["red", "light background"], ["blue", "dark background"]],
            1, [2, 3, 2])  # best rating fell from 5 to 3: the whole taste is in question, the history's too
     assert _best(rows) == ["red", "light background"]
+
+
+DRIFT_VOCAB = {"colour": ["red", "blue", "green", "yellow"],
+               "background": ["dark background", "light background", "grey background"], "size": ["small", "large"]}
+
+
+def _rounds_with_drift(before: tuple, after: tuple, rounds: int = 5, drift_at: int = 2) -> list[list[str]]:
+    """Candidate 0 of each round for a user who answers the four candidates (best guess + three variants)
+    with a pick and 1-5 stars (2 + favourite values shown), taste ``before`` until ``drift_at``, then
+    ``after``; the preference core's calls (steady evidence, exploration planned at 0.3 per round)."""
+    vocab, llm, rows, best = KeywordVocabulary(DRIFT_VOCAB), list(before), [], []
+    for n in range(rounds):
+        taste = after if n >= drift_at else before
+        kw = {"table": pz.DEFAULT_SIGNAL_WEIGHTS, "cap": 4.0, "change_drop": 1.0, "prior": pz.prior_scores(llm, {})}
+        ev = pz.feedback_evidence(rows, **kw)
+        fast = pz.feedback_evidence(rows, round_decay=0.3, **kw) if rows else None
+        choice = pz.choose_keywords(llm, vocab, "a star", {}, ev.scores, 4, ev.prior_scale, ev.reset, fast,
+                                    ev.rounds_seen, ev.change_round)
+        best.append(choice.keywords)
+        shown = [choice.keywords] + [choice.variants[k % len(choice.variants)][1] for k in range(3)]
+        stars = [2.0 + sum(kw in taste for kw in kws) for kws in shown]
+        _round(rows, n, shown, max(range(4), key=lambda i: (stars[i], -i)), stars)
+    return best
+
+
+def test_a_taste_that_moved_on_every_attribute_is_relearnt_within_two_rounds(monkeypatch):
+    """Issue 20, drifting users: after a change point of the whole taste the attributes are re-learnt
+    jointly from picks and stars, with candidates that vary several attributes at once. One-attribute
+    variants (the mechanism switched off) recover none of these tastes by then."""
+    before = ("red", "dark background", "small")
+    moved = [after for after in itertools.product(*DRIFT_VOCAB.values())
+             if all(a != b for a, b in zip(after, before))]
+    assert len(moved) == 6
+    for after in moved:
+        best = _rounds_with_drift(before, after)
+        assert best[1] == list(before)  # settled before the drift
+        assert best[4] == list(after), (after, best)  # two rounds after it
+    monkeypatch.setattr(pz, "_change_round", lambda *args: None)  # the joint re-learning off
+    assert not any(_rounds_with_drift(before, after)[4] == list(after) for after in moved)
+
+
+def test_after_a_change_point_the_candidates_vary_several_attributes():
+    rows: list = []
+    shown = [["red", "dark background"], ["blue", "dark background"], ["red", "light background"]]
+    for n in range(2):
+        _round(rows, n, shown, 0, [5, 4, 4])
+    _round(rows, 2, shown, 0, [1, 1, 1])  # every image at the lowest star now: the whole taste moved
+    ev = pz.feedback_evidence(rows, pz.DEFAULT_SIGNAL_WEIGHTS, 4.0, change_drop=1.0,
+                              prior=pz.prior_scores(["red", "dark background"], {}))
+    assert ev.change_round == 2 and len(ev.rounds_seen) == 3
+    choice = pz.choose_keywords(["red", "dark background"], KeywordVocabulary(VOCAB), "a star", {}, ev.scores, 4,
+                                ev.prior_scale, ev.reset, None, ev.rounds_seen, ev.change_round)
+    assert "red" not in choice.keywords and "dark background" not in choice.keywords  # both ruled out
+    assert any("+" in attr for attr, _ in choice.variants[:3])  # a candidate varies both attributes

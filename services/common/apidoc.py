@@ -26,7 +26,9 @@ FLAGS = {
     "NO_KEYWORDS": "No keyword survived validation: the render used the prompt (and soft tokens) only.",
     "EXPLORED": "This result's keywords were varied on purpose: the request's candidate > 0 changes the attribute "
                 "the user's signals leave least certain (explored_attribute names it), or exploration is on "
-                "(setting explore_rate). A pick between such images answers that attribute.",
+                "(setting explore_rate). A pick between such images answers that attribute. After a change of "
+                "the user's whole taste the candidates may vary several attributes at once (\"colour+background\"), "
+                "chosen so that the picks and ratings of the round tell them apart.",
     "FEEDBACK_APPLIED": "The user's feedback on earlier images was read as evidence (feedback_used lists the ids).",
     "KEYWORDS_CHANGED_BY_FEEDBACK": "That feedback changed the keywords the history alone would give.",
     "FEEDBACK_CONTRADICTION_LATEST_WINS": "The user gave opposite feedback on one image (like, then dislike): the "

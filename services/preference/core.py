@@ -132,7 +132,8 @@ class PreferenceCore:
                 fast = float(cfg.get("feedback_explore_decay", 0.0))
                 choice = pz.choose_keywords(base.keywords, encoder.vocab, target, hist, evidence.scores,
                                             int(cfg["max_keywords"]), evidence.prior_scale, evidence.reset,
-                                            evidence_for(fast) if fast and feedback else None)
+                                            evidence_for(fast) if fast and feedback else None,
+                                            evidence.rounds_seen, evidence.change_round)
                 keywords, changed = encoder.vocab.validate(choice.keywords, target)[0], choice.changed_by_feedback
                 if candidate > 0:
                     keywords, explored = self._variant(encoder, choice, keywords, captions, target, candidate,
