@@ -4,10 +4,7 @@ Four kinds, chosen by catalog size and by what a recall measurement on the
 catalog shows (``index_tuning``):
 
 * ``flat``: exact inner-product search (``IndexIDMap(IndexFlatIP)``).
-* ``ivf``: inverted lists, the search effort is ``nprobe``. About sqrt(n) lists by default;
-  ``auto`` also tries *fine* lists (about ``fine_list_size`` vectors each) when those miss the
-  target, and from ``hnsw_quantizer_from`` lists on they are found through an HNSW graph over the
-  centroids (in k-means and in search), FAISS's recipe for many lists.
+* ``ivf``: inverted lists, the search effort is ``nprobe``.
 * ``ivfpq``: the same lists scanned as PQ fast-scan codes, the best
   ``rerank * k`` re-ranked exactly (:class:`~index_pq.RerankedIVF`); effort ``nprobe``.
 * ``hnsw``: a graph (:class:`GraphIndex`), the search effort is ``efSearch``.
@@ -95,18 +92,7 @@ class IndexConfig:
     ivf_codec: str = "Flat"
     """How IVF stores vectors: ``Flat`` (float32), ``SQfp16`` or ``SQ8``."""
     train_points_per_list: int = 64
-    """k-means sample size per list (n is subsampled to nlist * this, at most ``max_train_points``)."""
-    max_train_points: int = 400_000
-    """k-means never trains on more vectors than this (the fine IVF's 40,000 lists at 1M: 10 each)."""
-    fine_list_size: int = 25
-    """``auto``'s fine IVF: about this many vectors per list (n / this lists), tried when sqrt(n)
-    lists and their PQ codes miss the target. A catalog of many small clusters (issue 22's
-    many-clusters: 20,000 clusters of 50 at 1M) needs lists no larger than its clusters: with
-    half as many lists as clusters, recall@10 stayed below 0.82 at any nprobe (100k), with twice
-    as many it was 0.996 at nprobe 4 (bench/RESULTS.md)."""
-    hnsw_quantizer_from: int = 4096
-    """IVF with at least this many lists finds its nearest lists through an HNSW graph over the
-    centroids (k-means assignment and search) instead of scanning every centroid."""
+    """k-means sample size per list (n is subsampled to nlist * this)."""
     kmeans_iters: int = 10
     regrow_factor: float = 4.0
     """Retrain an IVF index once it holds this many times the vectors it was trained on."""
@@ -319,27 +305,20 @@ class GraphIndex:
 # --------------------------------------------------------------------------- construction
 
 
-def new_index(kind: str, dim: int, n: int, config: IndexConfig, nlist: int | None = None) -> Any:
-    """An empty index of ``kind`` for about ``n`` vectors; ids are external (Item.pk).
-    ``nlist`` (IVF kinds) overrides the default list count."""
+def new_index(kind: str, dim: int, n: int, config: IndexConfig) -> Any:
+    """An empty index of ``kind`` for about ``n`` vectors; ids are external (Item.pk)."""
     if kind == FLAT:
         return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
     if kind == HNSW:
         return GraphIndex(dim, config.hnsw_m, config.hnsw_ef_construction)
     if kind == IVFPQ:  # the float half is a plain IVF-Flat (its vectors re-rank exactly)
-        return RerankedIVF(new_ivf(dim, n, config, "Flat", nlist), config.rerank)
-    return new_ivf(dim, n, config, config.ivf_codec, nlist)
+        return RerankedIVF(new_ivf(dim, n, config, "Flat"), config.rerank)
+    return new_ivf(dim, n, config, config.ivf_codec)
 
 
-def fine_nlist(n: int, config: IndexConfig) -> int:
-    """The fine IVF's list count: about ``fine_list_size`` vectors per list."""
-    return max(1, n // config.fine_list_size)
-
-
-def new_ivf(dim: int, n: int, config: IndexConfig, codec: str, nlist: int | None = None) -> Any:
-    nlist = nlist or default_nlist(n, config)
-    graph = "_HNSW32" if nlist >= config.hnsw_quantizer_from else ""
-    index = faiss.index_factory(dim, f"IVF{nlist}{graph},{codec}", faiss.METRIC_INNER_PRODUCT)
+def new_ivf(dim: int, n: int, config: IndexConfig, codec: str) -> Any:
+    nlist = default_nlist(n, config)
+    index = faiss.index_factory(dim, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.spherical = True  # unit vectors: centroids on the sphere suit inner product
     ivf.cp.niter = config.kmeans_iters
@@ -358,18 +337,10 @@ def train_index(
         return
     ivf = faiss.extract_index_ivf(index.exact if isinstance(index, RerankedIVF) else index)
     rows = train_rows(len(vectors), ivf.nlist, config, rows)
-    keepalive = _gpu_clustering_index(ivf, config)
-    if keepalive is None and has_graph_quantizer(ivf):
-        # k-means assigns its training points through a graph too: exact assignment to 40,000
-        # centroids was most of a 1M build (100k, 4,096 lists: 10x faster, same recall)
-        keepalive = ivf.clustering_index = faiss.IndexHNSWFlat(ivf.d, 32, faiss.METRIC_INNER_PRODUCT)
+    gpu_keepalive = _gpu_clustering_index(ivf, config)
     index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     ivf.clustering_index = None
-    del keepalive
-
-
-def has_graph_quantizer(ivf: Any) -> bool:
-    return isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+    del gpu_keepalive
 
 
 def train_rows(
@@ -377,7 +348,7 @@ def train_rows(
 ) -> np.ndarray:
     """A seeded subsample of ``rows`` (default all n), ``train_points_per_list`` per list."""
     rows = np.arange(n) if rows is None else rows
-    want = min(nlist * config.train_points_per_list, config.max_train_points)
+    want = nlist * config.train_points_per_list
     if len(rows) > want:
         rows = np.sort(np.random.default_rng(config.seed).choice(rows, want, replace=False))
     return rows
@@ -413,13 +384,12 @@ def build_index(
     config: IndexConfig,
     kind: str | None = None,
     rows: np.ndarray | None = None,
-    nlist: int | None = None,
 ) -> Any:
     """Build ``kind`` (default: by size), train it and add ``vectors[rows]`` under ``ids[rows]``
     (all rows by default; gathered a chunk at a time, never copied whole)."""
     rows = np.arange(len(vectors)) if rows is None else rows
     n, dim = len(rows), vectors.shape[1]
-    index = new_index(kind or size_kind(n, config), dim, n, config, nlist)
+    index = new_index(kind or size_kind(n, config), dim, n, config)
     train_index(index, vectors, config, rows)
     t0 = time.perf_counter()
     for start in range(0, n, ADD_CHUNK):
@@ -502,11 +472,7 @@ def max_effort(index: Any) -> int:
 def search_parameters(index: Any, effort: int | None, sel: Any = None) -> faiss.SearchParameters:
     """FAISS search parameters for flat and IVF (``effort`` = nprobe)."""
     if index_kind(index) == IVF:
-        nprobe = int(effort or 1)
-        if has_graph_quantizer(faiss.extract_index_ivf(index)):  # the graph must return nprobe lists
-            graph = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe))
-            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe, quantizer_params=graph)
-        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        return faiss.SearchParametersIVF(sel=sel, nprobe=int(effort or 1))
     return faiss.SearchParameters(sel=sel)
 
 

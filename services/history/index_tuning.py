@@ -27,10 +27,8 @@ from pigment.services.history.index_factory import (
     add_pq,
     build_index,
     effort_name,
-    fine_nlist,
     index_kind,
     max_effort,
-    nlist_of,
     search,
 )
 from pigment.services.history.index_pq import one_thread
@@ -315,9 +313,7 @@ def _beyond_ivf(
     attempts: list[Attempt],
     started: float,
 ) -> tuple[Any, RecallReport]:
-    """IVF missed: try IVF-PQ on its lists, then fine IVF lists, then (budget allowing) HNSW;
-    keep the best. At most one catalog-sized index besides the best one's recipe is in memory:
-    a loser is dropped and, in the rare case it was the best, rebuilt (same seed, same index)."""
+    """IVF missed: try IVF-PQ on its lists, then (budget allowing) HNSW; keep the best."""
     log.info(
         "IVF reaches recall@10 %.3f at nprobe %s (target %.2f within max_scan %d): trying IVF-PQ",
         ivf_report.recall_at_10,
@@ -334,41 +330,23 @@ def _beyond_ivf(
     best, best_report = max(candidates, key=lambda c: _rank(c[1], c[0], config))
     if cheap_enough(best_report, best, config):
         return best, best_report
-    coarse = nlist_of(ivf)
-    recipe = (best_report.kind, coarse)  # how to rebuild the best so far
-    best_rank = _rank(best_report, best, config)
-    del ivf, pq, best, candidates  # never two catalog-sized indexes in memory at once
-
-    fine = fine_nlist(len(rest), config)
-    if fine >= 2 * coarse:  # lists no larger than a small cluster (issue 22's many-clusters)
-        log.info("IVF-PQ missed too: trying fine IVF lists (%d, ~%d vectors each)", fine,
-                 config.fine_list_size)
-        t0 = time.perf_counter()
-        index = build_index(vectors, pks, config, kind=IVF, rows=rest, nlist=fine)
-        report = tune(index, sample, config, bounded=True)
-        attempts.append(Attempt(IVF, time.perf_counter() - t0, report))
-        if cheap_enough(report, index, config):
-            return index, report
-        if _rank(report, index, config) > best_rank:
-            recipe, best_rank = (IVF, fine), _rank(report, index, config)
-        del index
-
     left = config.build_budget_s - (time.perf_counter() - started)
     projected = project_hnsw_build_s(vectors, pks, rest, config)
     if projected > left:
         why = f"projected build {projected:.0f}s > {left:.0f}s left of build_budget_s"
-        log.warning("item index: not building HNSW (%s); keeping %s", why, recipe[0])
+        log.warning("item index: not building HNSW (%s); keeping %s", why, best_report.kind)
         attempts.append(Attempt(HNSW, 0.0, None, skipped=why))
-    else:
-        t0 = time.perf_counter()
-        graph = build_index(vectors, pks, config, kind=HNSW, rows=rest)
-        graph_report = tune(graph, sample, config)
-        attempts.append(Attempt(HNSW, time.perf_counter() - t0, graph_report))
-        if _rank(graph_report, graph, config) >= best_rank:
-            return graph, graph_report
-        del graph
-    kind, nlist = recipe
-    index = build_index(vectors, pks, config, kind=IVF, rows=rest, nlist=nlist)
-    if kind == IVFPQ:
+        return best, best_report
+    best_kind, best_rank = best_report.kind, _rank(best_report, best, config)
+    del ivf, pq, best, candidates  # never two catalog-sized indexes in memory at once
+    t0 = time.perf_counter()
+    graph = build_index(vectors, pks, config, kind=HNSW, rows=rest)
+    graph_report = tune(graph, sample, config)
+    attempts.append(Attempt(HNSW, time.perf_counter() - t0, graph_report))
+    if _rank(graph_report, graph, config) >= best_rank:
+        return graph, graph_report
+    del graph  # rare: the graph measured worse; rebuild the best (same seed, same index)
+    index = build_index(vectors, pks, config, kind=IVF, rows=rest)
+    if best_kind == IVFPQ:
         index = add_pq(index, vectors, pks, config, rest)
     return index, tune(index, sample, config, bounded=True)
