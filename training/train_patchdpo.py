@@ -8,7 +8,9 @@ in a few local patches, so a whole-image preference is too coarse. Here:
    projector tokens); estimate each candidate's per-patch quality against the
    reference; the best-scoring candidate is chosen, the worst rejected.
 2. Patch quality (``patch_quality``): a *frozen* vision backbone's patch
-   features, the preset's CLIP vision tower (``ImagePatches``, block ``QUALITY_LAYER``): each generated
+   features, the same encoder (and block) the reference projector reads (``ImagePatches``; on the toy
+   preset its ``reference_encoder``, which sees shape; the toy CLIP tower did not, so its quality carried
+   no shape signal, bench/RESULTS.md): each generated
    foreground patch scores its best cosine to any foreground patch of the
    reference; background patches (close to the image's own corner patches)
    score 1, since the prompt, not the reference, decides the background. Not
@@ -46,10 +48,6 @@ from PIL import Image
 from tqdm import tqdm
 
 BACKGROUND_COS = 0.9  # a patch this close to the image's corner patches is background
-# Which block's patch features: on the toy CLIP tower the first block's separate colours best (same subject
-# ranked above another colour in 0.95 of 60 triplets, the last block 0.82); neither separates shapes well
-# (0.60): a 4-pixel patch sees colour, shape is spread over many patches.
-QUALITY_LAYER = 1
 WEIGHT_FLOOR = 0.1
 
 
@@ -173,7 +171,9 @@ def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, 
     image_dir = out_path.parent / f"{out_path.stem}-images"
     image_dir.mkdir(parents=True, exist_ok=True)
     renderer, encoder = Renderer(preset), ReferenceEncoder(preset)
+    # the projector's encoder and block: a quality model blind to what the projector reads could not fix it
     patches = ImagePatches(preset, encoder.projector.config["image_encoder"])
+    layer = encoder.projector.config.get("feature_layer", -1)
     rng = np.random.default_rng([seed, 5])
     subjects = subjects or ts.train_subjects()
     drawn = []
@@ -185,7 +185,7 @@ def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, 
         inputs = RenderInputs(segments=[prompt], reference_tokens=encoder.tokens(list(refs)), num_images=candidates,
                               seed=seed * 100_003 + n * candidates)
         images = np.stack([np.asarray(im.convert("RGB")) for im in renderer.render(inputs).images])
-        ref_feats, gen_feats = patches(list(refs), layer=QUALITY_LAYER), patches(list(images), layer=QUALITY_LAYER)
+        ref_feats, gen_feats = patches(list(refs), layer=layer), patches(list(images), layer=layer)
         raw = [patch_quality(g, list(ref_feats), patches.grid) for g in gen_feats]
         drawn.append((subject.name, prompt, refs, images, raw))
     lo, hi = calibrate([q for *_, raw in drawn for q in raw])
