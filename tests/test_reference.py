@@ -104,6 +104,19 @@ def test_patchdpo_pairs_and_trainer(tmp_path, ref_preset):
     assert (tmp_path / "run" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_patchdpo_global_ranking_keeps_the_widest_gaps(tmp_path, ref_preset):
+    from pigment.training.train_patchdpo import make_patch_pairs
+
+    every = make_patch_pairs(ref_preset, tmp_path / "all.jsonl", cases=4, candidates=3, seed=1, ranking="global")
+    kept = make_patch_pairs(ref_preset, tmp_path / "kept.jsonl", cases=4, candidates=3, seed=1, ranking="global",
+                            keep=0.5)
+    gap = lambda r: r["scores"]["chosen"] - r["scores"]["rejected"]
+    assert len(kept) == -(-len(every) // 2) and all(gap(r) > 0 for r in every)
+    assert sorted(map(gap, kept)) == sorted(map(gap, every))[-len(kept):]  # the widest gaps, not the first cases
+    with pytest.raises(SystemExit):
+        make_patch_pairs(ref_preset, tmp_path / "x.jsonl", cases=1, candidates=2, ranking="clip")
+
+
 def _quality_patches():
     """The toy preset's patch features as PatchDPO scores them: the projector's own encoder and block."""
     from pigment.models.loader import load_component
