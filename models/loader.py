@@ -39,6 +39,8 @@ KINDS: dict[str, str] = {
     "preference_head": "pigment.models.preference_head:PreferenceHead",
     "probe": "pigment.models.probe:AttributeProbe",
     "image_encoder": "transformers:CLIPVisionModel",
+    "dino_encoder": "transformers:Dinov2Model",  # a real preset's reference encoder (DINOv2: identity, not captions)
+    "reference_encoder": "pigment.models.subject_encoder:SubjectEncoder",  # the toy preset's stand-in for one
     "reference_projector": "pigment.models.reference:ReferenceProjector",
 }
 _ALLOWED_MODULES = ("diffusers", "transformers", "pigment.models")

@@ -1,8 +1,12 @@
 """Reference conditioning: a subject's images -> extra conditioning tokens (the IP-Adapter-Plus route).
 
-A frozen image encoder (the preset's CLIP vision tower, or an ``image_encoder``
-component where the preset has one) turns each reference image into patch
-features; a small trained resampler (``reference_projector``: K learned queries
+A frozen image encoder turns each reference image into patch features. Which
+one is the projector's ``image_encoder`` setting (a component name, chosen in
+the training config): a real preset points it at a real vision backbone
+(``image_encoder``: CLIP-ViT, ``dino_encoder``: DINOv2, whose features carry a
+subject's identity rather than a caption's words); the toy preset uses its
+``reference_encoder`` (models/subject_encoder.py), because the toy CLIP's tower
+barely encodes shape (bench/RESULTS.md, issue 21). Then a small trained resampler (``reference_projector``: K learned queries
 attending over the patch features of all references, then an MLP into the text
 encoder's width) turns them into K tokens. The renderer appends those tokens to
 the text conditioning along the token axis, as it does PMG's soft tokens, so the
@@ -82,7 +86,7 @@ def has_reference(preset_dir: str | Path) -> bool:
 
 
 class ImagePatches:
-    """A frozen CLIP-style vision tower -> per-patch features (last hidden state, CLS included)."""
+    """A frozen vision tower (CLIP / DINOv2 / the toy SubjectEncoder) -> per-patch features (CLS/pooled first)."""
 
     def __init__(self, preset_dir: str | Path, component: str = "clip", device: str = "cpu"):
         model = load_component(preset_dir, component)

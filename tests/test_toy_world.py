@@ -216,11 +216,21 @@ def test_trainers_run_tiny(tmp_path):
     small = tw.ToyWorld(seed=1, n_items=216, n_users=12)
     train_keyword_llm.train_keyword_llm(tmp_path, steps=2, batch_size=4, world=small, n_eval=4,
                                         progress=False)
+    from pigment.training.train_subject_encoder import train_subject_encoder
+    enc = train_subject_encoder(tmp_path, steps=2, batch_subjects=4, views=2, per_subject=4, progress=False)
+    assert np.isfinite(enc["loss_last"]) and 0 <= enc["heldout_shape_accuracy"] <= 1
     (tmp_path / "preference.json").write_text(json.dumps({"soft_weight": 0.5}))  # tuned after a PMG eval
     manifest = write_preset_manifest(tmp_path, seed=0)
-    assert set(manifest["components"]) >= {"probe", "vae", "unet", "clip", "llm", "scheduler"}
-    for name in ("probe", "unet", "clip_tokenizer", "llm", "scheduler"):
+    assert set(manifest["components"]) >= {"probe", "vae", "unet", "clip", "llm", "scheduler", "reference_encoder"}
+    for name in ("probe", "unet", "clip_tokenizer", "llm", "scheduler", "reference_encoder"):
         assert load_component(tmp_path, name) is not None
+    # Top-level entries other commands added (an edit table, retrain settings, the sampler dtype) survive a rewrite.
+    extra = {**manifest, "retrain": {"every": 3}, "files": {**manifest["files"], "edit": "edit.json"},
+             "defaults": {**manifest["defaults"], "dtype": "fp32"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(extra))
+    manifest = write_preset_manifest(tmp_path, seed=0)
+    assert manifest["retrain"] == {"every": 3} and manifest["files"]["edit"] == "edit.json"
+    assert manifest["defaults"]["dtype"] == "fp32" and manifest["files"]["metrics"] == "training_metrics.json"
 
     # Rewriting the manifest after a stage keeps what other commands added: the PMG head and its weights.
     from pigment.models.preference_head import PreferenceHead

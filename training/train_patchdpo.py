@@ -8,7 +8,9 @@ in a few local patches, so a whole-image preference is too coarse. Here:
    projector tokens); estimate each candidate's per-patch quality against the
    reference; the best-scoring candidate is chosen, the worst rejected.
 2. Patch quality (``patch_quality``): a *frozen* vision backbone's patch
-   features, the preset's CLIP vision tower (``ImagePatches``, block ``QUALITY_LAYER``): each generated
+   features, the same encoder (and block) the reference projector reads (``ImagePatches``; on the toy
+   preset its ``reference_encoder``, which sees shape; the toy CLIP tower did not, so its quality carried
+   no shape signal, bench/RESULTS.md): each generated
    foreground patch scores its best cosine to any foreground patch of the
    reference; background patches (close to the image's own corner patches)
    score 1, since the prompt, not the reference, decides the background. Not
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +49,6 @@ from PIL import Image
 from tqdm import tqdm
 
 BACKGROUND_COS = 0.9  # a patch this close to the image's corner patches is background
-# Which block's patch features: on the toy CLIP tower the first block's separate colours best (same subject
-# ranked above another colour in 0.95 of 60 triplets, the last block 0.82); neither separates shapes well
-# (0.60): a 4-pixel patch sees colour, shape is spread over many patches.
-QUALITY_LAYER = 1
 WEIGHT_FLOOR = 0.1
 
 
@@ -98,6 +97,12 @@ def image_score(quality: np.ndarray) -> float:
     return float(fg.mean()) if len(fg) else 0.0
 
 
+def image_similarity(generated: torch.Tensor, references: list[torch.Tensor]) -> float:
+    """Whole-image similarity: cosine of the encoder's pooled/CLS token to the references' (DreamBench's DINO score)."""
+    return float(np.mean([torch.nn.functional.cosine_similarity(generated[0].float(), r[0].float(), dim=0).item()
+                          for r in references]))
+
+
 def patch_weights(quality: np.ndarray, chosen: bool) -> np.ndarray:
     """The loss weight map: quality for the chosen image, 1 - quality for the rejected; mean 1."""
     w = (quality if chosen else 1.0 - quality) + WEIGHT_FLOOR
@@ -109,6 +114,16 @@ def patch_weights(quality: np.ndarray, chosen: bool) -> np.ndarray:
 class PatchDPOConfig(DiffusionDPOConfig):
     out: str = "runs/patchdpo"
     beta: float = 2500.0
+    # Which candidate is chosen / rejected (the patch maps weight the loss either way): "patch", the mean patch
+    # quality; "global", the pooled-token cosine. On the toy reference_encoder, among 200 training cases x 6
+    # candidates, "global" put a probe-correct subject over a wrong one in 13 pairs and never the reverse, "patch"
+    # 7 against 1: a wrong shape still matches the reference patch by patch (bench/RESULTS.md).
+    ranking: str = "patch"
+    # Keep this share of cases, those with the largest chosen-rejected gap: most candidates of a case are all
+    # right, and such pairs teach nothing about identity (top 30% by global gap: 10 of the 13 informative pairs).
+    # Measured on the toy preset, "global" + 0.3 gave cleaner pairs but no better LoRA than "patch" + 1.0, the
+    # shipped config (bench/out/patchdpo_sweep.json).
+    pair_keep: float = 1.0
 
 
 class PatchDPOTrainer(DiffusionDPOTrainer):
@@ -161,19 +176,24 @@ def read_patch_pairs(path: str | Path) -> list[PatchPair]:
 
 
 def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, candidates: int = 4,
-                     seed: int = 0, subjects=None) -> list[dict]:
-    """Render ``candidates`` per (training subject, prompt) with reference conditioning; score patches; write pairs."""
+                     seed: int = 0, subjects=None, ranking: str = "patch", keep: float = 1.0) -> list[dict]:
+    """Render ``candidates`` per (training subject, prompt) with reference conditioning; score patches; write the
+    best-vs-worst pair of the ``keep`` share of cases with the largest gap (``ranking``: see PatchDPOConfig)."""
     from pigment.models.pipeline import Renderer, RenderInputs
     from pigment.models.reference import ImagePatches, ReferenceEncoder
     from pigment.training import toy_subjects as ts
 
+    if ranking not in ("patch", "global"):
+        raise SystemExit(f"ranking must be 'patch' or 'global', not {ranking!r}")
     if candidates < 2:
         raise SystemExit("need at least 2 candidates per case to make a pair")
     out_path = Path(out_path)
     image_dir = out_path.parent / f"{out_path.stem}-images"
     image_dir.mkdir(parents=True, exist_ok=True)
     renderer, encoder = Renderer(preset), ReferenceEncoder(preset)
+    # the projector's encoder and block: a quality model blind to what the projector reads could not fix it
     patches = ImagePatches(preset, encoder.projector.config["image_encoder"])
+    layer = encoder.projector.config.get("feature_layer", -1)
     rng = np.random.default_rng([seed, 5])
     subjects = subjects or ts.train_subjects()
     drawn = []
@@ -185,17 +205,20 @@ def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, 
         inputs = RenderInputs(segments=[prompt], reference_tokens=encoder.tokens(list(refs)), num_images=candidates,
                               seed=seed * 100_003 + n * candidates)
         images = np.stack([np.asarray(im.convert("RGB")) for im in renderer.render(inputs).images])
-        ref_feats, gen_feats = patches(list(refs), layer=QUALITY_LAYER), patches(list(images), layer=QUALITY_LAYER)
+        ref_feats, gen_feats = patches(list(refs), layer=layer), patches(list(images), layer=layer)
         raw = [patch_quality(g, list(ref_feats), patches.grid) for g in gen_feats]
-        drawn.append((subject.name, prompt, refs, images, raw))
-    lo, hi = calibrate([q for *_, raw in drawn for q in raw])
-    records = []
-    for n, (name, prompt, refs, images, raw) in enumerate(drawn):
+        drawn.append((subject.name, prompt, refs, images, raw, [image_similarity(g, list(ref_feats)) for g in gen_feats]))
+    lo, hi = calibrate([q for *_, raw, _ in drawn for q in raw])
+    scored = []
+    for n, (name, prompt, refs, images, raw, similarity) in enumerate(drawn):
         quality = [normalise(q, lo, hi) for q in raw]
-        scores = [image_score(q) for q in quality]
+        scores = similarity if ranking == "global" else [image_score(q) for q in quality]
         best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        if scores[best] - scores[worst] < 1e-3:
-            continue
+        if scores[best] - scores[worst] >= 1e-3:
+            scored.append((scores[best] - scores[worst], n, name, prompt, refs, images, quality, scores, best, worst))
+    scored.sort(key=lambda x: -x[0])
+    records = []
+    for _, n, name, prompt, refs, images, quality, scores, best, worst in scored[:int(np.ceil(keep * len(scored)))]:
         rec = {"subject": name, "segments": [prompt], "scores": {"chosen": scores[best], "rejected": scores[worst]},
                "chosen_quality": quality[best].round(4).tolist(), "rejected_quality": quality[worst].round(4).tolist(),
                "calibration": [lo, hi], "reference_images": []}
@@ -212,10 +235,12 @@ def make_patch_pairs(preset: str | Path, out_path: str | Path, cases: int = 64, 
 
 
 def run(args) -> int:
-    return run_dpo(args, PatchDPOConfig, PatchDPOTrainer, make_patch_pairs, read_patch_pairs, "patchdpo")
+    cfg = PatchDPOConfig.load(args.config)  # the pair options; run_dpo reads the rest
+    make = partial(make_patch_pairs, ranking=cfg.ranking, keep=cfg.pair_keep)
+    return run_dpo(args, PatchDPOConfig, PatchDPOTrainer, make, read_patch_pairs, "patchdpo")
 
 
 def register(train_sub) -> None:
     register_dpo(train_sub, "patchdpo", "PatchDPO: patch-weighted Diffusion-DPO for reference-image generation",
                  "PatchDPOConfig", "pairs JSONL (prompt, reference, chosen/rejected + patch quality)",
-                 "first write N toy-world pairs to --pairs (training subjects, CLIP patch quality)", run)
+                 "first write N toy-world pairs to --pairs (training subjects, reference-encoder patch quality)", run)

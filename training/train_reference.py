@@ -41,7 +41,8 @@ from tqdm import tqdm
 class ReferenceConfig:
     preset: str = "models/presets/toy"
     out: str = "runs/reference"
-    image_encoder: str = "clip"       # the preset component whose vision tower gives the patch features
+    image_encoder: str = "clip"       # the preset component giving the patch features (toy: reference_encoder;
+    #                                   a real preset: image_encoder (CLIP-ViT) or dino_encoder (DINOv2))
     depth: int = 2                    # self-attention layers over the patches before the resampler
     feature_layer: int = -1           # which block of the image encoder gives the patches (-1: the last)
     num_tokens: int = 14              # the text encoder's segment length: the tokens read like one more segment

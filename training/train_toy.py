@@ -6,7 +6,8 @@
 Stages (in order): probe, vae, vae_decoder (decoder-only fine-tune), unet (+ text_encoder,
 tokenizer, scheduler; constant learning rate), unet_anneal (continues them with the rate
 annealed: probe shape accuracy 0.56 -> 0.95), unet_focus (continues them on items that
-oversample the values the annealed renderer draws worst: small, grey, stars), clip, llm. Each writes its components as
+oversample the values the annealed renderer draws worst: small, grey, stars), clip, llm,
+reference_encoder (the reference path's image backbone, models/subject_encoder.py). Each writes its components as
 safetensors + config json and merges its numbers into ``training_metrics.json``; the
 manifest (sha256 of every file, training command, data seed, sampler defaults) is
 rewritten at the end from whatever components the directory holds, keeping entries that
@@ -27,9 +28,9 @@ import torch
 from pigment.models.loader import read_manifest, write_manifest
 from pigment.training.toy_world import keywords_table
 
-STAGES = ("probe", "vae", "vae_decoder", "unet", "unet_anneal", "unet_focus", "clip", "llm")
+STAGES = ("probe", "vae", "vae_decoder", "unet", "unet_anneal", "unet_focus", "clip", "llm", "reference_encoder")
 DEFAULT_STEPS = {"probe": 1200, "vae": 900, "vae_decoder": 1200, "unet": 3000, "unet_anneal": 3000,
-                 "unet_focus": 1500, "clip": 600, "llm": 2000}
+                 "unet_focus": 1500, "clip": 600, "llm": 2000, "reference_encoder": 600}
 # Stages that continue another stage's component, in order (their commands follow its in the manifest).
 FOLLOW_UPS = {"vae": ("vae_decoder",), "unet": ("unet_anneal", "unet_focus"), "unet_anneal": ("unet_focus",)}
 # Conditioning weights chosen on the `val` split (bench/RESULTS.md): beside the keywords, pmg joint
@@ -42,7 +43,7 @@ COMPONENTS = {
     "text_encoder": ("unet", "text_encoder"), "tokenizer": ("unet", "tokenizer"),
     "scheduler": ("unet", "scheduler"), "clip": ("clip", "clip"),
     "clip_tokenizer": ("clip", "clip_tokenizer"), "llm": ("llm", "llm"),
-    "llm_tokenizer": ("llm", "llm_tokenizer"),
+    "llm_tokenizer": ("llm", "llm_tokenizer"), "reference_encoder": ("reference_encoder", "reference_encoder"),
 }
 METRICS = "training_metrics.json"
 
@@ -149,9 +150,14 @@ def run_llm(out: Path, steps: int, seed: int, progress: bool) -> dict:
     return train_keyword_llm(out, steps=steps, seed=seed, progress=progress)
 
 
+def run_reference_encoder(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    from pigment.training.train_subject_encoder import train_subject_encoder
+    return train_subject_encoder(out, steps=steps, seed=seed, progress=progress)
+
+
 RUNNERS = {"probe": run_probe, "vae": run_vae, "vae_decoder": run_vae_decoder, "unet": run_unet,
            "unet_anneal": partial(run_unet, stage="unet_anneal"), "unet_focus": partial(run_unet, stage="unet_focus"),
-           "clip": run_clip, "llm": run_llm}
+           "clip": run_clip, "llm": run_llm, "reference_encoder": run_reference_encoder}
 
 
 def write_preset_manifest(out: Path, seed: int) -> dict:
@@ -177,9 +183,13 @@ def write_preset_manifest(out: Path, seed: int) -> dict:
         commands += [metrics[f].get("command", "") for f in FOLLOW_UPS.get(stage, ()) if f in metrics]
         comps[name] = {"path": name, "kind": kind, "data_seed": seed,
                        "training_command": " && ".join(c for c in commands if c)}
-    return write_manifest(out, comps, preset="toy", version="toy-1", defaults=DEFAULTS,
-                          files={"keywords": "keywords.json", "preference": "preference.json",
-                                 "metrics": METRICS})
+    # Top-level entries other commands added (sampler dtype, the edit table, retrain settings) are kept too.
+    meta = read_manifest(out) if (out / "manifest.json").is_file() else {}
+    meta = {k: v for k, v in meta.items() if k != "components"}
+    return write_manifest(out, comps, **{**meta, "preset": "toy", "version": "toy-1",
+                                         "defaults": {**meta.get("defaults", {}), **DEFAULTS},
+                                         "files": {**meta.get("files", {}), "keywords": "keywords.json",
+                                                   "preference": "preference.json", "metrics": METRICS}})
 
 
 def parse_steps(spec: str | None) -> dict[str, int]:
