@@ -25,11 +25,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_settings, running_stack  # the same stack the tests run
-
 import grpc
+from conftest import make_settings, running_stack  # the same stack the tests run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
 
@@ -112,11 +110,10 @@ def over_limit_calls(target: str, clients: int, calls: int) -> tuple[list[tuple[
 
 
 def full_phase(preset: Path, args, extra: dict) -> dict:
-    from sqlalchemy import func, select
-
     from pigment.services.stack import Stack
     from pigment.services.store.migrate import upgrade
     from pigment.services.store.tables import RenderRequest
+    from sqlalchemy import func, select
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = make_settings(Path(tmp), preset, max_queue_depth=args.queue_depth, render_timeout_s=120, **extra)

@@ -31,7 +31,6 @@ def child(preset: str, backend: str, steps: int, calls: int, cache: str, exporte
           low_memory: bool = False, render: bool = True) -> dict:
     """Runs in its own process: the renderer alone (``load_s`` includes the ONNX export on a cache miss)."""
     import torch
-
     from pigment.models.pipeline import Renderer, RenderInputs
 
     torch.manual_seed(0)
@@ -115,7 +114,6 @@ def serve_once(preset: str, steps: int, broker: str | None, **overrides) -> dict
     """One request through gRPC, the gateway, the queue and a real worker (``overrides``: more Settings, e.g.
     ``render_device="cuda"``)."""
     import grpc
-
     from pigment.services.common.settings import Settings
     from pigment.services.stack import Stack, Worker
     from pigment.services.store.migrate import upgrade

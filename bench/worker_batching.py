@@ -19,10 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_settings, running_stack  # noqa: E402  (the same stack the tests run)
-
-from pigment.v1 import generation_pb2 as gpb  # noqa: E402
-from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc  # noqa: E402
+from conftest import make_settings, running_stack
+from pigment.v1 import generation_pb2 as gpb
+from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
 
 
 def run(preset: Path, window_ms: float, n: int, steps: int, tag: str) -> dict:

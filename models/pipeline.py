@@ -22,15 +22,21 @@ cross-attention width (both encoders side by side); the exported backends
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from pigment.models.loader import (
+    SAMPLER_KEYS,
+    has_component,
+    load_component,
+    preset_version,
+    sampler_defaults,
+    torch_dtype,
+)
 from PIL import Image
-
-from pigment.models.loader import SAMPLER_KEYS, has_component, load_component, preset_version, sampler_defaults, torch_dtype
 
 
 @dataclass
@@ -117,7 +123,6 @@ class Renderer:
 
     def _sdxl_pipeline(self, vae, unet, scheduler):
         from diffusers import StableDiffusionXLPipeline
-
         from pigment.models.loader import has_component
 
         missing = [n for n in ("text_encoder_2", "tokenizer_2") if not has_component(self.preset_dir, n)]

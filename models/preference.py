@@ -15,22 +15,28 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from pigment.models.loader import has_component, load_component, preset_file, preset_version, sha256_file
+from pigment.models.loader import (
+    has_component,
+    load_component,
+    preset_file,
+    preset_version,
+    sha256_file,
+)
 from pigment.models.tiny import DEFAULT_PREFERENCE_CONFIG
+from torch import nn
 
 KEYWORD_RE = re.compile(r"(\d+)\s*\.\s*([a-z][a-z \-]*?)\s*(?=\d+\s*\.|$)")
 FREE_KEYWORD_RE = re.compile(r"^[a-z][a-z\-]*( [a-z][a-z\-]*){0,2}$")
 # Without a vocabulary, words that only make sense as instructions to a model never pass.
-INSTRUCTION_WORDS = frozenset("ignore disregard instruction instructions system prompt assistant user override".split())
+INSTRUCTION_WORDS = frozenset(["ignore", "disregard", "instruction", "instructions", "system", "prompt", "assistant", "user", "override"])
 MARKUP_RE = re.compile(r"<[^>]{0,40}>|\[[A-Z_]{2,12}\]")
 # The prompt's own structure, which a caption must not imitate: numbered entries ("1. purple", the format of
 # both history lines and the keyword answer) and the template's labels ("keywords:" up to the sentence end).
@@ -114,7 +120,7 @@ def template_labels(template: str) -> list[str]:
 
 
 KEYWORD_FORMATS = ("numbered", "free")
-CHAT_FILLER = frozenset("sure okay ok certainly of course here you go yes".split()) | {"of course", "here you go"}
+CHAT_FILLER = frozenset(["sure", "okay", "ok", "certainly", "of", "course", "here", "you", "go", "yes"]) | {"of course", "here you go"}
 _LIST_MARK_RE = re.compile(r"^\s*(?:\d+\s*[.)]|[-*\u2022])\s*")
 _SEPARATOR_RE = re.compile(r"[,;\n!?]|\s\d+\s*[.)]\s")
 

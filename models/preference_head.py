@@ -61,7 +61,7 @@ class PreferenceHead(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, local_files_only: bool = True) -> "PreferenceHead":
+    def from_pretrained(cls, path: str | Path, local_files_only: bool = True) -> PreferenceHead:
         path = Path(path)
         head = cls(**json.loads((path / CONFIG).read_text()))
         head.load_state_dict(load_file(str(path / WEIGHTS)))

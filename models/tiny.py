@@ -12,16 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-
 from pigment.models.loader import write_manifest
 
 # A closed vocabulary is enough for random-weight models; tokenizers are trained
 # locally from it, never downloaded.
-VOCAB_WORDS = (
-    "a an the of on in with and or small medium large tiny big red orange yellow green blue purple "
-    "pink white black grey star circle square triangle heart cross diamond ring dark light striped "
-    "dotted background history keywords user likes items image photo poster"
-).split()
+VOCAB_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "or", "small", "medium", "large", "tiny", "big", "red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black", "grey", "star", "circle", "square", "triangle", "heart", "cross", "diamond", "ring", "dark", "light", "striped", "dotted", "background", "history", "keywords", "user", "likes", "items", "image", "photo", "poster"]
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
 
@@ -52,9 +47,15 @@ def build_word_tokenizer(words: list[str], model_max_length: int):
 def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """Build, save and manifest the tiny preset under ``out_dir``; returns it."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
-
     from pigment.models.preference_head import PreferenceHead
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

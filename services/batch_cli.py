@@ -14,9 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy import select
-
 from pigment.services.common.errors import DeadlineExceeded
+from sqlalchemy import select
 
 
 def register(sub) -> None:

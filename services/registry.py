@@ -22,11 +22,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
-
 from pigment.services.common.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import ModelVersion
+from sqlalchemy import select
 
 KIND_RE = re.compile(r"^[a-z0-9_]{1,32}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")

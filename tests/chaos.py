@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import grpc
-from sqlalchemy import func, select
-
 from pigment.services.store.tables import Generation, RenderRequest
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from sqlalchemy import func, select
 
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN}

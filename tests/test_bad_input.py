@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from pydantic import SecretStr
-
 from conftest import make_settings, running_stack
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from pydantic import SecretStr
 
 
 def call(channel, **fields):

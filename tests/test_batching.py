@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
 from conftest import make_settings, running_stack
 from pigment.services.store.tables import RenderRequest
 from pigment.v1 import generation_pb2 as gpb

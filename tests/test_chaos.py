@@ -10,8 +10,15 @@ import json
 import uuid
 
 import pytest
-
-from chaos import PrivatePostgres, PrivateRabbit, PrivateRedis, chaos_broker, chaos_pg, run_chaos, write_report
+from chaos import (
+    PrivatePostgres,
+    PrivateRabbit,
+    PrivateRedis,
+    chaos_broker,
+    chaos_pg,
+    run_chaos,
+    write_report,
+)
 from conftest import make_settings, running_stack
 
 FAST = {"heartbeat_interval_s": 0.5, "heartbeat_stale_s": 4.0, "reaper_interval_s": 0.5,
@@ -102,13 +109,12 @@ def test_chaos_long(tmp_path, tiny_preset, private_pg):
 def test_database_crash_mid_render_does_not_fail_the_request(tmp_path, tiny_preset, private_pg):
     """PostgreSQL down while a step's progress is written: the render goes on and ends done, not INTERNAL."""
     import grpc
-    from sqlalchemy import select
-
     from pigment.models.pipeline import Renderer
     from pigment.services.render.core import RenderCore
     from pigment.services.store.tables import RenderRequest
     from pigment.v1 import generation_pb2 as gpb
     from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+    from sqlalchemy import select
 
     settings = make_settings(tmp_path, tiny_preset, database_url=private_pg.create_database("pigment_progress"))
     with running_stack(settings, worker=False) as (stack, channel, _):

@@ -14,13 +14,12 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import func, select
-
 from conftest import make_settings, running_stack
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pigment.services.store.tables import Generation, RenderRequest, WorkerBeat
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from sqlalchemy import func, select
 
 # Liveness at test speed: a worker silent for 4 s is dead, the reaper looks twice a second.
 FAST = {"heartbeat_interval_s": 0.5, "heartbeat_stale_s": 4.0, "reaper_interval_s": 0.5,

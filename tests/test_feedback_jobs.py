@@ -11,16 +11,15 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from google.rpc import code_pb2
-from safetensors.torch import save_file
-from sqlalchemy import func, select
-
 from conftest import make_settings, running_stack
+from google.rpc import code_pb2
 from pigment.services.registry import Registry
 from pigment.services.store.tables import Generation, JobUser, RenderRequest
 from pigment.training.pairs import GenerationInfo, Pair, auto_pairs, build_pairs, load_feedback
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from safetensors.torch import save_file
+from sqlalchemy import func, select
 
 CATALOG = [("red-circle", "a large red circle on a dark background"),
            ("blue-star", "a small blue star on a light background")]

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_settings
-
 from pigment.training.gate import _accuracy, make_gate
 from pigment.training.retrain import RetrainCore, split_heldout, toy_gate
-from pigment.training.train_diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer, read_image_pairs
+from pigment.training.train_diffusion_dpo import (
+    DiffusionDPOConfig,
+    DiffusionDPOTrainer,
+    read_image_pairs,
+)
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "presets" / "toy"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -23,7 +26,6 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def write_lora(out: Path, scale: float) -> Path:
     """A UNet LoRA in the trainer's format: B = 0 is the identity; large random B wrecks the UNet."""
     from peft import LoraConfig
-
     from pigment.models.loader import load_component
     from pigment.training.train_diffusion_dpo import TARGET_MODULES
 
@@ -90,10 +92,9 @@ def test_generic_gate_agrees_in_sign_with_the_toy_evaluator(tmp_path):
 
 def test_a_round_with_the_preference_gate_holds_out_pairs_it_never_trains_on(tmp_path):
     """Logged picks -> 3 train + 1 held-out pair -> the real Diffusion-DPO trainer -> the generic gate."""
-    from test_retrain import image_picks
-
     from pigment.services.store.db import make_sessionmaker
     from pigment.services.store.migrate import upgrade
+    from test_retrain import image_picks
 
     (tmp_path / "quick.yaml").write_text("steps: 2\nbatch_size: 2\nwarmup_steps: 1\n")
     settings = make_settings(tmp_path, TOY, retrain_min_pairs=2, retrain_eval_samples=4, retrain_gate="preference",

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-
 from pigment.models import loader
 from pigment.models.build import CHAT_TEMPLATE
 from pigment.models.preference import PreferenceEncoder, parse_keywords

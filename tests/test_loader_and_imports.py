@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from pigment.models.loader import ModelIntegrityError, load_component, preset_version, read_manifest
 
 

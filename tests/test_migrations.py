@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
-
 from pigment.services.store.migrate import downgrade, upgrade
 from pigment.services.store.tables import Base
+from sqlalchemy import create_engine, inspect
 
 
 def check_round_trip(url: str) -> None:

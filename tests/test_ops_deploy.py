@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pigment.services.common.settings import Settings
 from pigment.services.topology import WORKER_ROLES, worker_queue
 

@@ -6,12 +6,11 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import event
-
 from pigment.services.store.db import make_sessionmaker, transaction
 from pigment.services.store.migrate import upgrade
 from pigment.services.store.notify import PgNotifier, PollingNotifier, make_notifier, publish
 from pigment.services.store.tables import RenderRequest, User
+from sqlalchemy import event
 
 
 @pytest.fixture

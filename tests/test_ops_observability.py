@@ -10,7 +10,6 @@ import urllib.request
 
 import grpc
 import pytest
-
 from conftest import REDIS_URL, make_settings, running_stack
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
@@ -47,7 +46,6 @@ def memory_tracing():
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
     from pigment.services.common import tracing
 
     exporter = InMemorySpanExporter()

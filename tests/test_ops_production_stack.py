@@ -9,7 +9,6 @@ import uuid
 
 import grpc
 import pytest
-
 from conftest import REDIS_URL, make_settings
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc

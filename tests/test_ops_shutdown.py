@@ -11,9 +11,8 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import PG_ADMIN
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
 from test_ops_observability import free_port

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from pigment.models.preference import (
     EMPTY_HISTORY,
     HISTORY_TRUNCATED,

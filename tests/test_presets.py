@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from conftest import make_settings, running_stack
-
 from pigment.models import loader
 from pigment.services.cli import main
 from pigment.services.common.errors import FailedPrecondition, InvalidInput, Unavailable
@@ -103,10 +102,9 @@ def test_one_precision_for_every_component(tiny_preset, tmp_path):
     """A checkpoint whose text encoder is stored in fp16 renders in fp32 on CPU (it used to fail with
     "mat1 and mat2 must have the same dtype"); fp16 on CPU is refused up front."""
     import torch
-    from pydantic import ValidationError
-
     from pigment.models.pipeline import Renderer, RenderInputs
     from pigment.services.common.settings import Settings
+    from pydantic import ValidationError
 
     preset = copy_preset(tiny_preset, tmp_path / "half", None)
     shutil.copy(tiny_preset / "manifest.json", preset / "manifest.json")
@@ -188,12 +186,11 @@ def test_an_sdxl_architecture_preset_is_built_and_served_through_grpc(tmp_path):
     the UNet's config), every PMG method included; the exported backends refuse it with the reason."""
     import io
 
-    from PIL import Image
-
     from pigment.models.backends import BackendUnavailable
     from pigment.models.pipeline import Renderer
     from pigment.v1 import generation_pb2 as pb
     from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+    from PIL import Image
 
     preset = tmp_path / "sdxl"
     assert main(["models", "build", "--arch", "sdxl-small", "--dir", str(preset)]) == 0

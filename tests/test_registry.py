@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from pigment.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from pigment.services.registry import (
     AdapterCache,
@@ -16,6 +14,7 @@ from pigment.services.registry import (
 )
 from pigment.services.store.db import make_sessionmaker
 from pigment.services.store.migrate import upgrade
+from safetensors.torch import save_file
 
 
 @pytest.fixture()

@@ -18,11 +18,11 @@ from pigment.services.common.settings import REPO_PRESETS
 from pigment.services.common.storage import ImageStorage
 from pigment.services.gateway.feedback import FeedbackCore
 from pigment.services.registry import Registry
-from pigment.training.retrain import RetrainCore
 from pigment.services.store.db import make_sessionmaker, transaction
 from pigment.services.store.migrate import upgrade
 from pigment.services.store.tables import Generation, Item, ModelVersion, RenderRequest, User
 from pigment.training import toy_world as tw
+from pigment.training.retrain import RetrainCore
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -433,7 +433,6 @@ def test_promoted_unet_lora_reaches_the_render_worker_without_restart(tmp_path, 
 # -- Celery: the task is registered and beat sends it -------------------------------------------------------------
 def test_beat_schedule_entry_only_when_enabled(tmp_path, tiny_preset):
     from pigment.services.render.celery_app import RETRAIN_TASK, make_celery
-
     from pigment.training import retrain
 
     assert retrain.retrain.name == RETRAIN_TASK

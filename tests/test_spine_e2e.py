@@ -8,13 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from PIL import Image
-from sqlalchemy import func, select
-
 from conftest import REDIS_URL, make_settings, running_stack
 from pigment.services.store.tables import Generation, RenderRequest
 from pigment.v1 import generation_pb2 as gpb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from PIL import Image
+from sqlalchemy import func, select
 
 CATALOG = [
     ("red-circle", "a large red circle on a dark background"),

@@ -14,11 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-from PIL import Image, ImageDraw
-
 from pigment.services.common.settings import Settings
 from pigment.v1 import generation_pb2 as gen_pb
 from pigment.v1 import generation_pb2_grpc, history_pb2, history_pb2_grpc
+from PIL import Image, ImageDraw
 
 # user -> attributes every history item shares (shapes vary; stars are left out,
 # so the star in each result comes from the prompt, its look from the history).

@@ -22,17 +22,21 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
-from pigment.models.loader import default_soft_weight, has_component, load_component, preset_defaults
+from pigment.models.loader import (
+    default_soft_weight,
+    has_component,
+    load_component,
+    preset_defaults,
+)
 from pigment.training import toy_world as tw
 from pigment.training.eval_reference import SUBJECT_METHODS
+from tqdm import tqdm
 
 OPEN_ATTRIBUTES = ("colour", "background", "size")
 CONTENT_ATTRIBUTE = "shape"

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-
 from pigment.models.loader import read_manifest, sampler_defaults
 
 
@@ -74,7 +73,11 @@ def unet_accuracy(preset_dir: Path, adapter: Path | None, heldout: Path, seed: i
     """``resolution``: the size the round trained at (its config's), so the reward is read where it was learnt."""
     if adapter is None:
         return 0.5
-    from pigment.training.train_diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer, read_image_pairs
+    from pigment.training.train_diffusion_dpo import (
+        DiffusionDPOConfig,
+        DiffusionDPOTrainer,
+        read_image_pairs,
+    )
 
     trainer = DiffusionDPOTrainer(DiffusionDPOConfig(preset=str(preset_dir), init_adapter=str(adapter),
                                                      out=str(heldout.parent / "gate"), seed=seed,

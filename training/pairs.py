@@ -144,9 +144,8 @@ def build_pairs(feedback: Sequence, generations: Mapping[str, GenerationInfo], m
 
 def load_feedback(session, since: datetime | None = None) -> tuple[list, dict[str, GenerationInfo]]:
     """Feedback rows (optionally since a time) and every generation they mention, with its target prompt."""
-    from sqlalchemy import select
-
     from pigment.services.store.tables import Feedback, Generation, RenderRequest
+    from sqlalchemy import select
 
     query = select(Feedback).order_by(Feedback.created_at, Feedback.feedback_id)
     if since is not None:

@@ -3,9 +3,8 @@
 Revision ID: 0004_fault
 Revises: 0003_auth
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0004_fault'
 down_revision = '0003_auth'

@@ -3,9 +3,8 @@
 Revision ID: 0005_api
 Revises: 0004_fault
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0005_api'
 down_revision = '0004_fault'

@@ -3,9 +3,8 @@
 Revision ID: 0006_reference_owners
 Revises: 0005_api
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0006_reference_owners'
 down_revision = '0005_api'

@@ -14,12 +14,11 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select, text
-from sqlalchemy.orm import Session, sessionmaker
-
 from pigment.services.store.db import db_now, transaction
 from pigment.services.store.migrate import schema_problem
 from pigment.services.store.tables import WorkerBeat
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("pigment.readiness")
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from concurrent import futures
-from typing import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
-
 from pigment.services.common.errors import Overloaded, PigmentError, to_rpc_status
 from pigment.services.common.metrics import metrics_interceptor
 from pigment.services.common.tracing import server_interceptors

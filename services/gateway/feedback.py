@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from datetime import UTC
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-
 from pigment.services.common.errors import (
     AlreadyExists,
     InvalidInput,
@@ -22,6 +19,8 @@ from pigment.services.common.ids import check_id, check_key
 from pigment.services.common.limits import check_finite
 from pigment.services.store.db import transaction
 from pigment.services.store.tables import Feedback, Generation, RenderRequest, User
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 KINDS = ("like", "dislike", "rating", "pick", "click")
 MAX_OTHERS = 64

@@ -6,15 +6,11 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
-
 from pigment.services.common import limits as lim
 from pigment.services.common.errors import (
     AlreadyExists,
@@ -38,6 +34,9 @@ from pigment.services.store.tables import (
     RenderRequest,
     User,
 )
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("pigment.history")
 
@@ -81,7 +80,7 @@ class LogResult:
 
 MAX_PAGE_SIZE = 10_000
 PAGE_TOKEN_RE = re.compile(r"\A(\d{1,20})\.(\d{1,19})\Z")  # "<ts in microseconds>.<interaction id>"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def item_key(item_id: str) -> str:
@@ -103,7 +102,7 @@ def _check_interaction(n: int, i: InteractionRecord) -> None:
 
 def _micros(ts: datetime) -> int:
     """Microseconds since 1970 (naive datetimes, as SQLite returns them, are UTC)."""
-    return (ts.replace(tzinfo=ts.tzinfo or timezone.utc) - EPOCH) // timedelta(microseconds=1)
+    return (ts.replace(tzinfo=ts.tzinfo or UTC) - EPOCH) // timedelta(microseconds=1)
 
 
 def _batch_hash(interactions: Sequence[InteractionRecord], tenant: str | None) -> str:
@@ -251,7 +250,7 @@ class HistoryCore:
                 raise NotFound(f"{len(rows)} interactions name unknown items ({', '.join(missing[:10])}"
                                + (" ..." if len(missing) > 10 else "") + "): nothing was logged",
                                reason="ITEM_NOT_FOUND", violations=rows)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for i in interactions:
                 ts = now if i.timestamp_ms is None else EPOCH + timedelta(milliseconds=i.timestamp_ms)
                 s.add(Interaction(user_id=user_id, item_pk=pks[i.item_id], kind=i.kind or "view", value=i.value, ts=ts))

@@ -9,7 +9,6 @@ embedded mode uses kombu's filesystem transport, so no broker server is needed.
 from __future__ import annotations
 
 from celery import Celery
-
 from pigment.services.common.settings import Settings
 
 RENDER_TASK = "pigment.render"  # args: [request_ids] rendered together where compatible
@@ -83,8 +82,8 @@ class MicroBatcher:
 
         self.send, self.window_s, self.max_batch = send, window_s, max_batch
         self.lock = threading.Lock()
-        self.pending: list[tuple[str, "threading.Event", list]] = []
-        self.flusher: "threading.Timer | None" = None
+        self.pending: list[tuple[str, threading.Event, list]] = []
+        self.flusher: threading.Timer | None = None
 
     def __call__(self, request_id: str) -> None:
         import threading

@@ -22,15 +22,14 @@ from collections import OrderedDict, defaultdict
 from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
-
 from pigment.services.common import metrics
 from pigment.services.common.errors import ModelNotReady, PigmentError, Unavailable
 from pigment.services.registry import adapter_version_label
 from pigment.services.store.db import db_now, transaction
 from pigment.services.store.notify import publish
 from pigment.services.store.tables import Generation, RenderRequest
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("pigment.render")
 GENERATION_NS = uuid.UUID("6f1c1c52-3d4e-4a7f-9a59-0d6c9f6b2a10")

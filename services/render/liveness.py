@@ -43,10 +43,9 @@ def die_with_parent() -> None:
 
 def beat(sessions, worker_id: str, queues: list[str]) -> None:
     """Upsert this worker's heartbeat row."""
-    from sqlalchemy import update
-
     from pigment.services.store.db import db_now, transaction
     from pigment.services.store.tables import WorkerBeat
+    from sqlalchemy import update
 
     with transaction(sessions) as s:
         now = db_now(s)  # readiness judges it by the same clock
@@ -91,10 +90,9 @@ def _forget(**_kwargs) -> None:
     if not _state:
         return
     try:
-        from sqlalchemy import delete
-
         from pigment.services.store.db import transaction
         from pigment.services.store.tables import WorkerBeat
+        from sqlalchemy import delete
 
         with transaction(_state["sessions"]) as s:
             s.execute(delete(WorkerBeat).where(WorkerBeat.worker_id == _state["worker_id"]))

@@ -11,7 +11,6 @@ from the task headers) and ``/metrics`` on ``PIGMENT_WORKER_METRICS_PORT``.
 import importlib
 
 from celery.signals import setup_logging, worker_init
-
 from pigment.services.common.settings import Settings
 from pigment.services.render import batch_tasks, liveness, tasks  # noqa: F401 - registers the tasks
 from pigment.services.render.celery_app import make_celery

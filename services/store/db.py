@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
-
-from sqlalchemy import create_engine, event, select, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, InterfaceError
-from sqlalchemy.orm import Session, sessionmaker
 
 from pigment.services.common.errors import Unavailable
 from pigment.services.store.tables import Counter, utcnow
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str) -> Engine:
