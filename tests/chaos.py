@@ -313,13 +313,14 @@ def run_chaos(settings, requests: int = 16, clients: int = 4, steps: int = 10, s
         history_pb2.Interaction(item_id="c", kind="like")]), timeout=30)
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
     # `requests` at least; on a fast (idle) machine clients keep sending new ones until every fault has landed
-    # in traffic (at most 4x), so a fault never hits an idle system and proves nothing.
+    # in traffic (at most 10x: with the embedded broker polling every 0.1 s, 4x = 48 requests were all
+    # answered before the fourth fault), so a fault never hits an idle system and proves nothing.
     sent: list[str] = []
 
     def next_request_id() -> str | None:
         with lock:
             n = len(sent)
-            more = n < 4 * requests and injector.is_alive() and time.monotonic() < stop_at - 60
+            more = n < 10 * requests and injector.is_alive() and time.monotonic() < stop_at - 60
             if n < requests or more:
                 sent.append(f"chaos-{n}")
                 return sent[-1]
