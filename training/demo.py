@@ -69,7 +69,9 @@ def seed(channel, world, histories, timer: Timer) -> None:
                 history_pb2.Item(item_id=it.item_id, caption=it.caption, image_png=png_bytes(it.image),
                                  attributes=it.attributes) for it in batch]))
     with timer.stage("seed users (LogInteractions)"):
-        t0 = int(time.time() * 1000) - 3_600_000
+        # fixed timestamps: a second `make demo` on the same data dir logs exact duplicates, which the
+        # preference reads once, instead of doubling every history (HISTORY_TRUNCATED on the re-run)
+        t0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
         for user, items in histories.items():
             inter = [history_pb2.Interaction(item_id=it.item_id, kind="like", value=1.0, timestamp_ms=t0 + 1000 * n)
                      for n, it in enumerate(items)]
