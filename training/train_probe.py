@@ -9,17 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pigment.models.probe import AttributeProbe
+from pigment.training.toy_augment import soften
 from pigment.training.toy_world import ATTRIBUTES, attribute_indices, random_items
 from tqdm import tqdm
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mild noise and blur so the probe scores slightly soft renders fairly."""
-    n = x.shape[0]
-    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = torch.rand(n, 1, 1, 1, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) < 0.4)
-    x = x * (1 - mix) + blur * mix
-    return (x + torch.randn(x.shape, generator=gen) * 0.03 * torch.rand(n, 1, 1, 1, generator=gen)).clamp(0, 1)
 
 
 def probe_accuracy(probe: AttributeProbe, images: np.ndarray, attrs: list[dict[str, str]]) -> dict[str, float]:
@@ -43,7 +35,7 @@ def train_probe(out_dir: str | Path, steps: int = 1500, n_train: int = 20000, ba
     bar = tqdm(range(steps), desc="probe", disable=not progress)
     for _ in bar:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
-        logits = probe(_augment(x_all[idx], gen))
+        logits = probe(soften(x_all[idx], gen, blur_p=0.4, noise=0.03))
         loss = sum(F.cross_entropy(logits[a], y_all[a][idx]) for a in ATTRIBUTES)
         opt.zero_grad()
         loss.backward()

@@ -26,18 +26,11 @@ import torch
 import torch.nn.functional as F
 from pigment.models.subject_encoder import SubjectEncoder
 from pigment.training import toy_subjects as ts
+from pigment.training.toy_augment import soften
 from pigment.training.toy_world import ATTRIBUTES
 from tqdm import tqdm
 
 NAME = "reference_encoder"
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    n = x.shape[0]
-    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = torch.rand(n, 1, 1, 1, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) < 0.5)
-    x = x * (1 - mix) + blur * mix
-    return (x + torch.randn(x.shape, generator=gen) * 0.04 * torch.rand(n, 1, 1, 1, generator=gen)).clamp(0, 1)
 
 
 def _permute_colours(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -117,7 +110,7 @@ def train_subject_encoder(out_dir: str | Path, steps: int = 800, seed: int = 0, 
     for step in bar:
         subj = torch.randperm(len(subjects), generator=gen)[:batch_subjects]
         pick = torch.randint(0, per_subject, (len(subj), views), generator=gen)
-        x = _augment(x_all[subj[:, None], pick].reshape(-1, 3, 32, 32), gen)
+        x = soften(x_all[subj[:, None], pick].reshape(-1, 3, 32, 32), gen, blur_p=0.5, noise=0.04)
         ids = subj.repeat_interleave(views)
         loss = supcon(enc.embed((x - 0.5) / 0.5), ids)
         if shape_weight:
