@@ -129,19 +129,27 @@ def save_parts(out: Path, parts: dict, dtype: str) -> list[str]:
 
 
 def build_sd15(out_dir: str | Path, seed: int = 0, dtype: str = "fp32") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = save_parts(out, sd15_parts(seed), dtype)
-    (out / "preference.json").write_text(json.dumps(SD15_PREFERENCE, indent=2))
-    command = f"pigment models build --arch sd15 --dir DIR --seed {seed} --dtype {dtype}"
-    write_manifest(
-        out, {n: {"path": n, "kind": n, "training_command": command, "data_seed": seed} for n in names},
-        preset="sd15", version="sd15-random-1",
+    return write_random_preset(
+        out_dir, "sd15", sd15_parts(seed), SD15_PREFERENCE, seed, dtype,
         # SD 1.5's own sampler settings (diffusers' pipeline defaults) at its native 512x512
         defaults={"num_inference_steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512,
                   "num_images": 1, "dtype": "fp32"},
         # random weights: the gate's CLIP guard checks plumbing, not quality, so it renders cheaply on a CPU
         retrain={"gate": "preference", "gate_steps": 2, "gate_size": 256},
+    )
+
+
+def write_random_preset(out_dir: str | Path, arch: str, parts: dict, preference: dict, seed: int, dtype: str,
+                        defaults: dict, retrain: dict) -> Path:
+    """Save ``parts`` (random weights) as preset ``arch`` under ``out_dir``, with its manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = save_parts(out, parts, dtype)
+    (out / "preference.json").write_text(json.dumps(preference, indent=2))
+    command = f"pigment models build --arch {arch} --dir DIR --seed {seed} --dtype {dtype}"
+    write_manifest(
+        out, {n: {"path": n, "kind": n, "training_command": command, "data_seed": seed} for n in names},
+        preset=arch, version=f"{arch}-random-1", defaults=defaults, retrain=retrain,
     )
     return out
 
@@ -214,17 +222,11 @@ def sdxl_small_parts(seed: int = 0) -> dict:
 def build_sdxl_small(out_dir: str | Path, seed: int = 0, dtype: str = "fp32") -> Path:
     from pigment.models.tiny import DEFAULT_PREFERENCE_CONFIG
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = save_parts(out, sdxl_small_parts(seed), dtype)
-    (out / "preference.json").write_text(json.dumps({**DEFAULT_PREFERENCE_CONFIG, "soft_weight": 0.5}, indent=2))
-    command = f"pigment models build --arch sdxl-small --dir DIR --seed {seed} --dtype {dtype}"
-    write_manifest(
-        out, {n: {"path": n, "kind": n, "training_command": command, "data_seed": seed} for n in names},
-        preset="sdxl-small", version="sdxl-small-random-1",
+    return write_random_preset(
+        out_dir, "sdxl-small", sdxl_small_parts(seed), {**DEFAULT_PREFERENCE_CONFIG, "soft_weight": 0.5}, seed,
+        dtype,
         # SDXL's pipeline defaults (50 steps, guidance 5.0) at this UNet's native size (16 latents x 8)
         defaults={"num_inference_steps": 50, "guidance_scale": 5.0, "height": 128, "width": 128,
                   "num_images": 1, "dtype": "fp32"},
         retrain={"gate": "preference"},
     )
-    return out
