@@ -41,6 +41,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float, what: str, log: Path, tail: int) -> None:
+    """Until ``proc`` accepts connections on ``port``; its log's tail in the error if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}: {log.read_text()[-tail:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} not listening after {timeout}s: {log.read_text()[-tail:]}")
+
+
 class PrivateRedis:
     """A redis-server of our own on a free port, so restarting it disturbs nobody else."""
 
@@ -111,16 +125,7 @@ class PrivateRabbit:
                "RABBITMQ_PID_FILE": str(f / "pid"), "ERL_EPMD_ADDRESS": "127.0.0.1"}
         self.proc = subprocess.Popen([str(self.SERVER)], env=env, stdout=open(f / "server.log", "a"),  # noqa: SIM115
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"private rabbitmq exited: {(f / 'server.log').read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("private rabbitmq did not start")
+        wait_listening(self.proc, self.port, timeout, "private rabbitmq", f / "server.log", tail=2000)
 
     def crash(self) -> None:
         """kill -9 of the whole node (the Erlang VM and its helpers)."""
@@ -261,16 +266,7 @@ class ServerProcess:
                                       "--port", str(self.port), "--no-migrate"], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pigment serve exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"pigment serve not listening after {timeout}s: {self.log_path.read_text()[-3000:]}")
+        wait_listening(self.proc, self.port, timeout, "pigment serve", self.log_path, tail=3000)
 
     def worker_pids(self) -> list[int]:
         return children(self.proc.pid) if self.proc else []
